@@ -1,0 +1,181 @@
+"""The Authorize decision. A cache hit is plain Python on the event loop: no database, no argon2, no
+await. A miss does one indexed read and one argon2 verification on a small thread pool, shared by every
+concurrent miss of the same string, so cached checks keep flowing while it runs."""
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from datetime import datetime, timezone
+from typing import Literal
+
+from apikeyd.authorizer.cache import CachedKey, VerifiedKeyCache
+from apikeyd.authorizer.hashing import SecretHasher
+from apikeyd.authorizer.ratelimits import LocalRateLimiter
+from apikeyd.domain import keys
+from apikeyd.domain.decision import MALFORMED, NOT_FOUND, AuthCode, Decision
+from apikeyd.domain.model import ApiKey, KeyState
+from apikeyd.domain.scopes import ScopeSet, parse_required
+from apikeyd.store.repository import Repository
+
+log = logging.getLogger(__name__)
+
+Match = Literal["current", "previous", "none"]
+
+
+def _timestamp(value: datetime | None) -> float | None:
+    return None if value is None else value.timestamp()
+
+
+class Authorizer:
+    def __init__(
+        self,
+        repository: Repository,
+        hasher: SecretHasher,
+        cache: VerifiedKeyCache,
+        verify_executor: Executor,
+        limiter: LocalRateLimiter | None = None,
+    ) -> None:
+        self._repository = repository
+        self._hasher = hasher
+        self.cache = cache
+        self._executor = verify_executor
+        self._limiter = limiter or LocalRateLimiter()
+        self._inflight: dict[bytes, asyncio.Task[CachedKey | None]] = {}
+        self._last_used: dict[str, float] = {}
+
+    async def authorize(
+        self, presented: str, required_scopes: Sequence[str], resource: str, project_id: str
+    ) -> Decision:
+        for scope in required_scopes:
+            parse_required(scope)  # a bad required scope is the caller's bug: InvalidArgument, not a denial
+        parsed = keys.parse(presented)
+        if parsed is None:
+            return MALFORMED
+        digest = self.cache.digest(presented)
+        entry = self.cache.get(digest)
+        if entry is None:
+            if self.cache.is_known_bad(digest):
+                return NOT_FOUND
+            entry = await self._verify(digest, parsed)
+            if entry is None:
+                return NOT_FOUND
+        return self._decide(entry, required_scopes, resource, project_id)
+
+    def invalidate(self, key: ApiKey) -> None:
+        """Called on this process after every committed change to a key, before the RPC returns."""
+        self.cache.invalidate(key.lookup_id)
+
+    # --- the checks, in their contract order ------------------------------------------------------
+
+    def _decide(
+        self, entry: CachedKey, required_scopes: Sequence[str], resource: str, project_id: str
+    ) -> Decision:
+        key = entry.key
+        if key.state is KeyState.REVOKED:
+            when = key.revoke_time.isoformat() if key.revoke_time else "an unknown time"
+            return Decision(AuthCode.REVOKED, f"the key was revoked at {when}", key)
+        if key.state is KeyState.DISABLED:
+            return Decision(AuthCode.DISABLED, "the key is disabled; enable it to use it again", key)
+        now = time.time()
+        if entry.expire_at is not None and now >= entry.expire_at:
+            return Decision(AuthCode.EXPIRED, f"the key expired at {key.expire_time.isoformat()}", key)  # type: ignore[union-attr]
+        if entry.secret_expire_at is not None and now >= entry.secret_expire_at:
+            when = datetime.fromtimestamp(entry.secret_expire_at, timezone.utc).isoformat()
+            return Decision(AuthCode.EXPIRED, f"this secret was rotated out and stopped working at {when}", key)
+        if key.project_id and key.project_id != project_id:
+            asked = f"project {project_id!r}" if project_id else "no project"
+            return Decision(
+                AuthCode.PROJECT_MISMATCH,
+                f"the key belongs to project {key.project_id!r} and the request is for {asked}",
+                key,
+            )
+        self._last_used[key.key_id] = now
+        if required_scopes:
+            missing = entry.scopes.missing(list(required_scopes), resource)
+            if missing:
+                return Decision(
+                    AuthCode.INSUFFICIENT_SCOPE,
+                    f"the key lacks the scope{'s' if len(missing) > 1 else ''} {', '.join(missing)}"
+                    + (f" for resource {resource!r}" if resource else ""),
+                    key,
+                    missing_scopes=tuple(missing),
+                )
+        if not key.rate_limits:
+            return Decision(AuthCode.OK, "", key)
+        rate = self._limiter.hit(key.key_id, key.rate_limits)
+        if not rate.allowed:
+            return Decision(
+                AuthCode.RATE_LIMITED,
+                f"rate limit of {rate.limit} exceeded; retry after {rate.retry_after:.3f} s",
+                key,
+                rate,
+            )
+        return Decision(AuthCode.OK, "", key, rate)
+
+    # --- misses -----------------------------------------------------------------------------------
+
+    async def _verify(self, digest: bytes, parsed: keys.ParsedKey) -> CachedKey | None:
+        """One verification per presented string at a time; a caller that goes away does not cancel it."""
+        task = self._inflight.get(digest)
+        if task is None:
+            task = asyncio.ensure_future(self._verification(digest, parsed))
+            self._inflight[digest] = task
+            task.add_done_callback(lambda done: self._verification_done(digest, done))
+        return await asyncio.shield(task)
+
+    def _verification_done(self, digest: bytes, task: "asyncio.Task[CachedKey | None]") -> None:
+        self._inflight.pop(digest, None)
+        if not task.cancelled():
+            task.exception()  # the waiters re-raise it; without waiters it must not be logged as lost
+
+    async def _verification(self, digest: bytes, parsed: keys.ParsedKey) -> CachedKey | None:
+        generation = self.cache.generation(parsed.lookup_id)
+        loop = asyncio.get_running_loop()
+        key, match = await loop.run_in_executor(self._executor, self._load_and_verify, parsed)
+        if key is None or match == "none":
+            self.cache.remember_bad(digest)
+            return None
+        entry = CachedKey(
+            key=key,
+            scopes=ScopeSet(key.scopes),
+            expire_at=_timestamp(key.expire_time),
+            secret_expire_at=_timestamp(key.previous_secret_expire_time) if match == "previous" else None,
+            fresh_until=time.monotonic() + self.cache.ttl,
+        )
+        self.cache.put(digest, entry, generation)
+        return entry
+
+    def _load_and_verify(self, parsed: keys.ParsedKey) -> tuple[ApiKey | None, Match]:
+        """On the verification pool: the one indexed read and the one argon2 check of a miss."""
+        found = self._repository.find_by_lookup_id(parsed.lookup_id)
+        if found is None:
+            return None, "none"
+        key, credentials = found
+        if key.prefix != parsed.prefix:
+            return key, "none"
+        if self._hasher.verify(credentials.secret_hash, parsed.secret):
+            return key, "current"
+        if credentials.previous_secret_hash and self._hasher.verify(credentials.previous_secret_hash, parsed.secret):
+            return key, "previous"
+        return key, "none"
+
+    # --- last-used times --------------------------------------------------------------------------
+
+    async def flush_last_used(self) -> int:
+        """Write the last-used times gathered since the previous flush; Authorize never waits for this."""
+        if not self._last_used:
+            return 0
+        batch, self._last_used = self._last_used, {}
+        times = {key_id: datetime.fromtimestamp(t, timezone.utc) for key_id, t in batch.items()}
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._repository.record_last_used, times)
+        except Exception:
+            for key_id, t in batch.items():  # keep them for the next flush, newest wins
+                if t > self._last_used.get(key_id, 0.0):
+                    self._last_used[key_id] = t
+            log.warning("could not write %d last-used times; will retry", len(batch), exc_info=True)
+            return 0
+        self._limiter.prune()
+        return len(batch)

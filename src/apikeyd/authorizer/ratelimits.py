@@ -1,0 +1,28 @@
+"""Rate-limit state for one process: a GCRA arrival time per key and limit."""
+
+import time
+from collections.abc import Callable
+
+from apikeyd.domain import ratelimit
+from apikeyd.domain.model import RateLimit
+
+
+class LocalRateLimiter:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._tats: dict[str, dict[RateLimit, float]] = {}
+
+    def hit(self, key_id: str, limits: tuple[RateLimit, ...]) -> ratelimit.RateOutcome:
+        """Count one request against every limit, or none when any limit refuses it."""
+        now = self._clock()
+        state = self._tats.setdefault(key_id, {})
+        outcome, new_tats = ratelimit.check(limits, [state.get(rate, 0.0) for rate in limits], now)
+        if new_tats is not None:
+            state.update(zip(limits, new_tats))
+        return outcome
+
+    def prune(self) -> None:
+        """Drop keys whose every limit has refilled: they hold nothing a fresh start would not."""
+        now = self._clock()
+        for key_id in [k for k, state in self._tats.items() if all(tat <= now for tat in state.values())]:
+            del self._tats[key_id]

@@ -1,0 +1,50 @@
+"""Settings: each has a default, an `APIKEYD_*` environment variable and a `serve` flag of the same name
+(`APIKEYD_CACHE_TTL` <-> `--cache-ttl`); a flag beats the variable, the variable beats the default."""
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _setting(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen: str = _setting("127.0.0.1:50051", "host:port to serve gRPC on; a taken port is an error")
+    database_url: str = _setting("sqlite:///apikeyd.db", "SQLAlchemy URL; postgresql://... selects PostgreSQL")
+    cache_size: int = _setting(100_000, "verified keys kept in memory (LRU)")
+    cache_ttl: float = _setting(60.0, "seconds a verified key is trusted before it is read again")
+    negative_cache_ttl: float = _setting(10.0, "seconds an unknown key or wrong secret is remembered")
+    max_verifications: int = _setting(4, "argon2 verifications (with their database read) run at once")
+    argon2_time_cost: int = _setting(1, "argon2id iterations")
+    argon2_memory_kib: int = _setting(8192, "argon2id memory per hash, KiB")
+    argon2_parallelism: int = _setting(1, "argon2id lanes")
+    account_key_prefix: str = _setting("AK_", "prefix of new account-wide keys")
+    project_key_prefix: str = _setting("AKP_", "prefix of new project keys")
+    last_used_flush_interval: float = _setting(30.0, "seconds between batched writes of last-used times")
+    shutdown_grace: float = _setting(10.0, "seconds in-flight calls get to finish after SIGTERM")
+    db_pool_size: int = _setting(5, "database connections kept open (PostgreSQL)")
+    log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+
+    @staticmethod
+    def env_name(name: str) -> str:
+        return "APIKEYD_" + name.upper()
+
+    @classmethod
+    def load(cls, environ: dict[str, str] | None = None, **overrides: Any) -> "Settings":
+        """Defaults, then APIKEYD_* variables, then the overrides that are not None."""
+        environ = dict(os.environ) if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(cls.env_name(f.name))
+            if raw is not None and raw != "":
+                kind = type(f.default)
+                try:
+                    values[f.name] = kind(raw)
+                except ValueError:
+                    raise ValueError(f"{cls.env_name(f.name)}={raw!r} is not a valid {kind.__name__}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

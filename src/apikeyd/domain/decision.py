@@ -1,0 +1,38 @@
+"""The answer to an Authorize call: a code, a message for a person, and the key it concerns."""
+
+import enum
+from dataclasses import dataclass, field
+
+from apikeyd.domain.model import ApiKey
+from apikeyd.domain.ratelimit import RateOutcome
+
+
+class AuthCode(enum.IntEnum):
+    """The order is the order of the checks; from DISABLED on, the key's identity is known."""
+
+    OK = 0
+    MALFORMED = 1
+    NOT_FOUND = 2
+    DISABLED = 3
+    REVOKED = 4
+    EXPIRED = 5
+    PROJECT_MISMATCH = 6
+    INSUFFICIENT_SCOPE = 7
+    RATE_LIMITED = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    code: AuthCode
+    message: str = ""
+    key: ApiKey | None = None
+    rate: RateOutcome | None = None
+    missing_scopes: tuple[str, ...] = field(default=())
+
+    @property
+    def allowed(self) -> bool:
+        return self.code is AuthCode.OK
+
+
+MALFORMED = Decision(AuthCode.MALFORMED, "the key is not a well-formed apikeyd key: its shape or checksum is wrong")
+NOT_FOUND = Decision(AuthCode.NOT_FOUND, "no key matches the presented key")

@@ -1,0 +1,84 @@
+"""The key string: `<prefix><lookup id>_<secret><checksum>`.
+
+The lookup id finds the row with one indexed read; the secret is only ever stored as an argon2id hash; the
+checksum (CRC32, as GitHub's tokens carry) lets a mistyped or made-up string be refused without touching
+the database or argon2. All parts but the prefix use base62, so a double-click selects the whole key.
+"""
+
+import re
+import secrets
+import zlib
+from dataclasses import dataclass
+
+BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+LOOKUP_ID_LENGTH = 16  # ~95 random bits: collisions are not a practical concern
+SECRET_LENGTH = 33  # 33 * log2(62) = 196.5 bits, above the 192 we promise
+CHECKSUM_LENGTH = 6  # 62**6 > 2**32, so any CRC32 fits
+PREFIX_PATTERN = r"[A-Za-z][A-Za-z0-9_]{0,23}_"
+
+_KEY = re.compile(
+    rf"({PREFIX_PATTERN})([0-9A-Za-z]{{{LOOKUP_ID_LENGTH}}})_"
+    rf"([0-9A-Za-z]{{{SECRET_LENGTH}}})([0-9A-Za-z]{{{CHECKSUM_LENGTH}}})"
+)
+_PREFIX = re.compile(PREFIX_PATTERN)
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedKey:
+    prefix: str
+    lookup_id: str
+    secret: str
+
+    def __repr__(self) -> str:  # never let a secret reach a log through repr()
+        return f"ParsedKey(prefix={self.prefix!r}, lookup_id={self.lookup_id!r}, secret=<redacted>)"
+
+
+def is_valid_prefix(prefix: str) -> bool:
+    return _PREFIX.fullmatch(prefix) is not None
+
+
+def _checksum(body: str) -> str:
+    value = zlib.crc32(body.encode("ascii"))
+    digits = []
+    for _ in range(CHECKSUM_LENGTH):
+        value, rest = divmod(value, 62)
+        digits.append(BASE62[rest])
+    return "".join(reversed(digits))
+
+
+def _random_base62(length: int) -> str:
+    return "".join(secrets.choice(BASE62) for _ in range(length))
+
+
+def new_lookup_id() -> str:
+    return _random_base62(LOOKUP_ID_LENGTH)
+
+
+def generate(prefix: str, lookup_id: str) -> tuple[str, ParsedKey]:
+    """A fresh key string for this prefix and lookup id, and its parts."""
+    if not is_valid_prefix(prefix):
+        raise ValueError(f"key prefix {prefix!r} must match {PREFIX_PATTERN}")
+    secret = _random_base62(SECRET_LENGTH)
+    body = f"{prefix}{lookup_id}_{secret}"
+    return body + _checksum(body), ParsedKey(prefix, lookup_id, secret)
+
+
+def parse(key: str) -> ParsedKey | None:
+    """The parts of a well-formed key string, or None when its shape or checksum is wrong."""
+    match = _KEY.fullmatch(key)
+    if match is None:
+        return None
+    prefix, lookup_id, secret, checksum = match.groups()
+    body = key[: -CHECKSUM_LENGTH]
+    if not secrets.compare_digest(_checksum(body), checksum):
+        return None
+    return ParsedKey(prefix, lookup_id, secret)
+
+
+def mask(key: str) -> str:
+    """Prefix, the start of the lookup id and the last four characters: recognisable, never usable."""
+    parsed = _KEY.fullmatch(key)
+    if parsed is None:
+        raise ValueError("not a key string")
+    prefix, lookup_id = parsed.group(1), parsed.group(2)
+    return f"{prefix}{lookup_id[:8]}...{key[-4:]}"

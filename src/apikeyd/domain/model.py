@@ -1,0 +1,180 @@
+"""Key records, their states and the rules for the values a caller may set."""
+
+import enum
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from apikeyd.domain.errors import InvalidArgument
+
+
+class KeyState(enum.Enum):
+    ACTIVE = "ACTIVE"
+    DISABLED = "DISABLED"
+    REVOKED = "REVOKED"
+
+
+class EventKind(enum.Enum):
+    """What an event row records; the audit log and the change feed read these."""
+
+    CREATED = "created"
+    UPDATED = "updated"
+    DISABLED = "disabled"
+    ENABLED = "enabled"
+    REVOKED = "revoked"
+    ROTATED = "rotated"
+    DELETED = "deleted"
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    limit: int
+    period_seconds: int
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """A key as stored, without its secret or hash."""
+
+    key_id: str
+    account_id: str
+    project_id: str
+    display_name: str
+    description: str
+    scopes: tuple[str, ...]
+    labels: dict[str, str]
+    state: KeyState
+    prefix: str
+    lookup_id: str
+    masked_key: str
+    expire_time: datetime | None
+    rate_limits: tuple[RateLimit, ...]
+    create_time: datetime
+    update_time: datetime
+    revision: int
+    last_used_time: datetime | None = None
+    revoke_time: datetime | None = None
+    revoke_reason: str = ""
+    previous_secret_expire_time: datetime | None = None
+
+    @property
+    def name(self) -> str:
+        return key_name(self.account_id, self.key_id)
+
+    @property
+    def etag(self) -> str:
+        return f'"{self.revision}"'
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """The argon2id hashes behind a key: the current secret's and, after a rotation, the previous one's."""
+
+    secret_hash: str
+    previous_secret_hash: str | None = field(default=None, repr=False)
+
+
+# --- resource names -------------------------------------------------------------------------------
+
+_ID = r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}"
+_ID_RE = re.compile(_ID)
+_UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+_PARENT_RE = re.compile(rf"accounts/({_ID})")
+_NAME_RE = re.compile(rf"accounts/({_ID})/apiKeys/({_UUID})")
+ID_RULE = "1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
+def key_name(account_id: str, key_id: str) -> str:
+    return f"accounts/{account_id}/apiKeys/{key_id}"
+
+
+def parse_parent(parent: str, field: str = "parent") -> str:
+    match = _PARENT_RE.fullmatch(parent)
+    if match is None:
+        raise InvalidArgument(field, f"{parent!r} is not `accounts/{{account_id}}` (account_id: {ID_RULE})")
+    return match.group(1)
+
+
+def parse_key_name(name: str, field: str = "name") -> tuple[str, str]:
+    match = _NAME_RE.fullmatch(name)
+    if match is None:
+        raise InvalidArgument(
+            field, f"{name!r} is not `accounts/{{account_id}}/apiKeys/{{key_id}}` with a lower-case UUID key_id"
+        )
+    return match.group(1), match.group(2)
+
+
+def validate_project_id(project_id: str, field: str = "project_id") -> str:
+    if project_id and _ID_RE.fullmatch(project_id) is None:
+        raise InvalidArgument(field, f"{project_id!r} is not a project id ({ID_RULE})")
+    return project_id
+
+
+# --- field rules ----------------------------------------------------------------------------------
+
+MAX_LABELS = 64
+_LABEL_KEY = re.compile(r"[a-z][a-z0-9_-]{0,62}")
+MAX_LABEL_VALUE = 63
+_LABEL_VALUE = re.compile(r"[a-z0-9_-]{0,63}")
+MIN_PERIOD = 1
+MAX_PERIOD = 86_400
+MAX_RATE_LIMITS = 8
+MAX_GRACE = timedelta(days=7)
+
+
+def validate_display_name(value: str) -> str:
+    if not 1 <= len(value) <= 255:
+        raise InvalidArgument("display_name", f"must be 1 to 255 characters, got {len(value)}")
+    return value
+
+
+def validate_description(value: str) -> str:
+    if len(value) > 1024:
+        raise InvalidArgument("description", f"must be at most 1024 characters, got {len(value)}")
+    return value
+
+
+def validate_labels(labels: dict[str, str]) -> dict[str, str]:
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgument("labels", f"at most {MAX_LABELS} labels, got {len(labels)}")
+    for key, value in labels.items():
+        if _LABEL_KEY.fullmatch(key) is None:
+            raise InvalidArgument(
+                "labels", f"key {key!r} must be 1-63 lower-case letters, digits, '_' or '-', starting with a letter"
+            )
+        if _LABEL_VALUE.fullmatch(value) is None:
+            raise InvalidArgument(
+                "labels", f"value of {key!r} must be at most 63 lower-case letters, digits, '_' or '-'"
+            )
+    return dict(sorted(labels.items()))
+
+
+def validate_rate_limits(limits: list[RateLimit]) -> tuple[RateLimit, ...]:
+    if len(limits) > MAX_RATE_LIMITS:
+        raise InvalidArgument("rate_limits", f"at most {MAX_RATE_LIMITS} rate limits, got {len(limits)}")
+    for limit in limits:
+        if limit.limit < 1:
+            raise InvalidArgument("rate_limits", f"limit must be at least 1, got {limit.limit}")
+        if not MIN_PERIOD <= limit.period_seconds <= MAX_PERIOD:
+            raise InvalidArgument(
+                "rate_limits", f"period must be whole seconds from {MIN_PERIOD} s to 1 day, got {limit.period_seconds} s"
+            )
+    return tuple(sorted(set(limits), key=lambda r: (r.period_seconds, r.limit)))
+
+
+def validate_expire_time(value: datetime | None, now: datetime) -> datetime | None:
+    if value is not None and value <= now:
+        raise InvalidArgument("expire_time", f"must be in the future, got {value.isoformat()}")
+    return value
+
+
+def validate_grace(grace: timedelta) -> timedelta:
+    if not timedelta(0) <= grace <= MAX_GRACE:
+        raise InvalidArgument("grace_period", f"must be from 0 to 7 days, got {grace.total_seconds():g} s")
+    return grace
+
+
+def validate_reason(reason: str) -> str:
+    if len(reason) > 1024:
+        raise InvalidArgument("reason", f"must be at most 1024 characters, got {len(reason)}")
+    return reason

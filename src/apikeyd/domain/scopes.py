@@ -1,0 +1,90 @@
+"""Scopes: `resource:action[:qualifier]` or `*`, and whether granted scopes satisfy required ones.
+
+A qualifier is `all` or `{value}`. A granted scope satisfies a required `resource:action` when resource and
+action match and it has no qualifier, `all`, or `{x}` where x is the request's resource.
+"""
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+from apikeyd.domain.errors import InvalidArgument
+
+WILDCARD = "*"
+_PART = r"[a-z0-9._-]+"
+_SCOPE = re.compile(rf"({_PART}):({_PART})(?::(all|\{{([^{{}}\s]{{1,255}})\}}))?")
+_REQUIRED = re.compile(rf"({_PART}):({_PART})")
+MAX_SCOPE_LENGTH = 320
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    resource: str
+    action: str
+    # None: no qualifier; "all"; or the value inside braces
+    qualifier: str | None
+
+
+def parse_scope(text: str, field: str = "scopes") -> Scope | None:
+    """The parsed scope, None for `*`; InvalidArgument naming the scope when it is not one."""
+    if text == WILDCARD:
+        return None
+    match = _SCOPE.fullmatch(text) if len(text) <= MAX_SCOPE_LENGTH else None
+    if match is None:
+        raise InvalidArgument(
+            field,
+            f"{text!r} is not a scope; use `resource:action`, `resource:action:all`, "
+            "`resource:action:{value}` (lower-case letters, digits, '-', '_', '.') or `*`",
+        )
+    resource, action, qualifier, value = match.groups()
+    return Scope(resource, action, value if value is not None else qualifier)
+
+
+@lru_cache(maxsize=4096)
+def parse_required(text: str) -> tuple[str, str]:
+    """A required scope, `resource:action`; cached because callers send the same few on every check."""
+    match = _REQUIRED.fullmatch(text)
+    if match is None:
+        raise InvalidArgument(
+            "required_scopes",
+            f"{text!r} is not a required scope; use `resource:action` and put the qualifier value in `resource`",
+        )
+    return match.group(1), match.group(2)
+
+
+def validate_scopes(scopes: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    if not scopes:
+        raise InvalidArgument("scopes", "a key needs at least one scope")
+    if len(scopes) > 100:
+        raise InvalidArgument("scopes", "at most 100 scopes per key")
+    for scope in scopes:
+        parse_scope(scope)
+    return tuple(dict.fromkeys(scopes))  # drop repeats, keep the caller's order
+
+
+class ScopeSet:
+    """Granted scopes indexed for the hot path: one dict look-up per required scope."""
+
+    __slots__ = ("_everything", "_any", "_values")
+
+    def __init__(self, granted: tuple[str, ...]) -> None:
+        self._everything = False
+        self._any: set[tuple[str, str]] = set()
+        self._values: dict[tuple[str, str], set[str]] = {}
+        for text in granted:
+            scope = parse_scope(text)
+            if scope is None:
+                self._everything = True
+            elif scope.qualifier is None or scope.qualifier == "all":
+                self._any.add((scope.resource, scope.action))
+            else:
+                self._values.setdefault((scope.resource, scope.action), set()).add(scope.qualifier)
+
+    def grants(self, required: tuple[str, str], resource: str) -> bool:
+        if self._everything or required in self._any:
+            return True
+        values = self._values.get(required)
+        return values is not None and resource in values
+
+    def missing(self, required: list[str], resource: str) -> list[str]:
+        return [text for text in required if not self.grants(parse_required(text), resource)]

@@ -1,0 +1,1 @@
+"""The gRPC servicers: protobuf <-> domain, and domain errors -> status codes."""

@@ -1,0 +1,148 @@
+"""Protobuf <-> domain."""
+
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.field_mask_pb2 import FieldMask
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from apikeyd.domain.decision import Decision
+from apikeyd.domain.errors import InvalidArgument
+from apikeyd.domain.model import ApiKey, KeyState, RateLimit
+from apikeyd.lifecycle import UPDATABLE, NewKey
+from apikeyd.v1 import api_keys_pb2 as pb
+
+_STATE_TO_PB = {
+    KeyState.ACTIVE: pb.ApiKey.ACTIVE,
+    KeyState.DISABLED: pb.ApiKey.DISABLED,
+    KeyState.REVOKED: pb.ApiKey.REVOKED,
+}
+_STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
+
+
+def _timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def _datetime(message: Any, field: str) -> datetime | None:
+    if not message.HasField(field):
+        return None
+    try:
+        return getattr(message, field).ToDatetime(tzinfo=timezone.utc)
+    except (ValueError, OverflowError):
+        raise InvalidArgument(field, "is not a valid timestamp") from None
+
+
+def duration(message: Any, field: str) -> timedelta:
+    value: Duration = getattr(message, field)
+    if value.nanos:
+        raise InvalidArgument(field, "must be whole seconds")
+    return timedelta(seconds=value.seconds)
+
+
+def api_key_to_pb(key: ApiKey) -> pb.ApiKey:
+    return pb.ApiKey(
+        name=key.name,
+        key_id=key.key_id,
+        account_id=key.account_id,
+        project_id=key.project_id,
+        display_name=key.display_name,
+        description=key.description,
+        scopes=key.scopes,
+        labels=key.labels,
+        state=_STATE_TO_PB[key.state],
+        masked_key=key.masked_key,
+        expire_time=_timestamp(key.expire_time),
+        rate_limits=[pb.RateLimit(limit=r.limit, period=Duration(seconds=r.period_seconds)) for r in key.rate_limits],
+        create_time=_timestamp(key.create_time),
+        update_time=_timestamp(key.update_time),
+        last_used_time=_timestamp(key.last_used_time),
+        revoke_time=_timestamp(key.revoke_time),
+        revoke_reason=key.revoke_reason,
+        previous_secret_expire_time=_timestamp(key.previous_secret_expire_time),
+        etag=key.etag,
+    )
+
+
+def _rate_limits(message: pb.ApiKey) -> tuple[RateLimit, ...]:
+    limits = []
+    for rate in message.rate_limits:
+        if rate.period.nanos:
+            raise InvalidArgument("rate_limits", "period must be whole seconds")
+        limits.append(RateLimit(rate.limit, rate.period.seconds))
+    return tuple(limits)
+
+
+def new_key_from_pb(message: pb.ApiKey) -> NewKey:
+    return NewKey(
+        display_name=message.display_name,
+        scopes=tuple(message.scopes),
+        project_id=message.project_id,
+        description=message.description,
+        labels=dict(message.labels),
+        expire_time=_datetime(message, "expire_time"),
+        rate_limits=_rate_limits(message),
+    )
+
+
+def update_from_pb(message: pb.ApiKey, mask: FieldMask) -> dict[str, Any]:
+    """The new values the mask names; an empty mask means every updatable field that is set (AIP-134)."""
+    if mask.paths:
+        paths = list(dict.fromkeys(mask.paths))
+    else:
+        paths = [p for p in UPDATABLE if _is_set(message, p)]
+        if not paths:
+            raise InvalidArgument("update_mask", f"name the fields to change: {', '.join(UPDATABLE)}")
+    values: dict[str, Any] = {}
+    for path in paths:
+        if path == "scopes":
+            values[path] = tuple(message.scopes)
+        elif path == "labels":
+            values[path] = dict(message.labels)
+        elif path == "expire_time":
+            values[path] = _datetime(message, "expire_time")
+        elif path == "rate_limits":
+            values[path] = _rate_limits(message)
+        elif path == "state":
+            if message.state not in _STATE_FROM_PB:
+                raise InvalidArgument("state", "must be ACTIVE or DISABLED")
+            values[path] = _STATE_FROM_PB[message.state]
+        elif path in ("display_name", "description"):
+            values[path] = getattr(message, path)
+        else:
+            raise InvalidArgument("update_mask", f"cannot update {path!r}; updatable fields: {', '.join(UPDATABLE)}")
+    return values
+
+
+def _is_set(message: pb.ApiKey, path: str) -> bool:
+    if path == "expire_time":
+        return message.HasField("expire_time")
+    if path == "state":
+        return message.state != pb.ApiKey.STATE_UNSPECIFIED
+    return bool(getattr(message, path))
+
+
+def decision_to_pb(decision: Decision) -> pb.AuthorizeResponse:
+    response = pb.AuthorizeResponse(allowed=decision.allowed, code=int(decision.code), message=decision.message)
+    key = decision.key
+    if key is not None:
+        response.key_id = key.key_id
+        response.name = key.name
+        response.account_id = key.account_id
+        response.project_id = key.project_id
+        response.scopes.extend(key.scopes)
+        response.labels.update(key.labels)
+    rate = decision.rate
+    if rate is not None:
+        response.limit = rate.limit
+        response.remaining = rate.remaining
+        if rate.retry_after:
+            response.retry_after.FromTimedelta(timedelta(seconds=rate.retry_after))
+    if decision.missing_scopes:
+        response.missing_scopes.extend(decision.missing_scopes)
+    return response

@@ -1,0 +1,1 @@
+"""The store: SQLAlchemy models and the repository, the only place with SQL."""

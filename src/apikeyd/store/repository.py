@@ -1,0 +1,296 @@
+"""The repository: every read and write of keys and events, each call one transaction."""
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, func, select, tuple_, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from apikeyd.domain.errors import Aborted, NotFound, Unavailable
+from apikeyd.domain.listing import Filter
+from apikeyd.domain.model import ApiKey, Credentials, EventKind, KeyState, RateLimit
+from apikeyd.store.models import ApiKeyRow, KeyEventRow
+
+_WRITE = "apikeyd_write"
+
+
+@dataclass(frozen=True)
+class Change:
+    """What a mutation sets on a key, and what its event row says."""
+
+    kind: EventKind
+    values: dict[str, Any]
+    changed_fields: tuple[str, ...]
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def normalize_url(url: str) -> str:
+    """Accept the URLs people paste: `postgresql://` and `postgres://` mean psycopg 3 here."""
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url[len(scheme) :]
+    return url
+
+
+def create_db_engine(url: str, pool_size: int = 5) -> Engine:
+    url = normalize_url(url)
+    if make_url(url).get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size)
+    engine = create_engine(url, pool_pre_ping=True)
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control from pysqlite so that writers can BEGIN IMMEDIATE: a write then waits
+        # for the lock (busy_timeout) instead of failing when it upgrades from a read.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Any) -> None:
+        write = connection.get_execution_options().get(_WRITE, False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    return engine
+
+
+def _to_domain(row: ApiKeyRow) -> ApiKey:
+    return ApiKey(
+        key_id=row.key_id,
+        account_id=row.account_id,
+        project_id=row.project_id,
+        display_name=row.display_name,
+        description=row.description,
+        scopes=tuple(row.scopes),
+        labels=dict(row.labels),
+        state=KeyState(row.state),
+        prefix=row.prefix,
+        lookup_id=row.lookup_id,
+        masked_key=row.masked_key,
+        expire_time=row.expire_time,
+        rate_limits=tuple(RateLimit(limit, period) for limit, period in row.rate_limits),
+        create_time=row.create_time,
+        update_time=row.update_time,
+        revision=row.revision,
+        last_used_time=row.last_used_time,
+        revoke_time=row.revoke_time,
+        revoke_reason=row.revoke_reason,
+        previous_secret_expire_time=row.previous_secret_expire_time,
+    )
+
+
+def _to_columns(values: dict[str, Any]) -> dict[str, Any]:
+    columns = dict(values)
+    if "state" in columns:
+        columns["state"] = columns["state"].value
+    if "rate_limits" in columns:
+        columns["rate_limits"] = [[r.limit, r.period_seconds] for r in columns["rate_limits"]]
+    if "scopes" in columns:  # a tuple in the domain, a JSON list here
+        columns["scopes"] = list(columns["scopes"])
+    return columns
+
+
+class Repository:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._read = sessionmaker(engine, expire_on_commit=False)
+        self._write = sessionmaker(engine.execution_options(**{_WRITE: True}), expire_on_commit=False)
+
+    @classmethod
+    def from_url(cls, url: str, pool_size: int = 5) -> "Repository":
+        return cls(create_db_engine(url, pool_size))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextlib.contextmanager
+    def _transaction(self, write: bool) -> Iterator[Session]:
+        try:
+            with (self._write if write else self._read).begin() as session:
+                yield session
+        except (OperationalError, InterfaceError) as error:
+            raise Unavailable("the database is unavailable; retry later") from error
+        except DBAPIError as error:
+            if error.connection_invalidated:
+                raise Unavailable("the database connection was lost; retry later") from error
+            raise
+
+    def ping(self) -> None:
+        with self._transaction(write=False) as session:
+            session.execute(select(1))
+
+    # --- reads ------------------------------------------------------------------------------------
+
+    def get(self, account_id: str, key_id: str) -> ApiKey:
+        with self._transaction(write=False) as session:
+            return _to_domain(self._row(session, account_id, key_id))
+
+    def find_by_lookup_id(self, lookup_id: str) -> tuple[ApiKey, Credentials] | None:
+        with self._transaction(write=False) as session:
+            row = session.scalars(select(ApiKeyRow).where(ApiKeyRow.lookup_id == lookup_id)).one_or_none()
+            if row is None:
+                return None
+            return _to_domain(row), Credentials(row.secret_hash, row.previous_secret_hash)
+
+    def list_keys(
+        self, account_id: str, flt: Filter, page_size: int, after: tuple[datetime, str] | None
+    ) -> tuple[list[ApiKey], bool]:
+        """One page in (create_time, key_id) order, and whether more follow; keyset, never OFFSET."""
+        query = self._filtered(select(ApiKeyRow), account_id, flt)
+        if after is not None:
+            query = query.where(tuple_(ApiKeyRow.create_time, ApiKeyRow.key_id) > tuple_(*after))
+        query = query.order_by(ApiKeyRow.create_time, ApiKeyRow.key_id).limit(page_size + 1)
+        with self._transaction(write=False) as session:
+            rows = session.scalars(query).all()
+        return [_to_domain(row) for row in rows[:page_size]], len(rows) > page_size
+
+    def count_keys(self, account_id: str, flt: Filter) -> int:
+        query = self._filtered(select(func.count()).select_from(ApiKeyRow), account_id, flt)
+        with self._transaction(write=False) as session:
+            return int(session.execute(query).scalar_one())
+
+    def events(self, after_id: int = 0, limit: int = 1000) -> list[KeyEventRow]:
+        with self._transaction(write=False) as session:
+            query = select(KeyEventRow).where(KeyEventRow.id > after_id).order_by(KeyEventRow.id).limit(limit)
+            return list(session.scalars(query).all())
+
+    # --- writes -----------------------------------------------------------------------------------
+
+    def create(self, key: ApiKey, credentials: Credentials) -> ApiKey:
+        row = ApiKeyRow(
+            key_id=key.key_id,
+            account_id=key.account_id,
+            project_id=key.project_id,
+            display_name=key.display_name,
+            description=key.description,
+            labels=key.labels,
+            prefix=key.prefix,
+            lookup_id=key.lookup_id,
+            masked_key=key.masked_key,
+            secret_hash=credentials.secret_hash,
+            previous_secret_hash=None,
+            previous_secret_expire_time=None,
+            expire_time=key.expire_time,
+            create_time=key.create_time,
+            update_time=key.update_time,
+            last_used_time=None,
+            revoke_time=None,
+            revoke_reason="",
+            revision=key.revision,
+            **_to_columns({"state": key.state, "scopes": key.scopes, "rate_limits": key.rate_limits}),
+        )
+        with self._transaction(write=True) as session:
+            session.add(row)
+            self._add_event(session, key, EventKind.CREATED, key.create_time, (), {})
+        return key
+
+    def modify(
+        self,
+        account_id: str,
+        key_id: str,
+        expected_etag: str,
+        decide: Callable[[ApiKey, Credentials], Change],
+        now: datetime,
+    ) -> ApiKey:
+        """Apply what `decide` makes of the current key, guarded by the etag and the revision."""
+        with self._transaction(write=True) as session:
+            row = self._row(session, account_id, key_id, for_update=True)
+            current = _to_domain(row)
+            self._check_etag(current, expected_etag)
+            change = decide(current, Credentials(row.secret_hash, row.previous_secret_hash))
+            values = {**_to_columns(change.values), "update_time": now, "revision": current.revision + 1}
+            result = session.execute(
+                update(ApiKeyRow)
+                .where(ApiKeyRow.key_id == key_id, ApiKeyRow.revision == current.revision)
+                .values(**values)
+            )
+            if result.rowcount != 1:  # type: ignore[attr-defined]
+                raise Aborted("the key changed while this call ran; get it again and retry")
+            session.expire(row)
+            updated = _to_domain(self._row(session, account_id, key_id))
+            self._add_event(session, updated, change.kind, now, change.changed_fields, change.details)
+            return updated
+
+    def delete(self, account_id: str, key_id: str, expected_etag: str, now: datetime) -> ApiKey:
+        with self._transaction(write=True) as session:
+            row = self._row(session, account_id, key_id, for_update=True)
+            current = _to_domain(row)
+            self._check_etag(current, expected_etag)
+            session.delete(row)
+            self._add_event(session, current, EventKind.DELETED, now, (), {})
+            return current
+
+    def record_last_used(self, times: dict[str, datetime]) -> None:
+        """Write a batch of last-used times; a time never replaces a newer one another process wrote."""
+        if not times:
+            return
+        with self._transaction(write=True) as session:
+            for key_id, used in times.items():
+                session.execute(
+                    update(ApiKeyRow)
+                    .where(
+                        ApiKeyRow.key_id == key_id,
+                        (ApiKeyRow.last_used_time.is_(None)) | (ApiKeyRow.last_used_time < used),
+                    )
+                    .values(last_used_time=used)
+                    .execution_options(synchronize_session=False)
+                )
+
+    # --- helpers ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _row(session: Session, account_id: str, key_id: str, for_update: bool = False) -> ApiKeyRow:
+        query = select(ApiKeyRow).where(ApiKeyRow.key_id == key_id, ApiKeyRow.account_id == account_id)
+        if for_update:
+            query = query.with_for_update()
+        row = session.scalars(query).one_or_none()
+        if row is None:
+            raise NotFound(f"api key accounts/{account_id}/apiKeys/{key_id} does not exist")
+        return row
+
+    @staticmethod
+    def _check_etag(current: ApiKey, expected_etag: str) -> None:
+        if expected_etag and expected_etag != current.etag:
+            raise Aborted(
+                f"etag {expected_etag} does not match the key's current etag {current.etag}; "
+                "get the key again and retry"
+            )
+
+    @staticmethod
+    def _filtered(query: Any, account_id: str, flt: Filter) -> Any:
+        query = query.where(ApiKeyRow.account_id == account_id)
+        if flt.state is not None:
+            query = query.where(ApiKeyRow.state == flt.state.value)
+        if flt.project_id is not None:
+            query = query.where(ApiKeyRow.project_id == flt.project_id)
+        for label, value in flt.labels:
+            query = query.where(ApiKeyRow.labels[label].as_string() == value)
+        return query
+
+    @staticmethod
+    def _add_event(
+        session: Session,
+        key: ApiKey,
+        kind: EventKind,
+        now: datetime,
+        changed_fields: tuple[str, ...],
+        details: dict[str, Any],
+    ) -> None:
+        session.add(
+            KeyEventRow(
+                key_id=key.key_id,
+                account_id=key.account_id,
+                kind=kind.value,
+                time=now,
+                changed_fields=list(changed_fields),
+                details=details,
+            )
+        )
