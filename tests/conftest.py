@@ -1,0 +1,158 @@
+"""Fixtures: a real apikeyd server on an ephemeral port, over SQLite and, when it answers, PostgreSQL.
+
+Every test that uses a database runs once per backend. The server runs its own event loop in a thread, so
+tests call it over a real channel with the ordinary blocking stubs and can still look inside the app
+(argon2 counts, cache stats) between calls.
+"""
+
+import asyncio
+import threading
+import uuid
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, TypeVar
+
+import grpc
+import psycopg
+import pytest
+
+from apikeyd.config import Settings
+from apikeyd.server import App, Server
+from apikeyd.store import migrate
+from apikeyd.store.repository import create_db_engine
+from apikeyd.v1 import api_keys_pb2 as pb
+from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def _postgres_reachable() -> bool:
+    try:
+        psycopg.connect(POSTGRES_ADMIN_URL, connect_timeout=2).close()
+        return True
+    except psycopg.Error:
+        return False
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A migrated database of its own for this test session: parallel runs never share one."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'apikeyd.db'}"
+        _migrate(url)
+        yield url
+        return
+    if not _postgres_reachable():
+        pytest.skip("skipped: no PostgreSQL at 127.0.0.1:5432")
+    name = f"apikeyd_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    _migrate(url)
+    yield url
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _migrate(url: str) -> None:
+    engine = create_db_engine(url)
+    migrate.upgrade(engine)
+    engine.dispose()
+
+
+class RunningServer:
+    """A server on its own loop thread, with a channel and stub to it."""
+
+    def __init__(self, settings: Settings, listen: str = "127.0.0.1:0") -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="apikeyd-test-server", daemon=True)
+        self._thread.start()
+        self.app = App(settings)
+        self.server: Server = self.run(self._make_server())
+        try:
+            self.port = self.run(self.server.start(listen))
+        except BaseException:
+            self._stop_loop()
+            self.app.close()
+            raise
+        self.address = f"127.0.0.1:{self.port}"
+        self.channel = grpc.insecure_channel(self.address)
+        self.stub = pb_grpc.ApiKeyServiceStub(self.channel)
+
+    async def _make_server(self) -> Server:
+        return Server(self.app)  # grpc.aio objects must be made on the loop that runs them
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=60)
+
+    def call_soon(self, function: Callable[[], T]) -> T:
+        """Run plain code on the server's loop, where the cache lives."""
+
+        async def wrapped() -> T:
+            return function()
+
+        return self.run(wrapped())
+
+    def stop(self, grace: float = 1.0) -> None:
+        if self.loop.is_closed():
+            return
+        self.channel.close()
+        self.run(self.server.stop(grace))
+        self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()
+
+
+@pytest.fixture
+def make_server(database_url: str) -> Iterator[Callable[..., RunningServer]]:
+    """Start servers with settings overrides: make_server(cache_ttl=0.5)."""
+    started: list[RunningServer] = []
+
+    def start(**overrides: Any) -> RunningServer:
+        overrides.setdefault("database_url", database_url)
+        settings = Settings.load(environ={}, **overrides)
+        server = RunningServer(settings)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def server(make_server: Callable[..., RunningServer]) -> RunningServer:
+    return make_server()
+
+
+@pytest.fixture
+def stub(server: RunningServer) -> pb_grpc.ApiKeyServiceStub:
+    return server.stub
+
+
+@pytest.fixture
+def account() -> str:
+    """A fresh account per test: tests share a database and never see each other's keys."""
+    return f"acct-{uuid.uuid4().hex[:10]}"
+
+
+def create_key(
+    stub: pb_grpc.ApiKeyServiceStub, account: str, scopes: tuple[str, ...] = ("messages:send:all",), **fields: Any
+) -> pb.CreateApiKeyResponse:
+    fields.setdefault("display_name", "test key")
+    return stub.CreateApiKey(
+        pb.CreateApiKeyRequest(parent=f"accounts/{account}", api_key=pb.ApiKey(scopes=list(scopes), **fields))
+    )
+
+
+def authorize(stub: pb_grpc.ApiKeyServiceStub, key: str, *scopes: str, **fields: Any) -> pb.AuthorizeResponse:
+    return stub.Authorize(pb.AuthorizeRequest(key=key, required_scopes=list(scopes), **fields))
+
+
+def rpc_error(call: Callable[[], Any]) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value

@@ -1,0 +1,97 @@
+"""The verified-key cache on its own, with a clock the test moves: TTL, LRU bound, generations."""
+
+from datetime import datetime, timezone
+
+from apikeyd.authorizer.cache import CachedKey, VerifiedKeyCache
+from apikeyd.domain.model import ApiKey, KeyState
+from apikeyd.domain.scopes import ScopeSet
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _entry(lookup_id: str, fresh_until: float) -> CachedKey:
+    now = datetime.now(timezone.utc)
+    key = ApiKey(
+        key_id=f"id-{lookup_id}", account_id="a", project_id="", display_name="k", description="",
+        scopes=("x:y",), labels={}, state=KeyState.ACTIVE, prefix="AK_", lookup_id=lookup_id,
+        masked_key="AK_...", expire_time=None, rate_limits=(), create_time=now, update_time=now, revision=1,
+    )
+    return CachedKey(key, ScopeSet(key.scopes), None, None, fresh_until)
+
+
+def test_entries_expire_after_the_ttl():
+    clock = Clock()
+    cache = VerifiedKeyCache(ttl=60, clock=clock)
+    digest = cache.digest("some key")
+    assert cache.put(digest, _entry("l1", clock.now + 60), cache.generation("l1"))
+    clock.now += 59.9
+    assert cache.get(digest) is not None
+    clock.now += 0.2
+    assert cache.get(digest) is None and len(cache) == 0
+
+
+def test_the_least_recently_used_entry_goes_first_and_the_size_stays_bounded():
+    clock = Clock()
+    cache = VerifiedKeyCache(max_entries=3, clock=clock)
+    digests = [cache.digest(f"key {i}") for i in range(4)]
+    for i, digest in enumerate(digests[:3]):
+        cache.put(digest, _entry(f"l{i}", clock.now + 60), cache.generation(f"l{i}"))
+    cache.get(digests[0])  # now the most recent
+    cache.put(digests[3], _entry("l3", clock.now + 60), cache.generation("l3"))
+    assert len(cache) == 3 and cache.stats.evictions == 1
+    assert cache.get(digests[1]) is None
+    assert all(cache.get(d) is not None for d in (digests[0], digests[2], digests[3]))
+
+
+def test_a_verification_that_started_before_an_invalidation_is_not_cached():
+    cache = VerifiedKeyCache()
+    digest = cache.digest("key")
+    snapshot = cache.generation("l1")
+    cache.invalidate("l1")
+    assert not cache.put(digest, _entry("l1", 1e12), snapshot)
+    assert cache.get(digest) is None
+    assert cache.put(digest, _entry("l1", 1e12), cache.generation("l1"))
+
+
+def test_the_generation_rule_survives_forgetting_old_generations():
+    cache = VerifiedKeyCache()
+    snapshot = cache.generation("target")
+    for i in range(100_001):  # more keys than generations are remembered for
+        cache.invalidate(f"other-{i}")
+    cache.invalidate("target")
+    for i in range(100_001):
+        cache.invalidate(f"more-{i}")
+    assert cache.generation("target") != snapshot
+    assert not cache.put(cache.digest("key"), _entry("target", 1e12), snapshot)
+
+
+def test_invalidate_drops_every_digest_of_the_key():
+    cache = VerifiedKeyCache()
+    old, new = cache.digest("old secret"), cache.digest("new secret")
+    cache.put(old, _entry("l1", 1e12), cache.generation("l1"))
+    cache.put(new, _entry("l1", 1e12), cache.generation("l1"))
+    cache.invalidate("l1")
+    assert cache.get(old) is None and cache.get(new) is None and len(cache) == 0
+
+
+def test_bad_strings_are_remembered_for_the_negative_ttl_only():
+    clock = Clock()
+    cache = VerifiedKeyCache(negative_ttl=10, clock=clock)
+    digest = cache.digest("wrong")
+    cache.remember_bad(digest)
+    clock.now += 9.9
+    assert cache.is_known_bad(digest)
+    clock.now += 0.2
+    assert not cache.is_known_bad(digest)
+
+
+def test_the_digest_is_keyed_per_process_and_never_the_string():
+    a, b = VerifiedKeyCache(), VerifiedKeyCache()
+    assert a.digest("AK_secret") != b.digest("AK_secret")
+    assert b"AK_secret" not in a.digest("AK_secret")
