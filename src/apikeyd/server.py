@@ -5,8 +5,10 @@ import contextlib
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -24,6 +26,22 @@ from apikeyd.v1 import api_keys_pb2, api_keys_pb2_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = api_keys_pb2.DESCRIPTOR.services_by_name["ApiKeyService"].full_name
+
+
+class _MethodAwarePool:
+    """grpcurl describes a method by its full name, which protobuf's own pool cannot map to a file."""
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+    def FindFileContainingSymbol(self, symbol: str) -> Any:  # noqa: N802 - protobuf's name
+        try:
+            return self._pool.FindFileContainingSymbol(symbol)
+        except KeyError:
+            return self._pool.FindMethodByName(symbol).containing_service.file
 
 
 class StartupError(Exception):
@@ -74,6 +92,7 @@ class Server:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.grpc,
+            pool=_MethodAwarePool(descriptor_pool.Default()),
         )
         self.port = 0
         self._flusher: asyncio.Task[None] | None = None

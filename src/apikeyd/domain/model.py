@@ -63,7 +63,7 @@ class ApiKey:
 
     @property
     def etag(self) -> str:
-        return f'"{self.revision}"'
+        return f"r{self.revision}"
 
 
 @dataclass(frozen=True, slots=True)
