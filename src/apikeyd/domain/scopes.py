@@ -21,8 +21,8 @@ MAX_SCOPE_LENGTH = 320
 class Scope:
     resource: str
     action: str
-    # None: no qualifier; "all"; or the value inside braces
-    qualifier: str | None
+    # The value inside `{...}`; None for no qualifier or `all`, which both grant every resource.
+    value: str | None
 
 
 def parse_scope(text: str, field: str = "scopes") -> Scope | None:
@@ -36,8 +36,8 @@ def parse_scope(text: str, field: str = "scopes") -> Scope | None:
             f"{text!r} is not a scope; use `resource:action`, `resource:action:all`, "
             "`resource:action:{value}` (lower-case letters, digits, '-', '_', '.') or `*`",
         )
-    resource, action, qualifier, value = match.groups()
-    return Scope(resource, action, value if value is not None else qualifier)
+    resource, action, _qualifier, value = match.groups()
+    return Scope(resource, action, value)
 
 
 @lru_cache(maxsize=4096)
@@ -75,10 +75,10 @@ class ScopeSet:
             scope = parse_scope(text)
             if scope is None:
                 self._everything = True
-            elif scope.qualifier is None or scope.qualifier == "all":
+            elif scope.value is None:
                 self._any.add((scope.resource, scope.action))
             else:
-                self._values.setdefault((scope.resource, scope.action), set()).add(scope.qualifier)
+                self._values.setdefault((scope.resource, scope.action), set()).add(scope.value)
 
     def grants(self, required: tuple[str, str], resource: str) -> bool:
         if self._everything or required in self._any:
