@@ -8,15 +8,15 @@ from apikeyd.domain.model import RateLimit
 
 
 class LocalRateLimiter:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], int] = time.monotonic_ns) -> None:
         self._clock = clock
-        self._tats: dict[str, dict[RateLimit, float]] = {}
+        self._tats: dict[str, dict[RateLimit, int]] = {}
 
     def hit(self, key_id: str, limits: tuple[RateLimit, ...]) -> ratelimit.RateOutcome:
         """Count one request against every limit, or none when any limit refuses it."""
         now = self._clock()
         state = self._tats.setdefault(key_id, {})
-        outcome, new_tats = ratelimit.check(limits, [state.get(rate, 0.0) for rate in limits], now)
+        outcome, new_tats = ratelimit.check(limits, [state.get(rate, 0) for rate in limits], now)
         if new_tats is not None:
             state.update(zip(limits, new_tats))
         return outcome
@@ -24,5 +24,5 @@ class LocalRateLimiter:
     def prune(self) -> None:
         """Drop keys whose every limit has refilled: they hold nothing a fresh start would not."""
         now = self._clock()
-        for key_id in [k for k, state in self._tats.items() if all(tat <= now for tat in state.values())]:
+        for key_id in [k for k, state in self._tats.items() if all(tat <= now * rate.limit for rate, tat in state.items())]:
             del self._tats[key_id]
