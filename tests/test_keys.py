@@ -191,3 +191,9 @@ def test_mask_shows_the_prefix_never_the_secret_and_is_not_a_key(prefix: str, lo
 def test_mask_refuses_a_string_that_is_not_a_key() -> None:
     with pytest.raises(ValueError):
         mask("not a key")
+
+
+@pytest.mark.parametrize("lookup_id", ["short", "x" * 17, "0123456789abcde!"])
+def test_generate_refuses_a_lookup_id_that_parse_would_refuse(lookup_id: str) -> None:
+    with pytest.raises(ValueError):
+        generate("AK_", lookup_id)

@@ -58,6 +58,8 @@ def generate(prefix: str, lookup_id: str) -> tuple[str, ParsedKey]:
     """A fresh key string for this prefix and lookup id, and its parts."""
     if not is_valid_prefix(prefix):
         raise ValueError(f"key prefix {prefix!r} must match {PREFIX_PATTERN}")
+    if len(lookup_id) != LOOKUP_ID_LENGTH or any(c not in BASE62 for c in lookup_id):
+        raise ValueError(f"a lookup id is {LOOKUP_ID_LENGTH} base62 characters")
     secret = _random_base62(SECRET_LENGTH)
     body = f"{prefix}{lookup_id}_{secret}"
     return body + _checksum(body), ParsedKey(prefix, lookup_id, secret)

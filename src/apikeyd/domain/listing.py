@@ -28,6 +28,7 @@ def parse_filter(text: str) -> Filter:
     state: KeyState | None = None
     project_id: str | None = None
     labels: dict[str, str] = {}
+    seen: set[str] = set()
     position = 0
     while text.strip():
         match = _TERM.match(text, position)
@@ -38,6 +39,9 @@ def parse_filter(text: str) -> Filter:
                 '`project_id = "p1"` or `labels.env = "prod"` joined by AND',
             )
         field, label, quoted, bare = match.groups()
+        if field in seen:
+            raise InvalidArgument("filter", f"{field} appears twice; name each field once")
+        seen.add(field)
         value = bare if bare is not None else re.sub(r"\\(.)", r"\1", quoted)
         if field == "state":
             try:
@@ -83,7 +87,7 @@ def decode_page_token(token: str, account_id: str, filter_text: str) -> tuple[da
         payload = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         after = (datetime.fromisoformat(payload["t"]), str(payload["k"]))
         fingerprint = payload["r"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise InvalidArgument("page_token", "is not a token this service issued; start again without it") from None
     if after[0].tzinfo is None or fingerprint != _request_fingerprint(account_id, filter_text):
         raise InvalidArgument(
