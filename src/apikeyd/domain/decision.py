@@ -8,7 +8,8 @@ from apikeyd.domain.ratelimit import RateOutcome
 
 
 class AuthCode(enum.IntEnum):
-    """The order is the order of the checks; from DISABLED on, the key's identity is known."""
+    """The contract's codes. The checks run MALFORMED, NOT_FOUND, REVOKED, DISABLED, EXPIRED, PROJECT_MISMATCH,
+    INSUFFICIENT_SCOPE, RATE_LIMITED; from DISABLED on, the response carries the key's identity."""
 
     OK = 0
     MALFORMED = 1
