@@ -1,6 +1,7 @@
 """The server as operators meet it: health, reflection, the port, SIGTERM, a database that is down,
 and logs that never hold a secret."""
 
+import asyncio
 import logging
 import os
 import signal
@@ -8,6 +9,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from apikeyd.config import Settings
 from apikeyd.domain import keys
 from apikeyd.server import StartupError
 from apikeyd.v1 import api_keys_pb2 as pb
+from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
 from tests.conftest import RunningServer, authorize, create_key, rpc_error
 
 APIKEYD = str(Path(sys.executable).with_name("apikeyd"))
@@ -99,8 +102,6 @@ def test_sigterm_drains_flushes_last_used_times_and_exits_0(tmp_path):
     port = _free_port()
     process = _serve(tmp_path, port, "--last-used-flush-interval", "3600")
     channel = _wait_serving(port)
-    from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
-
     stub = pb_grpc.ApiKeyServiceStub(channel)
     created = create_key(stub, "acme")
     assert authorize(stub, created.secret).code == pb.AuthorizeResponse.OK
@@ -158,3 +159,29 @@ def test_no_secret_reaches_a_log_line_or_an_error(make_server, account, caplog):
     for secret in secrets_seen:
         assert secret not in text and keys.parse(secret).secret not in text
         assert secret[:-6] not in text  # not even without the checksum
+
+
+def test_drain_says_not_serving_and_lets_in_flight_calls_finish(make_server, account):
+    server = make_server()
+    created = create_key(server.stub, account)
+    hasher = server.app.hasher
+    real_verify = hasher.verify
+    reached, release = threading.Event(), threading.Event()
+
+    def held_verify(secret_hash, secret):
+        reached.set()
+        assert release.wait(30)
+        return real_verify(secret_hash, secret)
+
+    hasher.verify = held_verify  # an Authorize that is still running when SIGTERM's drain begins
+    in_flight = server.stub.Authorize.future(pb.AuthorizeRequest(key=created.secret))
+    assert reached.wait(30)
+    watch = health_pb2_grpc.HealthStub(server.channel).Watch(health_pb2.HealthCheckRequest(service=""))
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    stopping = asyncio.run_coroutine_threadsafe(server.server.stop(grace=30), server.loop)
+    assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    watch.cancel()  # as a load balancer does once it has stopped routing here
+    assert not in_flight.done()
+    release.set()
+    assert in_flight.result(timeout=30).code == pb.AuthorizeResponse.OK
+    stopping.result(timeout=60)
