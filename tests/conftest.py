@@ -6,6 +6,7 @@ tests call it over a real channel with the ordinary blocking stubs and can still
 """
 
 import asyncio
+import contextlib
 import threading
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
@@ -150,6 +151,27 @@ def create_key(
 
 def authorize(stub: pb_grpc.ApiKeyServiceStub, key: str, *scopes: str, **fields: Any) -> pb.AuthorizeResponse:
     return stub.Authorize(pb.AuthorizeRequest(key=key, required_scopes=list(scopes), **fields))
+
+
+@contextlib.contextmanager
+def held_verifications(server: RunningServer) -> Iterator[tuple[threading.Event, threading.Event]]:
+    """Hold every argon2 verification after its database read until `release` is set, so a test can force
+    an interleaving (a change, a drain) instead of hoping for it. `reached` is set once one is held."""
+    hasher = server.app.hasher
+    real_verify = hasher.verify
+    reached, release = threading.Event(), threading.Event()
+
+    def held_verify(secret_hash: str, secret: str) -> bool:
+        reached.set()
+        assert release.wait(30)
+        return real_verify(secret_hash, secret)
+
+    hasher.verify = held_verify  # type: ignore[method-assign]
+    try:
+        yield reached, release
+    finally:
+        release.set()
+        hasher.verify = real_verify  # type: ignore[method-assign]
 
 
 def rpc_error(call: Callable[[], Any]) -> grpc.RpcError:

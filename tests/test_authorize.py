@@ -13,7 +13,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from apikeyd.domain import keys
 from apikeyd.v1 import api_keys_pb2 as pb
-from tests.conftest import authorize, create_key, rpc_error
+from tests.conftest import authorize, create_key, held_verifications, rpc_error
 
 R = pb.AuthorizeResponse
 
@@ -240,24 +240,12 @@ def test_wrong_secrets_are_remembered_briefly(server, stub, account):
 
 def test_a_verification_in_flight_during_a_revoke_does_not_cache_the_old_state(server, stub, account):
     created = create_key(stub, account)
-    hasher = server.app.hasher
-    real_verify = hasher.verify
-    reached, release = threading.Event(), threading.Event()
-
-    def held_verify(secret_hash, secret):
-        reached.set()
-        assert release.wait(30)
-        return real_verify(secret_hash, secret)
-
-    hasher.verify = held_verify  # holds the verification after its database read, to force the interleaving
-    try:
+    with held_verifications(server) as (reached, release):
         in_flight = stub.Authorize.future(pb.AuthorizeRequest(key=created.secret))
-        assert reached.wait(30)
+        assert reached.wait(30)  # it has read the key as ACTIVE and waits before argon2
         stub.RevokeApiKey(pb.RevokeApiKeyRequest(name=created.api_key.name))
         release.set()
         assert in_flight.result().code == R.OK  # it began before the revoke and read the key as it was
-    finally:
-        hasher.verify = real_verify
     assert authorize(stub, created.secret).code == R.REVOKED
 
 

@@ -9,7 +9,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from apikeyd.domain import keys
 from apikeyd.server import StartupError
 from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
-from tests.conftest import RunningServer, authorize, create_key, rpc_error
+from tests.conftest import RunningServer, authorize, create_key, held_verifications, rpc_error
 
 APIKEYD = str(Path(sys.executable).with_name("apikeyd"))
 
@@ -164,24 +163,16 @@ def test_no_secret_reaches_a_log_line_or_an_error(make_server, account, caplog):
 def test_drain_says_not_serving_and_lets_in_flight_calls_finish(make_server, account):
     server = make_server()
     created = create_key(server.stub, account)
-    hasher = server.app.hasher
-    real_verify = hasher.verify
-    reached, release = threading.Event(), threading.Event()
-
-    def held_verify(secret_hash, secret):
-        reached.set()
-        assert release.wait(30)
-        return real_verify(secret_hash, secret)
-
-    hasher.verify = held_verify  # an Authorize that is still running when SIGTERM's drain begins
-    in_flight = server.stub.Authorize.future(pb.AuthorizeRequest(key=created.secret))
-    assert reached.wait(30)
-    watch = health_pb2_grpc.HealthStub(server.channel).Watch(health_pb2.HealthCheckRequest(service=""))
-    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
-    stopping = asyncio.run_coroutine_threadsafe(server.server.stop(grace=30), server.loop)
-    assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
-    watch.cancel()  # as a load balancer does once it has stopped routing here
-    assert not in_flight.done()
-    release.set()
-    assert in_flight.result(timeout=30).code == pb.AuthorizeResponse.OK
+    with held_verifications(server) as (reached, release):
+        # an Authorize that is still running when SIGTERM's drain begins
+        in_flight = server.stub.Authorize.future(pb.AuthorizeRequest(key=created.secret))
+        assert reached.wait(30)
+        watch = health_pb2_grpc.HealthStub(server.channel).Watch(health_pb2.HealthCheckRequest(service=""))
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        stopping = asyncio.run_coroutine_threadsafe(server.server.stop(grace=30), server.loop)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        watch.cancel()  # as a load balancer does once it has stopped routing here
+        assert not in_flight.done()
+        release.set()
+        assert in_flight.result(timeout=30).code == pb.AuthorizeResponse.OK
     stopping.result(timeout=60)
