@@ -1,0 +1,145 @@
+"""`make bench`: how fast apikeyd answers, on this machine.
+
+What it measures, in this order:
+
+1. A real `apikeyd serve` in its own process (fresh SQLite file in a temporary directory, a free
+   loopback port), once its gRPC health check answers SERVING.
+2. From a load client in another process (bench.load): the empty health Check, the floor any RPC
+   pays, and a cached Authorize. Each gets sequential p50/p99 latency over 2000 calls and throughput
+   with 48 calls in flight for 1.5 s; the two alternate over 6 rounds and each figure is the median,
+   so that noise does not favour one side (the slowest and fastest round's throughput are shown too).
+   CPU time per call of server and client tells which side limited the throughput. The
+   Authorize/health ratios, medians of the per-round ratios, are checked against targets
+   (throughput >= 0.9, p50 <= 1.1); a miss is reported, not raised: this is a benchmark, not a test.
+3. Cold Authorize: the first check of each of 80 fresh keys, a cache miss (one database read and one
+   argon2id verification).
+4. SIGTERM to the server, which must exit 0; any other exit fails the run.
+5. Single-flight, against a Server in this process so that argon2 verifications can be counted: 100
+   concurrent first checks of one fresh key should cost one verification.
+6. The argon2id parameters and what one verification costs here.
+
+Every loop is bounded in count and in time; everything listens on and connects to 127.0.0.1 only.
+"""
+
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import grpc
+
+from apikeyd.v1 import api_keys_pb2 as pb
+from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
+from bench import inprocess, load
+from bench.server_process import ServerProcess, running_server
+
+COLD_KEYS = 80
+CLIENT_TIMEOUT = 180.0  # seconds for the whole load client; it needs about 40
+THROUGHPUT_TARGET = 0.9  # cached Authorize calls/s over health calls/s, at least
+LATENCY_TARGET = 1.1  # cached Authorize p50 over health p50, at most
+LABEL = 22  # width of the first column
+
+
+def _create_keys(address: str, count: int) -> list[str]:
+    """Full key strings for `count` new keys; only CreateApiKey ever shows them."""
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.ApiKeyServiceStub(channel)
+        return [
+            stub.CreateApiKey(
+                pb.CreateApiKeyRequest(
+                    parent="accounts/bench",
+                    api_key=pb.ApiKey(display_name=f"bench {n}", scopes=["messages:send:all"]),
+                ),
+                timeout=30.0,
+            ).secret
+            for n in range(count)
+        ]
+
+
+def _line(label: str, text: str) -> None:
+    print(f"{label:<{LABEL}}{text}", flush=True)
+
+
+def _header(server: ServerProcess) -> None:
+    cpus = os.cpu_count()
+    print(
+        f"apikeyd benchmark: {cpus} CPUs ({platform.machine()}, {platform.system()} {platform.release()}), "
+        f"Python {platform.python_version()}, grpcio {grpc.__version__}"
+    )
+    print(f"server: `apikeyd serve` pid {server.pid} on {server.address} (SQLite); client in its own process")
+    print(
+        f"figures: median of {load.ROUNDS} interleaved rounds of {load.SEQUENTIAL_CALLS} sequential calls "
+        f"and {load.THROUGHPUT_SECONDS:g} s with {load.CONCURRENCY} calls in flight"
+    )
+    print(flush=True)
+
+
+def _figures(label: str, figures: load.Figures) -> None:
+    rate = figures.calls_per_s
+    server_cpu = "n/a" if figures.server_cpu_us is None else f"{figures.server_cpu_us:.0f}"
+    _line(
+        label,
+        f"sequential p50 {figures.latency.p50_ms:.3f} ms  p99 {figures.latency.p99_ms:.3f} ms   "
+        f"concurrent {rate.median:.0f} calls/s ({rate.low:.0f}-{rate.high:.0f})   "
+        f"CPU/call server {server_cpu} us, client {figures.client_cpu_us:.0f} us",
+    )
+
+
+def _ratio(label: str, name: str, ratio: load.Spread, target: float, at_least: bool) -> None:
+    """The median ratio is judged; the rounds' range shows whether noise could have decided it."""
+    met = ratio.median >= target if at_least else ratio.median <= target
+    relation = ">=" if at_least else "<="
+    _line(
+        label,
+        f"{name} {ratio.median:.2f} (rounds {ratio.low:.2f}-{ratio.high:.2f})  "
+        f"target {relation} {target:.2f}  {'PASS' if met else 'MISS'}",
+    )
+
+
+def _report_load(results: load.Results) -> None:
+    _figures("health Check", results.health)
+    _figures("Authorize (cached)", results.authorize)
+    _ratio(
+        "Authorize / health", "throughput ratio", results.throughput_ratio, THROUGHPUT_TARGET, at_least=True
+    )
+    _ratio("", "p50 latency ratio", results.latency_ratio, LATENCY_TARGET, at_least=False)
+    _line(
+        "Authorize (cold)",
+        f"p50 {results.cold.p50_ms:.3f} ms  p99 {results.cold.p99_ms:.3f} ms  "
+        f"({results.cold_calls} fresh keys, first call each)",
+    )
+
+
+def _report_in_process(workdir: Path) -> None:
+    flight = inprocess.single_flight(workdir)
+    _line(
+        "single-flight",
+        f"argon2 verifications for {flight.calls} concurrent cold checks of one key: {flight.verifications} "
+        f"(expected 1; {flight.misses} calls missed the cache, {flight.allowed} allowed)",
+    )
+    cost = inprocess.argon2_cost()
+    params = cost.parameters
+    _line(
+        "argon2id",
+        f"time_cost {params.time_cost}, memory {params.memory_cost_kib} KiB, "
+        f"parallelism {params.parallelism}: one verification p50 {cost.verify_p50_ms:.2f} ms "
+        f"({cost.runs} runs)",
+    )
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory(prefix="apikeyd-bench-") as tmp:
+        workdir = Path(tmp)
+        with running_server(workdir) as server:
+            _header(server)
+            warm_key, *cold_keys = _create_keys(server.address, 1 + COLD_KEYS)
+            target = load.Target(server.address, server.pid, warm_key, cold_keys)
+            _report_load(load.measure_in_own_process(target, CLIENT_TIMEOUT))
+        _line("server stop", f"SIGTERM -> exit code {server.exit_code}")
+        _report_in_process(workdir)
+    return 0 if server.exit_code == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

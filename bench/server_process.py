@@ -1,0 +1,103 @@
+"""A real `apikeyd serve` in its own process, started and stopped the way an operator would."""
+
+import contextlib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+STARTUP_TIMEOUT = 30.0  # seconds: imports and the SQLite migration take a few on a slow machine
+STOP_TIMEOUT = 20.0  # seconds: above the server's default 10 s shutdown grace
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen[bytes]
+    address: str
+    log_path: Path
+    exit_code: int | None = None  # set once stopped
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+def free_port() -> int:
+    """A port nobody listens on right now; the server binds it a moment later."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _apikeyd() -> str:
+    # The console script installed next to this interpreter, so the bench runs the venv's apikeyd.
+    return str(Path(sys.executable).with_name("apikeyd"))
+
+
+def _wait_until_serving(server: ServerProcess) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    with grpc.insecure_channel(server.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if server.process.poll() is not None:
+                raise RuntimeError(
+                    f"apikeyd exited with {server.process.returncode} at start-up:\n{_tail(server)}"
+                )
+            with contextlib.suppress(grpc.RpcError):
+                reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            time.sleep(0.1)
+    raise RuntimeError(f"apikeyd was not SERVING after {STARTUP_TIMEOUT:.0f} s:\n{_tail(server)}")
+
+
+def _tail(server: ServerProcess, lines: int = 20) -> str:
+    return "\n".join(server.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _stop(server: ServerProcess) -> None:
+    server.process.terminate()  # SIGTERM: the server drains and should exit 0
+    try:
+        server.exit_code = server.process.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+        raise RuntimeError(
+            f"apikeyd did not exit within {STOP_TIMEOUT:.0f} s of SIGTERM:\n{_tail(server)}"
+        ) from None
+
+
+@contextlib.contextmanager
+def running_server(workdir: Path) -> Iterator[ServerProcess]:
+    """`apikeyd serve` on a free loopback port with a fresh SQLite file; SIGTERM on the way out."""
+    address = f"127.0.0.1:{free_port()}"
+    log_path = workdir / "apikeyd.log"
+    command = [
+        _apikeyd(),
+        "serve",
+        "--listen",
+        address,
+        "--database-url",
+        f"sqlite:///{workdir / 'bench.db'}",
+    ]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    server = ServerProcess(process, address, log_path)
+    try:
+        _wait_until_serving(server)
+        yield server
+    except BaseException:
+        # A failed call is easier to explain with the server's side of the story next to it.
+        print(f"apikeyd log, last lines:\n{_tail(server)}", file=sys.stderr)
+        raise
+    finally:
+        if process.poll() is None:
+            _stop(server)
+        else:
+            server.exit_code = process.returncode
