@@ -3,6 +3,7 @@
 from datetime import datetime, timezone
 
 from apikeyd.authorizer.cache import CachedKey, VerifiedKeyCache
+from apikeyd.domain.decision import AuthCode, Decision
 from apikeyd.domain.model import ApiKey, KeyState
 from apikeyd.domain.scopes import ScopeSet
 
@@ -22,7 +23,7 @@ def _entry(lookup_id: str, fresh_until: float) -> CachedKey:
         scopes=("x:y",), labels={}, state=KeyState.ACTIVE, prefix="AK_", lookup_id=lookup_id,
         masked_key="AK_...", expire_time=None, rate_limits=(), create_time=now, update_time=now, revision=1,
     )
-    return CachedKey(key, ScopeSet(key.scopes), None, None, fresh_until)
+    return CachedKey(key, Decision(AuthCode.OK, "", key), ScopeSet(key.scopes), None, None, fresh_until)
 
 
 def test_entries_expire_after_the_ttl():

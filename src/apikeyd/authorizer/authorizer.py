@@ -16,7 +16,7 @@ from apikeyd.authorizer.ratelimits import LocalRateLimiter
 from apikeyd.domain import keys
 from apikeyd.domain.decision import MALFORMED, NOT_FOUND, AuthCode, Decision
 from apikeyd.domain.model import ApiKey, KeyState
-from apikeyd.domain.scopes import ScopeSet, parse_required
+from apikeyd.domain.scopes import ScopeSet, parse_required_scopes
 from apikeyd.store.repository import Repository
 
 log = logging.getLogger(__name__)
@@ -48,20 +48,21 @@ class Authorizer:
     async def authorize(
         self, presented: str, required_scopes: Sequence[str], resource: str, project_id: str
     ) -> Decision:
-        for scope in required_scopes:
-            parse_required(scope)  # a bad required scope is the caller's bug: InvalidArgument, not a denial
-        parsed = keys.parse(presented)
-        if parsed is None:
-            return MALFORMED
+        # A bad required scope is the caller's bug: InvalidArgument, not a denial.
+        required = parse_required_scopes(tuple(required_scopes))
         digest = self.cache.digest(presented)
         entry = self.cache.get(digest)
         if entry is None:
+            # Only well-formed strings ever get an entry, so a hit needs no parse and no checksum.
+            parsed = keys.parse(presented)
+            if parsed is None:
+                return MALFORMED
             if self.cache.is_known_bad(digest):
                 return NOT_FOUND
             entry = await self._verify(digest, parsed)
             if entry is None:
                 return NOT_FOUND
-        return self._decide(entry, required_scopes, resource, project_id)
+        return self._decide(entry, required, resource, project_id)
 
     def invalidate(self, key: ApiKey) -> None:
         """Called on this process after every committed change to a key, before the RPC returns."""
@@ -70,7 +71,7 @@ class Authorizer:
     # --- the checks, in their contract order ------------------------------------------------------
 
     def _decide(
-        self, entry: CachedKey, required_scopes: Sequence[str], resource: str, project_id: str
+        self, entry: CachedKey, required: tuple[tuple[str, tuple[str, str]], ...], resource: str, project_id: str
     ) -> Decision:
         key = entry.key
         if key.state is KeyState.REVOKED:
@@ -92,8 +93,8 @@ class Authorizer:
                 key,
             )
         self._last_used[key.key_id] = now
-        if required_scopes:
-            missing = entry.scopes.missing(list(required_scopes), resource)
+        if required:
+            missing = entry.scopes.missing(required, resource)
             if missing:
                 return Decision(
                     AuthCode.INSUFFICIENT_SCOPE,
@@ -103,7 +104,7 @@ class Authorizer:
                     missing_scopes=tuple(missing),
                 )
         if not key.rate_limits:
-            return Decision(AuthCode.OK, "", key)
+            return entry.allowed
         rate = self._limiter.hit(key.key_id, key.rate_limits)
         if not rate.allowed:
             return Decision(
@@ -139,6 +140,7 @@ class Authorizer:
             return None
         entry = CachedKey(
             key=key,
+            allowed=Decision(AuthCode.OK, "", key),
             scopes=ScopeSet(key.scopes),
             expire_at=_timestamp(key.expire_time),
             secret_expire_at=_timestamp(key.previous_secret_expire_time) if match == "previous" else None,

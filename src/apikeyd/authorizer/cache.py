@@ -11,6 +11,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from apikeyd.domain.decision import Decision
 from apikeyd.domain.model import ApiKey
 from apikeyd.domain.scopes import ScopeSet
 
@@ -18,6 +19,7 @@ from apikeyd.domain.scopes import ScopeSet
 @dataclass(slots=True)
 class CachedKey:
     key: ApiKey
+    allowed: Decision  # made once: the answer for every allowed check of a key without rate limits
     scopes: ScopeSet
     expire_at: float | None  # the key's expire_time, as a Unix time
     secret_expire_at: float | None  # set when the presented secret is the previous one, in its grace period

@@ -52,6 +52,12 @@ def parse_required(text: str) -> tuple[str, str]:
     return match.group(1), match.group(2)
 
 
+@lru_cache(maxsize=4096)
+def parse_required_scopes(texts: tuple[str, ...]) -> tuple[tuple[str, tuple[str, str]], ...]:
+    """Each required scope with its parts; cached as a whole, since callers send the same few lists."""
+    return tuple((text, parse_required(text)) for text in texts)
+
+
 def validate_scopes(scopes: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     if not scopes:
         raise InvalidArgument("scopes", "a key needs at least one scope")
@@ -86,5 +92,6 @@ class ScopeSet:
         values = self._values.get(required)
         return values is not None and resource in values
 
-    def missing(self, required: list[str], resource: str) -> list[str]:
-        return [text for text in required if not self.grants(parse_required(text), resource)]
+    def missing(self, required: tuple[tuple[str, tuple[str, str]], ...], resource: str) -> list[str]:
+        """The required scopes (from parse_required_scopes) that are not granted, in order."""
+        return [text for text, parts in required if not self.grants(parts, resource)]
