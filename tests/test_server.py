@@ -176,3 +176,16 @@ def test_drain_says_not_serving_and_lets_in_flight_calls_finish(make_server, acc
         release.set()
         assert in_flight.result(timeout=30).code == pb.AuthorizeResponse.OK
     stopping.result(timeout=60)
+
+
+def test_during_the_drain_delay_health_says_not_serving_and_calls_are_still_served(make_server, account):
+    server = make_server()
+    created = create_key(server.stub, account)
+    health = health_pb2_grpc.HealthStub(server.channel)
+    stopping = asyncio.run_coroutine_threadsafe(server.server.stop(grace=5, drain_delay=3), server.loop)
+    deadline = time.monotonic() + 30
+    while health.Check(health_pb2.HealthCheckRequest()).status != health_pb2.HealthCheckResponse.NOT_SERVING:
+        assert time.monotonic() < deadline  # enter_graceful_shutdown is stop's first step, on the server's loop
+    assert not stopping.done()
+    assert authorize(server.stub, created.secret).code == pb.AuthorizeResponse.OK
+    stopping.result(timeout=60)

@@ -25,7 +25,10 @@ class Settings:
     account_key_prefix: str = _setting("AK_", "prefix of new account-wide keys")
     project_key_prefix: str = _setting("AKP_", "prefix of new project keys")
     last_used_flush_interval: float = _setting(30.0, "seconds between batched writes of last-used times")
-    shutdown_grace: float = _setting(10.0, "seconds in-flight calls get to finish after SIGTERM")
+    drain_delay: float = _setting(
+        0.0, "seconds to keep serving after SIGTERM with health NOT_SERVING, so load balancers stop routing here"
+    )
+    shutdown_grace: float = _setting(10.0, "seconds in-flight calls get to finish once the listener closes")
     db_pool_size: int = _setting(5, "database connections kept open (PostgreSQL)")
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
 

@@ -115,9 +115,15 @@ class Server:
             await asyncio.sleep(self.app.settings.last_used_flush_interval)
             await self.app.authorizer.flush_last_used()
 
-    async def stop(self, grace: float) -> None:
-        """Drain: health says NOT_SERVING, in-flight calls get `grace` seconds, last-used times are written."""
+    async def stop(self, grace: float, drain_delay: float = 0.0) -> None:
+        """Drain: health says NOT_SERVING while calls are still served for `drain_delay` seconds; then the
+        listener closes and in-flight calls get `grace` seconds; last-used times are written.
+
+        grpc cancels calls that have arrived but not yet started when the listener closes, so a caller
+        that keeps sending needs the delay to notice NOT_SERVING and go elsewhere first."""
         await self.health.enter_graceful_shutdown()
+        if drain_delay > 0:
+            await asyncio.sleep(drain_delay)
         await self.grpc.stop(grace)
         if self._flusher is not None:
             self._flusher.cancel()
@@ -144,6 +150,10 @@ async def serve(settings: Settings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
-    log.info("draining: finishing in-flight calls for up to %.0f s", settings.shutdown_grace)
-    await server.stop(settings.shutdown_grace)
+    log.info(
+        "draining: NOT_SERVING for %.1f s, then in-flight calls get up to %.0f s",
+        settings.drain_delay,
+        settings.shutdown_grace,
+    )
+    await server.stop(settings.shutdown_grace, settings.drain_delay)
     log.info("stopped")
