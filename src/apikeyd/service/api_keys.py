@@ -1,9 +1,12 @@
 """apikeyd.v1.ApiKeyService."""
 
+from collections import OrderedDict
+
 import grpc
 from google.protobuf.empty_pb2 import Empty
 
 from apikeyd.authorizer.authorizer import Authorizer
+from apikeyd.domain.decision import Decision
 from apikeyd.domain.errors import InvalidArgument
 from apikeyd.domain.model import parse_key_name, parse_parent
 from apikeyd.lifecycle import KeyManager
@@ -15,10 +18,16 @@ from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
 Context = grpc.aio.ServicerContext
 
 
+_MAX_RENDERED = 10_000
+
+
 class ApiKeyService(pb_grpc.ApiKeyServiceServicer):
     def __init__(self, manager: KeyManager, authorizer: Authorizer) -> None:
         self._manager = manager
         self._authorizer = authorizer
+        # A cached key's allowed decision is one object, answered again and again: its response is built
+        # once. Keyed by id() with the decision itself kept alive beside it, so the id cannot be reused.
+        self._rendered: OrderedDict[int, tuple[Decision, pb.AuthorizeResponse]] = OrderedDict()
 
     @grpc_errors
     async def CreateApiKey(self, request: pb.CreateApiKeyRequest, context: Context) -> pb.CreateApiKeyResponse:
@@ -70,4 +79,13 @@ class ApiKeyService(pb_grpc.ApiKeyServiceServicer):
         decision = await self._authorizer.authorize(
             request.key, request.required_scopes, request.resource, request.project_id
         )
-        return decision_to_pb(decision)
+        if decision.rate is not None or not decision.allowed:
+            return decision_to_pb(decision)
+        rendered = self._rendered.get(id(decision))
+        if rendered is not None and rendered[0] is decision:
+            return rendered[1]
+        response = decision_to_pb(decision)
+        self._rendered[id(decision)] = (decision, response)
+        if len(self._rendered) > _MAX_RENDERED:
+            self._rendered.popitem(last=False)
+        return response
