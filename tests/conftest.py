@@ -7,6 +7,7 @@ tests call it over a real channel with the ordinary blocking stubs and can still
 
 import asyncio
 import contextlib
+import logging
 import threading
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
@@ -17,6 +18,8 @@ import psycopg
 import pytest
 
 from apikeyd.config import Settings
+from apikeyd.domain import keys
+from apikeyd.lifecycle import NewKey
 from apikeyd.server import App, Server
 from apikeyd.store import migrate
 from apikeyd.store.repository import create_db_engine
@@ -61,10 +64,67 @@ def _migrate(url: str) -> None:
     engine.dispose()
 
 
+ISSUED_SECRETS: set[str] = set()  # every key string the suite was given: none may appear in a log
+
+
+class BearerCredentials(grpc.UnaryUnaryClientInterceptor):
+    """Sends the bearer key, and notes every secret a response carries for the log check."""
+
+    def __init__(self, token: str | None) -> None:
+        self._metadata = [("authorization", f"Bearer {token}")] if token else []
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        details = details._replace(metadata=list(details.metadata or []) + self._metadata)
+        outcome = continuation(details, request)
+        outcome.add_done_callback(self._note_secret)
+        return outcome
+
+    @staticmethod
+    def _note_secret(outcome: Any) -> None:
+        if outcome.exception() is None and getattr(outcome.result(), "secret", ""):
+            ISSUED_SECRETS.add(outcome.result().secret)
+
+
+def leaked_secrets(text: str, secrets: set[str]) -> list[str]:
+    """The secrets found in `text`, whole or as their secret part (the key without prefix and checksum)."""
+    found = []
+    for secret in secrets:
+        parsed = keys.parse(secret)
+        if secret in text or (parsed is not None and parsed.secret in text):
+            found.append(secret[:12] + "...")
+    return found
+
+
+class _LogRecorder(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_any_log() -> Iterator[None]:
+    """Runs the whole suite's logs, apikeyd's at DEBUG, through a check that no issued secret appears."""
+    recorder = _LogRecorder()
+    recorder.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(recorder)
+    apikeyd_logger = logging.getLogger("apikeyd")
+    level = apikeyd_logger.level
+    apikeyd_logger.setLevel(logging.DEBUG)
+    yield
+    apikeyd_logger.setLevel(level)
+    logging.getLogger().removeHandler(recorder)
+    assert recorder.lines, "the log check saw no log line at all: it is not wired up"
+    leaks = leaked_secrets("\n".join(recorder.lines), ISSUED_SECRETS)
+    assert not leaks, f"secrets in the logs: {leaks}"
+
+
 class RunningServer:
     """A server on its own loop thread, with a channel and stub to it."""
 
-    def __init__(self, settings: Settings, listen: str = "127.0.0.1:0") -> None:
+    def __init__(self, settings: Settings, listen: str = "127.0.0.1:0", operator: bool = True) -> None:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="apikeyd-test-server", daemon=True)
         self._thread.start()
@@ -78,7 +138,22 @@ class RunningServer:
             raise
         self.address = f"127.0.0.1:{self.port}"
         self.channel = grpc.insecure_channel(self.address)
-        self.stub = pb_grpc.ApiKeyServiceStub(self.channel)
+        self._channels = [self.channel]
+        # The tests that are not about rights act as an operator, with a key made as `admin-key create` does.
+        self.operator_key = self.run(self._operator_key()).secret if operator else ""
+        self.stub = self.stub_for(self.operator_key or None)
+
+    async def _operator_key(self) -> Any:
+        manager = self.app.manager
+        issued = await manager.create(manager.operator("tests"), manager.operator_account, NewKey("tests", ("*",)))
+        ISSUED_SECRETS.add(issued.secret)
+        return issued
+
+    def stub_for(self, token: str | None) -> pb_grpc.ApiKeyServiceStub:
+        """A stub that sends `authorization: Bearer <token>` (nothing for None) on every call."""
+        channel = grpc.insecure_channel(self.address)
+        self._channels.append(channel)
+        return pb_grpc.ApiKeyServiceStub(grpc.intercept_channel(channel, BearerCredentials(token)))
 
     async def _make_server(self) -> Server:
         return Server(self.app)  # grpc.aio objects must be made on the loop that runs them
@@ -97,7 +172,8 @@ class RunningServer:
     def stop(self, grace: float = 1.0) -> None:
         if self.loop.is_closed():
             return
-        self.channel.close()
+        for channel in self._channels:
+            channel.close()
         self.run(self.server.stop(grace))
         self._stop_loop()
 

@@ -15,8 +15,10 @@ pytestmark = pytest.mark.skipif(GRPCURL is None, reason="skipped: no grpcurl (ma
 SERVICE = "apikeyd.v1.ApiKeyService"
 
 
-def grpcurl(address: str, *args: str, data: dict | None = None) -> str:
+def grpcurl(address: str, *args: str, data: dict | None = None, token: str = "") -> str:
     command = [GRPCURL, "-plaintext"]
+    if token:
+        command += ["-H", f"authorization: Bearer {token}"]
     if data is not None:
         command += ["-d", json.dumps(data)]
     result = subprocess.run([*command, address, *args], capture_output=True, text=True, timeout=60)
@@ -38,7 +40,9 @@ def test_list_and_describe_every_method(server):
 
 
 def test_call_every_method_with_json(server, account):
-    call = lambda method, data: json.loads(grpcurl(server.address, f"{SERVICE}/{method}", data=data))  # noqa: E731
+    def call(method: str, data: dict) -> dict:
+        return json.loads(grpcurl(server.address, f"{SERVICE}/{method}", data=data, token=server.operator_key))
+
     created = call(
         "CreateApiKey",
         {

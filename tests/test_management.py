@@ -22,7 +22,7 @@ def _timestamp(value: datetime) -> Timestamp:
 
 
 def _events(server, key_id):
-    return [(e.kind, e.changed_fields, e.details) for e in server.app.repository.events() if e.key_id == key_id]
+    return [(e.kind, list(e.changed_fields), e.details) for e in server.app.repository.events() if e.key_id == key_id]
 
 
 # --- create ---------------------------------------------------------------------------------------
@@ -327,7 +327,7 @@ def test_every_mutation_writes_one_event_without_secrets(server, stub, account):
     stub.DeleteApiKey(pb.DeleteApiKeyRequest(name=name))
     events = [e for e in server.app.repository.events() if e.key_id == created.api_key.key_id]
     assert [e.kind for e in events] == ["created", "updated", "rotated", "revoked", "deleted"]
-    assert [e.id for e in events] == sorted(e.id for e in events)
+    assert [e.event_id for e in events] == sorted(e.event_id for e in events)
     assert all(e.account_id == account for e in events)
     text = repr([(e.changed_fields, e.details) for e in events])
     for secret in (created.secret, rotated.secret):

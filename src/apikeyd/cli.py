@@ -9,7 +9,9 @@ from typing import Any
 import click
 
 from apikeyd.config import Settings
-from apikeyd.server import StartupError, serve
+from apikeyd.domain.errors import ApiKeyError
+from apikeyd.lifecycle import IssuedKey, NewKey
+from apikeyd.server import App, StartupError, prepare_database, serve
 from apikeyd.store import migrate as migrations
 from apikeyd.store.repository import create_db_engine
 
@@ -70,3 +72,40 @@ def migrate(database_url: str | None) -> None:
     finally:
         engine.dispose()
     click.echo(f"database at {engine.url.render_as_string(hide_password=True)} is up to date", err=True)
+
+
+@main.group("admin-key")
+def admin_key() -> None:
+    """Operator keys, written straight to the database: how a new installation gets its first credential."""
+
+
+@admin_key.command("create")
+@click.option("--display-name", required=True, help="what the key is for, e.g. 'ops laptop'")
+@click.option(
+    "--scope", "scopes", multiple=True, default=("*",), show_default=True, help="a scope to grant; repeatable"
+)
+@click.option("--database-url", default=None, help="SQLAlchemy URL [APIKEYD_DATABASE_URL]")
+def admin_key_create(display_name: str, scopes: tuple[str, ...], database_url: str | None) -> None:
+    """Create a key of the operator account and print it alone on stdout (notes go to stderr), so that
+    `export APIKEYD_TOKEN=$(apikeyd admin-key create --display-name ops)` works."""
+    settings = _load(database_url=database_url)
+    try:
+        issued = asyncio.run(_create_operator_key(settings, display_name, scopes))
+    except ApiKeyError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(issued.secret)
+    click.echo(
+        f"created {issued.key.name} ({issued.key.masked_key}) with scopes {', '.join(issued.key.scopes)}; "
+        "the key above is shown only now",
+        err=True,
+    )
+
+
+async def _create_operator_key(settings: Settings, display_name: str, scopes: tuple[str, ...]) -> IssuedKey:
+    app = App(settings)
+    try:
+        prepare_database(settings, app.repository)
+        caller = app.manager.operator("admin-key create")
+        return await app.manager.create(caller, settings.operator_account, NewKey(display_name, scopes))
+    finally:
+        app.close()

@@ -11,6 +11,16 @@ def _setting(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def _parse(name: str, raw: str, kind: type) -> Any:
+    try:
+        return _BOOLEANS[raw.strip().lower()] if kind is bool else kind(raw)
+    except (ValueError, KeyError):
+        raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+
+
 @dataclass(frozen=True)
 class Settings:
     listen: str = _setting("127.0.0.1:50051", "host:port to serve gRPC on; a taken port is an error")
@@ -22,6 +32,11 @@ class Settings:
     argon2_time_cost: int = _setting(1, "argon2id iterations")
     argon2_memory_kib: int = _setting(8192, "argon2id memory per hash, KiB")
     argon2_parallelism: int = _setting(1, "argon2id lanes")
+    operator_account: str = _setting("system", "account whose keys act on every account")
+    max_keys_per_account: int = _setting(1000, "live (not revoked) keys an account may hold")
+    authorize_requires_key: bool = _setting(
+        False, "make Authorize require a bearer key with scope apikeys:authorize"
+    )
     account_key_prefix: str = _setting("AK_", "prefix of new account-wide keys")
     project_key_prefix: str = _setting("AKP_", "prefix of new project keys")
     last_used_flush_interval: float = _setting(30.0, "seconds between batched writes of last-used times")
@@ -44,10 +59,6 @@ class Settings:
         for f in dataclasses.fields(cls):
             raw = environ.get(cls.env_name(f.name))
             if raw is not None and raw != "":
-                kind = type(f.default)
-                try:
-                    values[f.name] = kind(raw)
-                except ValueError:
-                    raise ValueError(f"{cls.env_name(f.name)}={raw!r} is not a valid {kind.__name__}") from None
+                values[f.name] = _parse(cls.env_name(f.name), raw, type(f.default))
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -1,10 +1,16 @@
-"""Key lifecycle: the management use cases. Validates with the domain, writes through the repository on
-the store's thread pool, and drops the key from this process's cache before returning, so that every
-change is in force for the next Authorize here."""
+"""Key lifecycle: the management use cases. Each takes the authenticated Caller, checks its rights with the
+domain's access rules (recording a refusal in the audit log), writes through the repository on the store's
+thread pool, and drops the key from this process's cache before returning, so that every change is in
+force for the next Authorize here."""
 
 import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -13,13 +19,18 @@ from typing import Any, TypeVar
 from apikeyd.authorizer.authorizer import Authorizer
 from apikeyd.authorizer.hashing import SecretHasher
 from apikeyd.domain import keys, listing
-from apikeyd.domain.errors import Aborted, FailedPrecondition, InvalidArgument
+from apikeyd.domain.access import READ, WRITE, Actor, Caller
+from apikeyd.domain.decision import Decision
+from apikeyd.domain.errors import Aborted, FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated, key_not_found
 from apikeyd.domain.model import (
     ApiKey,
+    AuditEvent,
     Credentials,
     EventKind,
+    IdempotentRequest,
     KeyState,
     RateLimit,
+    key_name,
     validate_description,
     validate_display_name,
     validate_expire_time,
@@ -28,10 +39,12 @@ from apikeyd.domain.model import (
     validate_project_id,
     validate_rate_limits,
     validate_reason,
+    validate_request_id,
 )
 from apikeyd.domain.scopes import validate_scopes
 from apikeyd.store.repository import Change, Repository
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 UPDATABLE = ("display_name", "description", "scopes", "labels", "expire_time", "rate_limits", "state")
@@ -58,8 +71,34 @@ class KeyPrefixes:
         return self.project if project_id else self.account
 
 
+@dataclass(frozen=True)
+class IssuedKey:
+    """A created or rotated key with its secret; on a retry (same request_id) the secret is empty."""
+
+    key: ApiKey
+    secret: str
+    replayed: bool = False
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, default=str, sort_keys=True).encode()).hexdigest()
+
+
+def _request(request_id: str, method: str, *parts: Any) -> IdempotentRequest | None:
+    if not request_id:
+        return None
+    return IdempotentRequest(validate_request_id(request_id), method, _fingerprint(method, *parts))
+
+
+def _log_change(what: str, key: ApiKey, actor: Actor) -> None:
+    log.info(
+        "%s %s (%s, %s) by %s from %s",
+        what, key.name, key.masked_key, key.state.value, actor.name or "admin-key", actor.peer or "-",
+    )
 
 
 def _validate_update(values: dict[str, Any], now: datetime) -> dict[str, Any]:
@@ -90,12 +129,16 @@ class KeyManager:
         authorizer: Authorizer,
         store_executor: Executor,
         prefixes: KeyPrefixes = KeyPrefixes(),
+        operator_account: str = "system",
+        max_live_keys: int = 1000,
     ) -> None:
         self._repository = repository
         self._hasher = hasher
         self._authorizer = authorizer
         self._executor = store_executor
         self._prefixes = prefixes
+        self.operator_account = operator_account
+        self._max_live_keys = max_live_keys
 
     async def _run(self, call: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
@@ -110,17 +153,62 @@ class KeyManager:
                     raise
         raise AssertionError("unreachable")
 
+    # --- callers ----------------------------------------------------------------------------------
+
+    async def authenticate(self, token: str, peer: str, method: str) -> Caller:
+        """The caller behind a bearer key, through the same cache and checks as Authorize."""
+        found = await self._authorizer.identify(token)
+        if isinstance(found, Decision):
+            raise Unauthenticated(f"the bearer key is not usable: {found.message}")
+        return Caller(found.key, found.scopes, found.key.account_id == self.operator_account, peer, method)
+
+    def operator(self, method: str) -> Caller:
+        """The operator acting through the command line on the database itself."""
+        return Caller(None, None, True, "", method)
+
+    @contextlib.asynccontextmanager
+    async def _denials(self, caller: Caller, target: str, key_id: str = "") -> AsyncIterator[None]:
+        """Record a refusal in the caller's own audit log, then let it reach the caller."""
+        try:
+            yield
+        except PermissionDenied as denied:
+            if caller.key is not None:
+                reason = str(denied)
+                log.info("denied %s on %s to key %s: %s", caller.method, target, caller.key.key_id, reason)
+                actor = caller.actor
+                await self._run(
+                    lambda: self._repository.record_denial(
+                        caller.account_id, caller.project_id, actor, key_id, {"reason": reason, "target": target}, _now()
+                    )
+                )
+            raise
+
+    def _reached(self, caller: Caller, key: ApiKey) -> ApiKey:
+        if not caller.reaches(key):
+            raise key_not_found(key.account_id, key.key_id)
+        return key
+
     # --- reads ------------------------------------------------------------------------------------
 
-    async def get(self, account_id: str, key_id: str) -> ApiKey:
-        return await self._run(lambda: self._repository.get(account_id, key_id))
+    async def get(self, caller: Caller, account_id: str, key_id: str) -> ApiKey:
+        async with self._denials(caller, key_name(account_id, key_id), key_id):
+            caller.require(READ)
+            caller.check_account(account_id)
+        return self._reached(caller, await self._run(lambda: self._repository.get(account_id, key_id)))
 
-    async def list(
-        self, account_id: str, filter_text: str, page_size: int, page_token: str
+    async def list_keys(
+        self, caller: Caller, account_id: str, filter_text: str, page_size: int, page_token: str
     ) -> tuple[list[ApiKey], str, int]:
+        async with self._denials(caller, f"accounts/{account_id}"):
+            caller.require(READ)
+            caller.check_account(account_id)
         flt = listing.parse_filter(filter_text)
         size = listing.validate_page_size(page_size)
         after = listing.decode_page_token(page_token, account_id, filter_text) if page_token else None
+        if caller.project_id:
+            if flt.project_id not in (None, caller.project_id):
+                return [], "", 0  # another project's keys are out of reach: as if there were none
+            flt = dataclasses.replace(flt, project_id=caller.project_id)
 
         def read() -> tuple[list[ApiKey], bool, int]:
             page, more = self._repository.list_keys(account_id, flt, size, after)
@@ -134,11 +222,31 @@ class KeyManager:
         )
         return page, token, total
 
+    async def list_events(
+        self, caller: Caller, account_id: str, filter_text: str, page_size: int, page_token: str
+    ) -> tuple[list[AuditEvent], str]:
+        async with self._denials(caller, f"accounts/{account_id}"):
+            caller.require(READ)
+            caller.check_account(account_id)
+        flt = listing.parse_event_filter(filter_text)
+        size = listing.validate_page_size(page_size)
+        before = listing.decode_event_page_token(page_token, account_id, filter_text) if page_token else None
+        events, more = await self._run(
+            lambda: self._repository.list_events(account_id, caller.project_id, flt, size, before)
+        )
+        token = listing.encode_event_page_token(account_id, filter_text, events[-1].event_id) if more else ""
+        return events, token
+
     # --- writes -----------------------------------------------------------------------------------
 
-    async def create(self, account_id: str, new: NewKey) -> tuple[ApiKey, str]:
+    async def create(self, caller: Caller, account_id: str, new: NewKey, request_id: str = "") -> IssuedKey:
         now = _now()
-        project_id = validate_project_id(new.project_id)
+        async with self._denials(caller, f"accounts/{account_id}"):
+            caller.require(WRITE)
+            caller.check_account(account_id)
+            project_id = caller.project_for_new_key(validate_project_id(new.project_id))
+            scopes = validate_scopes(new.scopes)
+            caller.check_grant(scopes)
         prefix = self._prefixes.for_key(project_id)
         secret, parsed = keys.generate(prefix, keys.new_lookup_id())
         key = ApiKey(
@@ -147,7 +255,7 @@ class KeyManager:
             project_id=project_id,
             display_name=validate_display_name(new.display_name),
             description=validate_description(new.description),
-            scopes=validate_scopes(new.scopes),
+            scopes=scopes,
             labels=validate_labels(new.labels),
             state=KeyState.ACTIVE,
             prefix=prefix,
@@ -159,76 +267,137 @@ class KeyManager:
             update_time=now,
             revision=1,
         )
-        created = await self._run(
-            lambda: self._repository.create(key, Credentials(self._hasher.hash(parsed.secret)))
+        request = _request(request_id, "CreateApiKey", account_id, dataclasses.asdict(new))
+        actor = caller.actor
+        created, replayed = await self._run(
+            lambda: self._repository.create(
+                key, Credentials(self._hasher.hash(parsed.secret)), actor, request, self._max_live_keys
+            )
         )
-        return created, secret
+        _log_change("replayed create of" if replayed else "created", created, actor)
+        return IssuedKey(created, "" if replayed else secret, replayed)
 
-    async def update(self, account_id: str, key_id: str, values: dict[str, Any], etag: str) -> ApiKey:
+    async def update(
+        self, caller: Caller, account_id: str, key_id: str, values: dict[str, Any], etag: str, allow_self: bool = False
+    ) -> ApiKey:
         now = _now()
-        values = _validate_update(values, now)
+        async with self._denials(caller, key_name(account_id, key_id), key_id):
+            caller.require(WRITE)
+            caller.check_account(account_id)
+            values = _validate_update(values, now)
+            if "scopes" in values:
+                caller.check_grant(values["scopes"])
 
-        def decide(current: ApiKey, _: Credentials) -> Change:
-            if current.state is KeyState.REVOKED:
-                raise FailedPrecondition("the key is revoked; a revoked key cannot be changed")
-            changed = {name: v for name, v in values.items() if getattr(current, name) != v}
-            kind = EventKind.UPDATED
-            if "state" in changed:
-                kind = EventKind.DISABLED if changed["state"] is KeyState.DISABLED else EventKind.ENABLED
-            return Change(kind, changed, tuple(changed))
+            def decide(current: ApiKey, _: Credentials) -> Change:
+                self._reached(caller, current)
+                caller.check_manage(current)
+                if values.get("state") is KeyState.DISABLED:
+                    caller.check_self(current, allow_self, "disable")
+                if current.state is KeyState.REVOKED:
+                    raise FailedPrecondition("the key is revoked; a revoked key cannot be changed")
+                changed = {name: v for name, v in values.items() if getattr(current, name) != v}
+                kind = EventKind.UPDATED
+                if "state" in changed:
+                    kind = EventKind.DISABLED if changed["state"] is KeyState.DISABLED else EventKind.ENABLED
+                return Change(kind, changed, tuple(changed))
 
-        return await self._mutate(
-            lambda: self._repository.modify(account_id, key_id, etag, decide, now), etag
-        )
+            return await self._mutate(caller, account_id, key_id, etag, decide, now)
 
-    async def revoke(self, account_id: str, key_id: str, reason: str, etag: str) -> ApiKey:
+    async def revoke(
+        self, caller: Caller, account_id: str, key_id: str, reason: str, etag: str, allow_self: bool = False
+    ) -> ApiKey:
         now = _now()
         reason = validate_reason(reason)
+        async with self._denials(caller, key_name(account_id, key_id), key_id):
+            caller.require(WRITE)
+            caller.check_account(account_id)
 
         def decide(current: ApiKey, _: Credentials) -> Change:
+            self._reached(caller, current)
+            caller.check_self(current, allow_self, "revoke")
             if current.state is KeyState.REVOKED:
                 raise FailedPrecondition(f"the key was already revoked at {current.revoke_time:%Y-%m-%dT%H:%M:%SZ}")
             values = {"state": KeyState.REVOKED, "revoke_time": now, "revoke_reason": reason}
             return Change(EventKind.REVOKED, values, ("state", "revoke_time", "revoke_reason"), {"reason": reason})
 
-        return await self._mutate(lambda: self._repository.modify(account_id, key_id, etag, decide, now), etag)
+        return await self._mutate(caller, account_id, key_id, etag, decide, now)
 
-    async def delete(self, account_id: str, key_id: str, etag: str) -> ApiKey:
-        return await self._mutate(lambda: self._repository.delete(account_id, key_id, etag, _now()), etag)
+    async def delete(self, caller: Caller, account_id: str, key_id: str, etag: str, allow_self: bool = False) -> ApiKey:
+        async with self._denials(caller, key_name(account_id, key_id), key_id):
+            caller.require(WRITE)
+            caller.check_account(account_id)
 
-    async def rotate(self, account_id: str, key_id: str, grace: timedelta, etag: str) -> tuple[ApiKey, str]:
+        def check(current: ApiKey) -> None:
+            self._reached(caller, current)
+            caller.check_self(current, allow_self, "delete")
+
+        actor = caller.actor
+        key = await self._retrying(
+            lambda: self._repository.delete(account_id, key_id, etag, _now(), actor, check), etag
+        )
+        self._authorizer.invalidate(key)
+        _log_change("deleted", key, actor)
+        return key
+
+    async def rotate(
+        self,
+        caller: Caller,
+        account_id: str,
+        key_id: str,
+        grace: timedelta,
+        etag: str,
+        request_id: str = "",
+        allow_self: bool = False,
+    ) -> IssuedKey:
         now = _now()
         grace = validate_grace(grace)
-        previous_expire = now + grace
-        generated: list[str] = []
-
-        def rotate() -> ApiKey:
+        request = _request(request_id, "RotateApiKey", account_id, key_id, grace.total_seconds())
+        async with self._denials(caller, key_name(account_id, key_id), key_id):
+            caller.require(WRITE)
+            caller.check_account(account_id)
             # Prefix and lookup id never change, so the new secret and its (slow) hash are made before the
             # write transaction rather than while it holds the lock.
-            current = self._repository.get(account_id, key_id)
-            secret, parsed = keys.generate(current.prefix, current.lookup_id)
-            secret_hash = self._hasher.hash(parsed.secret)
+            current = self._reached(caller, await self._run(lambda: self._repository.get(account_id, key_id)))
+            caller.check_manage(current)
+            caller.check_self(current, allow_self, "rotate")
+        secret, parsed = keys.generate(current.prefix, current.lookup_id)
+        secret_hash = await self._run(lambda: self._hasher.hash(parsed.secret))
 
-            def decide(current: ApiKey, credentials: Credentials) -> Change:
-                if current.state is KeyState.REVOKED:
-                    raise FailedPrecondition("the key is revoked; a revoked key cannot be rotated")
-                values = {
-                    "secret_hash": secret_hash,
-                    "previous_secret_hash": credentials.secret_hash,
-                    "previous_secret_expire_time": previous_expire,
-                    "masked_key": keys.mask(secret),
-                }
-                details = {"grace_seconds": grace.total_seconds()}
-                return Change(EventKind.ROTATED, values, ("secret", "previous_secret_expire_time"), details)
+        def decide(current: ApiKey, credentials: Credentials) -> Change:
+            if current.state is KeyState.REVOKED:
+                raise FailedPrecondition("the key is revoked; a revoked key cannot be rotated")
+            values = {
+                "secret_hash": secret_hash,
+                "previous_secret_hash": credentials.secret_hash,
+                "previous_secret_expire_time": now + grace,
+                "masked_key": keys.mask(secret),
+            }
+            return Change(
+                EventKind.ROTATED, values, ("secret", "previous_secret_expire_time"), {"grace_seconds": grace.total_seconds()}
+            )
 
-            rotated = self._repository.modify(account_id, key_id, etag, decide, now)
-            generated[:] = [secret]
-            return rotated
+        actor = caller.actor
+        rotated, replayed = await self._retrying(
+            lambda: self._repository.modify(account_id, key_id, etag, decide, now, actor, request), etag
+        )
+        if not replayed:
+            self._authorizer.invalidate(rotated)
+        _log_change("replayed rotation of" if replayed else "rotated", rotated, actor)
+        return IssuedKey(rotated, "" if replayed else secret, replayed)
 
-        rotated = await self._mutate(rotate, etag)
-        return rotated, generated[0]
-
-    async def _mutate(self, call: Callable[[], ApiKey], etag: str) -> ApiKey:
-        key = await self._retrying(call, etag)
+    async def _mutate(
+        self,
+        caller: Caller,
+        account_id: str,
+        key_id: str,
+        etag: str,
+        decide: Callable[[ApiKey, Credentials], Change],
+        now: datetime,
+    ) -> ApiKey:
+        actor = caller.actor
+        key, _ = await self._retrying(
+            lambda: self._repository.modify(account_id, key_id, etag, decide, now, actor), etag
+        )
         self._authorizer.invalidate(key)
+        _log_change("changed", key, actor)
         return key

@@ -72,6 +72,8 @@ class App:
             self.authorizer,
             self.store_executor,
             KeyPrefixes(settings.account_key_prefix, settings.project_key_prefix),
+            settings.operator_account,
+            settings.max_keys_per_account,
         )
 
     def close(self) -> None:
@@ -87,7 +89,8 @@ class Server:
         # share a taken port silently.
         self.grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         self.health = health.aio.HealthServicer()
-        api_keys_pb2_grpc.add_ApiKeyServiceServicer_to_server(ApiKeyService(app.manager, app.authorizer), self.grpc)
+        service = ApiKeyService(app.manager, app.authorizer, app.settings.authorize_requires_key)
+        api_keys_pb2_grpc.add_ApiKeyServiceServicer_to_server(service, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

@@ -14,6 +14,7 @@ from apikeyd.authorizer.cache import CachedKey, VerifiedKeyCache
 from apikeyd.authorizer.hashing import SecretHasher
 from apikeyd.authorizer.ratelimits import LocalRateLimiter
 from apikeyd.domain import keys
+from apikeyd.domain.access import Caller
 from apikeyd.domain.decision import MALFORMED, NOT_FOUND, AuthCode, Decision
 from apikeyd.domain.model import ApiKey, KeyState
 from apikeyd.domain.scopes import ScopeSet, parse_required_scopes
@@ -46,10 +47,27 @@ class Authorizer:
         self._last_used: dict[str, float] = {}
 
     async def authorize(
-        self, presented: str, required_scopes: Sequence[str], resource: str, project_id: str
+        self,
+        presented: str,
+        required_scopes: Sequence[str],
+        resource: str,
+        project_id: str,
+        caller: Caller | None = None,
     ) -> Decision:
+        """The answer for a presented key; with a calling key that is not an operator's, keys outside its
+        account (or project) are answered as unknown."""
         # A bad required scope is the caller's bug: InvalidArgument, not a denial.
         required = parse_required_scopes(tuple(required_scopes))
+        found = await self.identify(presented)
+        if isinstance(found, Decision):
+            return found
+        if caller is not None and not caller.reaches(found.key):
+            return NOT_FOUND
+        return self._decide(found, required, resource, project_id)
+
+    async def identify(self, presented: str) -> CachedKey | Decision:
+        """The verified key behind a presented string, or the denial that comes before knowing what it may
+        do: MALFORMED, NOT_FOUND, REVOKED, DISABLED or EXPIRED. Management callers authenticate here too."""
         digest = self.cache.digest(presented)
         entry = self.cache.get(digest)
         if entry is None:
@@ -62,17 +80,6 @@ class Authorizer:
             entry = await self._verify(digest, parsed)
             if entry is None:
                 return NOT_FOUND
-        return self._decide(entry, required, resource, project_id)
-
-    def invalidate(self, key: ApiKey) -> None:
-        """Called on this process after every committed change to a key, before the RPC returns."""
-        self.cache.invalidate(key.lookup_id)
-
-    # --- the checks, in their contract order ------------------------------------------------------
-
-    def _decide(
-        self, entry: CachedKey, required: tuple[tuple[str, tuple[str, str]], ...], resource: str, project_id: str
-    ) -> Decision:
         key = entry.key
         if key.state is KeyState.REVOKED:
             when = key.revoke_time.isoformat() if key.revoke_time else "an unknown time"
@@ -85,6 +92,19 @@ class Authorizer:
         if entry.secret_expire_at is not None and now >= entry.secret_expire_at:
             when = datetime.fromtimestamp(entry.secret_expire_at, timezone.utc).isoformat()
             return Decision(AuthCode.EXPIRED, f"this secret was rotated out and stopped working at {when}", key)
+        return entry
+
+    def invalidate(self, key: ApiKey) -> None:
+        """Called on this process after every committed change to a key, before the RPC returns."""
+        self.cache.invalidate(key.lookup_id)
+
+    # --- what a usable key may do, in the contract's order -----------------------------------------
+
+    def _decide(
+        self, entry: CachedKey, required: tuple[tuple[str, tuple[str, str]], ...], resource: str, project_id: str
+    ) -> Decision:
+        """After identify: project, scopes, rate limits."""
+        key = entry.key
         if key.project_id and key.project_id != project_id:
             asked = f"project {project_id!r}" if project_id else "no project"
             return Decision(
@@ -92,7 +112,7 @@ class Authorizer:
                 f"the key belongs to project {key.project_id!r} and the request is for {asked}",
                 key,
             )
-        self._last_used[key.key_id] = now
+        self._last_used[key.key_id] = time.time()
         if required:
             missing = entry.scopes.missing(required, resource)
             if missing:
@@ -135,6 +155,7 @@ class Authorizer:
         generation = self.cache.generation(parsed.lookup_id)
         loop = asyncio.get_running_loop()
         key, match = await loop.run_in_executor(self._executor, self._load_and_verify, parsed)
+        log.debug("verified lookup id %s: %s", parsed.lookup_id, match if key is not None else "unknown")
         if key is None or match == "none":
             self.cache.remember_bad(digest)
             return None

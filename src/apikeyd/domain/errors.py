@@ -15,6 +15,11 @@ class NotFound(ApiKeyError):
     pass
 
 
+def key_not_found(account_id: str, key_id: str) -> NotFound:
+    """The one answer for a missing key and for a key outside the caller's reach, so they look alike."""
+    return NotFound(f"api key accounts/{account_id}/apiKeys/{key_id} does not exist")
+
+
 class FailedPrecondition(ApiKeyError):
     pass
 
@@ -25,3 +30,15 @@ class Aborted(ApiKeyError):
 
 class Unavailable(ApiKeyError):
     """The database cannot be reached; retrying later may succeed."""
+
+
+class Unauthenticated(ApiKeyError):
+    """No credential, or one that is not a usable key; the message says which."""
+
+
+class PermissionDenied(ApiKeyError):
+    """A usable key without the right; the message names what is missing and never whether a target exists."""
+
+
+class ResourceExhausted(ApiKeyError):
+    """A quota is full; the message names the limit."""

@@ -1,20 +1,56 @@
-"""List filters (`state = ACTIVE AND project_id = "p1" AND labels.env = "prod"`) and page sizes."""
+"""List filters for keys and audit events, page sizes, and page tokens bound to their request."""
 
 import base64
 import hashlib
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from apikeyd.domain.errors import InvalidArgument
-from apikeyd.domain.model import KeyState, validate_project_id
+from apikeyd.domain.model import EventKind, KeyState, validate_project_id
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 
-_TERM = re.compile(r'\s*(state|project_id|labels\.([a-z][a-z0-9_-]{0,62}))\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([A-Za-z0-9._-]+))\s*')
+_TERM = re.compile(
+    r'\s*([a-z_]+(?:\.[a-z][a-z0-9_-]{0,62})?)\s*(>=|<=|=|<|>)\s*(?:"((?:[^"\\]|\\.)*)"|([A-Za-z0-9._:+-]+))\s*'
+)
 _AND = re.compile(r"AND\b")
+_HINT = '`state = ACTIVE`, `project_id = "p1"` or `labels.env = "prod"`'
+_EVENT_HINT = '`key_id = "..."`, `kind = REVOKED`, `actor_key_id = "..."` or `event_time >= "2026-01-01T00:00:00Z"`'
+
+
+def _terms(text: str, hint: str) -> Iterator[tuple[str, str, str]]:
+    """(field, operator, value) for each term of `term AND term ...`; a field and operator given twice is
+    refused rather than silently overwritten."""
+    seen: set[tuple[str, str]] = set()
+    position = 0
+    while text.strip():
+        match = _TERM.match(text, position)
+        if match is None:
+            raise InvalidArgument("filter", f"cannot read {text[position:].strip()[:40]!r}; use terms such as {hint} joined by AND")
+        field, operator, quoted, bare = match.groups()
+        if (field, operator) in seen:
+            raise InvalidArgument("filter", f"{field} {operator} appears twice; name each field once")
+        seen.add((field, operator))
+        yield field, operator, bare if bare is not None else re.sub(r"\\(.)", r"\1", quoted)
+        position = match.end()
+        if position == len(text):
+            return
+        joiner = _AND.match(text, position)
+        if joiner is None:
+            raise InvalidArgument("filter", f"expected AND at {text[position:].strip()[:40]!r}")
+        position = joiner.end()
+        if not text[position:].strip():
+            raise InvalidArgument("filter", "a term must follow AND")
+
+
+def _equality(field: str, operator: str) -> None:
+    if operator != "=":
+        raise InvalidArgument("filter", f"{field} takes only `=`, not `{operator}`")
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,40 +64,58 @@ def parse_filter(text: str) -> Filter:
     state: KeyState | None = None
     project_id: str | None = None
     labels: dict[str, str] = {}
-    seen: set[str] = set()
-    position = 0
-    while text.strip():
-        match = _TERM.match(text, position)
-        if match is None:
-            raise InvalidArgument(
-                "filter",
-                f"cannot read {text[position:].strip()[:40]!r}; use terms such as `state = ACTIVE`, "
-                '`project_id = "p1"` or `labels.env = "prod"` joined by AND',
-            )
-        field, label, quoted, bare = match.groups()
-        if field in seen:
-            raise InvalidArgument("filter", f"{field} appears twice; name each field once")
-        seen.add(field)
-        value = bare if bare is not None else re.sub(r"\\(.)", r"\1", quoted)
+    for field, operator, value in _terms(text, _HINT):
         if field == "state":
+            _equality(field, operator)
             try:
                 state = KeyState(value)
             except ValueError:
                 raise InvalidArgument("filter", f"state must be ACTIVE, DISABLED or REVOKED, got {value!r}") from None
         elif field == "project_id":
+            _equality(field, operator)
             project_id = validate_project_id(value, "filter")
+        elif field.startswith("labels.") and len(field) > len("labels."):
+            _equality(field, operator)
+            labels[field[len("labels.") :]] = value
         else:
-            labels[label] = value
-        position = match.end()
-        if position == len(text):
-            break
-        joiner = _AND.match(text, position)
-        if joiner is None:
-            raise InvalidArgument("filter", f"expected AND at {text[position:].strip()[:40]!r}")
-        position = joiner.end()
-        if not text[position:].strip():
-            raise InvalidArgument("filter", "a term must follow AND")
+            raise InvalidArgument("filter", f"cannot filter on {field!r}; use terms such as {_HINT}")
     return Filter(state, project_id, tuple(sorted(labels.items())))
+
+
+@dataclass(frozen=True, slots=True)
+class EventFilter:
+    key_id: str | None = None
+    kind: EventKind | None = None
+    actor_key_id: str | None = None
+    # (operator, time) pairs, all of which must hold: `>=`, `>`, `<`, `<=` or `=`
+    times: tuple[tuple[str, datetime], ...] = ()
+
+
+def parse_event_filter(text: str) -> EventFilter:
+    values: dict[str, Any] = {}
+    times: list[tuple[str, datetime]] = []
+    for field, operator, value in _terms(text, _EVENT_HINT):
+        if field in ("key_id", "actor_key_id"):
+            _equality(field, operator)
+            values[field] = value
+        elif field == "kind":
+            _equality(field, operator)
+            try:
+                values["kind"] = EventKind(value.lower())
+            except ValueError:
+                kinds = ", ".join(kind.name for kind in EventKind)
+                raise InvalidArgument("filter", f"kind must be one of {kinds}, got {value!r}") from None
+        elif field == "event_time":
+            try:
+                when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                when = None
+            if when is None or when.tzinfo is None:
+                raise InvalidArgument("filter", f"event_time needs an RFC 3339 time with a zone, got {value!r}")
+            times.append((operator, when))
+        else:
+            raise InvalidArgument("filter", f"cannot filter audit events on {field!r}; use terms such as {_EVENT_HINT}")
+    return EventFilter(times=tuple(times), **values)
 
 
 def validate_page_size(size: int) -> int:
@@ -72,25 +126,50 @@ def validate_page_size(size: int) -> int:
     return min(size, MAX_PAGE_SIZE)
 
 
-def _request_fingerprint(account_id: str, filter_text: str) -> str:
-    return hashlib.sha256(f"{account_id}\n{filter_text}".encode()).hexdigest()[:16]
+def _request_fingerprint(kind: str, account_id: str, filter_text: str) -> str:
+    return hashlib.sha256(f"{kind}\n{account_id}\n{filter_text}".encode()).hexdigest()[:16]
 
 
-def encode_page_token(account_id: str, filter_text: str, after: tuple[datetime, str]) -> str:
-    """An opaque token for the page after `after`, bound to the request it came from (AIP-158)."""
-    payload = {"t": after[0].isoformat(), "k": after[1], "r": _request_fingerprint(account_id, filter_text)}
+def _encode(kind: str, account_id: str, filter_text: str, position: list[Any]) -> str:
+    """An opaque token for the page after `position`, bound to the request it came from (AIP-158)."""
+    payload = {"p": position, "r": _request_fingerprint(kind, account_id, filter_text)}
     return base64.urlsafe_b64encode(json.dumps(payload, separators=(",", ":")).encode()).decode().rstrip("=")
 
 
-def decode_page_token(token: str, account_id: str, filter_text: str) -> tuple[datetime, str]:
+def _decode(kind: str, token: str, account_id: str, filter_text: str) -> list[Any]:
     try:
         payload = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        after = (datetime.fromisoformat(payload["t"]), str(payload["k"]))
-        fingerprint = payload["r"]
+        position, fingerprint = payload["p"], payload["r"]
     except (ValueError, KeyError, TypeError, RecursionError):
         raise InvalidArgument("page_token", "is not a token this service issued; start again without it") from None
-    if after[0].tzinfo is None or fingerprint != _request_fingerprint(account_id, filter_text):
+    if fingerprint != _request_fingerprint(kind, account_id, filter_text) or not isinstance(position, list):
         raise InvalidArgument(
             "page_token", "belongs to a request with another parent or filter; send the same parent and filter"
         )
+    return position
+
+
+def encode_page_token(account_id: str, filter_text: str, after: tuple[datetime, str]) -> str:
+    return _encode("keys", account_id, filter_text, [after[0].isoformat(), after[1]])
+
+
+def decode_page_token(token: str, account_id: str, filter_text: str) -> tuple[datetime, str]:
+    position = _decode("keys", token, account_id, filter_text)
+    try:
+        after = (datetime.fromisoformat(position[0]), str(position[1]))
+    except (ValueError, TypeError, IndexError):
+        raise InvalidArgument("page_token", "is not a token this service issued; start again without it") from None
+    if after[0].tzinfo is None:
+        raise InvalidArgument("page_token", "is not a token this service issued; start again without it")
     return after
+
+
+def encode_event_page_token(account_id: str, filter_text: str, before_id: int) -> str:
+    return _encode("events", account_id, filter_text, [before_id])
+
+
+def decode_event_page_token(token: str, account_id: str, filter_text: str) -> int:
+    position = _decode("events", token, account_id, filter_text)
+    if len(position) != 1 or not isinstance(position[0], int) or isinstance(position[0], bool):
+        raise InvalidArgument("page_token", "is not a token this service issued; start again without it")
+    return position[0]

@@ -4,6 +4,7 @@ import enum
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from apikeyd.domain.errors import InvalidArgument
 
@@ -24,6 +25,7 @@ class EventKind(enum.Enum):
     REVOKED = "revoked"
     ROTATED = "rotated"
     DELETED = "deleted"
+    DENIED = "denied"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +66,42 @@ class ApiKey:
     @property
     def etag(self) -> str:
         return f"r{self.revision}"
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    event_id: int
+    kind: str  # an EventKind value, or "denied"
+    time: datetime
+    key_id: str
+    account_id: str
+    project_id: str
+    actor_key_id: str
+    actor_name: str
+    actor_display_name: str
+    peer: str
+    method: str
+    changed_fields: tuple[str, ...]
+    details: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotentRequest:
+    """A request_id (AIP-155) with what the request asked, so a reused id with another request is refused."""
+
+    request_id: str
+    method: str
+    fingerprint: str
+
+
+REQUEST_ID_LIFETIME = timedelta(hours=24)
+_REQUEST_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def validate_request_id(value: str) -> str:
+    if _REQUEST_ID.fullmatch(value) is None:
+        raise InvalidArgument("request_id", f"{value!r} is not a UUID")
+    return value.lower()
 
 
 @dataclass(frozen=True, slots=True)

@@ -92,6 +92,19 @@ class ScopeSet:
         values = self._values.get(required)
         return values is not None and resource in values
 
+    def covers(self, text: str) -> bool:
+        """Whether these scopes include all that `text` grants: a key may hand out only what it holds, and a
+        `{value}` scope only with the same value."""
+        if self._everything:
+            return True
+        scope = parse_scope(text)
+        if scope is None:
+            return False
+        pair = (scope.resource, scope.action)
+        if pair in self._any:
+            return True
+        return scope.value is not None and scope.value in self._values.get(pair, ())
+
     def missing(self, required: tuple[tuple[str, tuple[str, str]], ...], resource: str) -> list[str]:
         """The required scopes (from parse_required_scopes) that are not granted, in order."""
         return [text for text, parts in required if not self.grants(parts, resource)]

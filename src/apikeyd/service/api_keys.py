@@ -6,78 +6,132 @@ import grpc
 from google.protobuf.empty_pb2 import Empty
 
 from apikeyd.authorizer.authorizer import Authorizer
+from apikeyd.domain.access import AUTHORIZE, Caller
 from apikeyd.domain.decision import Decision
-from apikeyd.domain.errors import InvalidArgument
+from apikeyd.domain.errors import InvalidArgument, Unauthenticated
 from apikeyd.domain.model import parse_key_name, parse_parent
-from apikeyd.lifecycle import KeyManager
-from apikeyd.service.convert import api_key_to_pb, decision_to_pb, duration, new_key_from_pb, update_from_pb
+from apikeyd.lifecycle import IssuedKey, KeyManager
+from apikeyd.service.convert import (
+    api_key_to_pb,
+    audit_event_to_pb,
+    decision_to_pb,
+    duration,
+    new_key_from_pb,
+    update_from_pb,
+)
 from apikeyd.service.errors import grpc_errors
 from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
 
 Context = grpc.aio.ServicerContext
 
-
 _MAX_RENDERED = 10_000
 
 
+def _bearer(context: Context) -> str:
+    for name, value in context.invocation_metadata() or ():
+        if name == "authorization":
+            scheme, _, token = str(value).partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise Unauthenticated("the authorization metadata must be `Bearer <key>`")
+            return token.strip()
+    raise Unauthenticated("no credential: send the metadata `authorization: Bearer <key>` with a key of this service")
+
+
 class ApiKeyService(pb_grpc.ApiKeyServiceServicer):
-    def __init__(self, manager: KeyManager, authorizer: Authorizer) -> None:
+    def __init__(self, manager: KeyManager, authorizer: Authorizer, authorize_requires_key: bool = False) -> None:
         self._manager = manager
         self._authorizer = authorizer
+        self._authorize_requires_key = authorize_requires_key
         # A cached key's allowed decision is one object, answered again and again: its response is built
         # once. Keyed by id() with the decision itself kept alive beside it, so the id cannot be reused.
         self._rendered: OrderedDict[int, tuple[Decision, pb.AuthorizeResponse]] = OrderedDict()
 
+    async def _caller(self, context: Context, method: str) -> Caller:
+        return await self._manager.authenticate(_bearer(context), context.peer(), method)
+
+    @staticmethod
+    def _issued(issued: IssuedKey) -> tuple[pb.ApiKey, str, bool]:
+        return api_key_to_pb(issued.key), issued.secret, issued.replayed
+
     @grpc_errors
     async def CreateApiKey(self, request: pb.CreateApiKeyRequest, context: Context) -> pb.CreateApiKeyResponse:
+        caller = await self._caller(context, "CreateApiKey")
         account_id = parse_parent(request.parent)
         if not request.HasField("api_key"):
             raise InvalidArgument("api_key", "is required")
-        key, secret = await self._manager.create(account_id, new_key_from_pb(request.api_key))
-        return pb.CreateApiKeyResponse(api_key=api_key_to_pb(key), secret=secret)
+        issued = await self._manager.create(caller, account_id, new_key_from_pb(request.api_key), request.request_id)
+        key, secret, replayed = self._issued(issued)
+        return pb.CreateApiKeyResponse(api_key=key, secret=secret, secret_already_delivered=replayed)
 
     @grpc_errors
     async def GetApiKey(self, request: pb.GetApiKeyRequest, context: Context) -> pb.ApiKey:
-        return api_key_to_pb(await self._manager.get(*parse_key_name(request.name)))
+        caller = await self._caller(context, "GetApiKey")
+        return api_key_to_pb(await self._manager.get(caller, *parse_key_name(request.name)))
 
     @grpc_errors
     async def ListApiKeys(self, request: pb.ListApiKeysRequest, context: Context) -> pb.ListApiKeysResponse:
+        caller = await self._caller(context, "ListApiKeys")
         account_id = parse_parent(request.parent)
-        page, token, total = await self._manager.list(account_id, request.filter, request.page_size, request.page_token)
+        page, token, total = await self._manager.list_keys(
+            caller, account_id, request.filter, request.page_size, request.page_token
+        )
         return pb.ListApiKeysResponse(
             api_keys=[api_key_to_pb(key) for key in page], next_page_token=token, total_size=total
         )
 
     @grpc_errors
     async def UpdateApiKey(self, request: pb.UpdateApiKeyRequest, context: Context) -> pb.ApiKey:
+        caller = await self._caller(context, "UpdateApiKey")
         account_id, key_id = parse_key_name(request.api_key.name, "api_key.name")
         values = update_from_pb(request.api_key, request.update_mask)
-        key = await self._manager.update(account_id, key_id, values, request.api_key.etag)
+        key = await self._manager.update(caller, account_id, key_id, values, request.api_key.etag, request.allow_self)
         return api_key_to_pb(key)
 
     @grpc_errors
     async def RevokeApiKey(self, request: pb.RevokeApiKeyRequest, context: Context) -> pb.ApiKey:
+        caller = await self._caller(context, "RevokeApiKey")
         account_id, key_id = parse_key_name(request.name)
-        return api_key_to_pb(await self._manager.revoke(account_id, key_id, request.reason, request.etag))
+        key = await self._manager.revoke(caller, account_id, key_id, request.reason, request.etag, request.allow_self)
+        return api_key_to_pb(key)
 
     @grpc_errors
     async def DeleteApiKey(self, request: pb.DeleteApiKeyRequest, context: Context) -> Empty:
+        caller = await self._caller(context, "DeleteApiKey")
         account_id, key_id = parse_key_name(request.name)
-        await self._manager.delete(account_id, key_id, request.etag)
+        await self._manager.delete(caller, account_id, key_id, request.etag, request.allow_self)
         return Empty()
 
     @grpc_errors
     async def RotateApiKey(self, request: pb.RotateApiKeyRequest, context: Context) -> pb.RotateApiKeyResponse:
+        caller = await self._caller(context, "RotateApiKey")
         account_id, key_id = parse_key_name(request.name)
         grace = duration(request, "grace_period")
-        key, secret = await self._manager.rotate(account_id, key_id, grace, request.etag)
-        return pb.RotateApiKeyResponse(api_key=api_key_to_pb(key), secret=secret)
+        issued = await self._manager.rotate(
+            caller, account_id, key_id, grace, request.etag, request.request_id, request.allow_self
+        )
+        key, secret, replayed = self._issued(issued)
+        return pb.RotateApiKeyResponse(api_key=key, secret=secret, secret_already_delivered=replayed)
+
+    @grpc_errors
+    async def ListAuditEvents(self, request: pb.ListAuditEventsRequest, context: Context) -> pb.ListAuditEventsResponse:
+        caller = await self._caller(context, "ListAuditEvents")
+        account_id = parse_parent(request.parent)
+        events, token = await self._manager.list_events(
+            caller, account_id, request.filter, request.page_size, request.page_token
+        )
+        return pb.ListAuditEventsResponse(
+            audit_events=[audit_event_to_pb(event) for event in events], next_page_token=token
+        )
 
     @grpc_errors
     async def Authorize(self, request: pb.AuthorizeRequest, context: Context) -> pb.AuthorizeResponse:
+        caller = None
+        if self._authorize_requires_key:
+            caller = await self._caller(context, "Authorize")
+            caller.require(AUTHORIZE)
         decision = await self._authorizer.authorize(
-            request.key, request.required_scopes, request.resource, request.project_id
+            request.key, request.required_scopes, request.resource, request.project_id, caller
         )
         if decision.rate is not None or not decision.allowed:
             return decision_to_pb(decision)

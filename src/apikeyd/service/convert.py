@@ -9,7 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from apikeyd.domain.decision import Decision
 from apikeyd.domain.errors import InvalidArgument
-from apikeyd.domain.model import ApiKey, KeyState, RateLimit
+from apikeyd.domain.model import ApiKey, AuditEvent, KeyState, RateLimit, key_name
 from apikeyd.lifecycle import UPDATABLE, NewKey
 from apikeyd.v1 import api_keys_pb2 as pb
 
@@ -125,6 +125,28 @@ def _is_set(message: pb.ApiKey, path: str) -> bool:
     if path == "state":
         return message.state != pb.ApiKey.STATE_UNSPECIFIED
     return bool(getattr(message, path))
+
+
+def audit_event_to_pb(event: AuditEvent) -> pb.AuditEvent:
+    details = {name: str(value) for name, value in event.details.items() if name != "reason"}
+    return pb.AuditEvent(
+        name=f"accounts/{event.account_id}/auditEvents/{event.event_id}",
+        event_id=event.event_id,
+        kind=pb.AuditEvent.Kind.Value(event.kind.upper()),
+        event_time=_timestamp(event.time),
+        api_key=key_name(event.account_id, event.key_id) if event.key_id else "",
+        key_id=event.key_id,
+        account_id=event.account_id,
+        project_id=event.project_id,
+        actor=event.actor_name,
+        actor_key_id=event.actor_key_id,
+        actor_display_name=event.actor_display_name,
+        peer=event.peer,
+        method=event.method,
+        changed_fields=event.changed_fields,
+        reason=str(event.details.get("reason", "")),
+        details=details,
+    )
 
 
 def decision_to_pb(decision: Decision) -> pb.AuthorizeResponse:

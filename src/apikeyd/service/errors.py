@@ -7,7 +7,17 @@ from typing import Any, TypeVar
 
 import grpc
 
-from apikeyd.domain.errors import Aborted, ApiKeyError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from apikeyd.domain.errors import (
+    Aborted,
+    ApiKeyError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -17,6 +27,9 @@ _CODES: dict[type[ApiKeyError], grpc.StatusCode] = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     Aborted: grpc.StatusCode.ABORTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 R = TypeVar("R")

@@ -76,5 +76,25 @@ class KeyEventRow(Base):
     time: Mapped[datetime] = mapped_column(UTCDateTime)
     changed_fields: Mapped[list[str]] = mapped_column(JSON)
     details: Mapped[dict[str, Any]] = mapped_column(JSON)
+    project_id: Mapped[str] = mapped_column(String(63), default="")
+    # Who: the calling key (empty for the admin command line), its address and the RPC.
+    actor_key_id: Mapped[str] = mapped_column(String(36), default="")
+    actor_name: Mapped[str] = mapped_column(String(160), default="")
+    actor_display_name: Mapped[str] = mapped_column(String(255), default="")
+    peer: Mapped[str] = mapped_column(String(128), default="")
+    method: Mapped[str] = mapped_column(String(64), default="")
 
     __table_args__ = (Index("ix_key_events_account", "account_id", "id"),)
+
+
+class RequestIdRow(Base):
+    """request_ids of creates and rotations (AIP-155): a retry within a day answers with the first result."""
+
+    __tablename__ = "request_ids"
+
+    request_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    account_id: Mapped[str] = mapped_column(String(63))
+    method: Mapped[str] = mapped_column(String(64))
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    key_id: Mapped[str] = mapped_column(String(36))
+    create_time: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

@@ -6,15 +6,32 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, func, select, tuple_, update
+from sqlalchemy import Engine, create_engine, delete, event, func, select, text, tuple_, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from apikeyd.domain.errors import Aborted, NotFound, Unavailable
-from apikeyd.domain.listing import Filter
-from apikeyd.domain.model import ApiKey, Credentials, EventKind, KeyState, RateLimit
-from apikeyd.store.models import ApiKeyRow, KeyEventRow
+from apikeyd.domain.access import Actor
+from apikeyd.domain.errors import (
+    Aborted,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+    key_not_found,
+)
+from apikeyd.domain.listing import EventFilter, Filter
+from apikeyd.domain.model import (
+    REQUEST_ID_LIFETIME,
+    ApiKey,
+    AuditEvent,
+    Credentials,
+    EventKind,
+    IdempotentRequest,
+    KeyState,
+    RateLimit,
+)
+from apikeyd.store.models import ApiKeyRow, KeyEventRow, RequestIdRow
 
 _WRITE = "apikeyd_write"
 
@@ -98,6 +115,43 @@ def _to_columns(values: dict[str, Any]) -> dict[str, Any]:
     return columns
 
 
+_COMPARE: dict[str, Callable[[Any, datetime], Any]] = {
+    "=": lambda column, when: column == when,
+    ">": lambda column, when: column > when,
+    ">=": lambda column, when: column >= when,
+    "<": lambda column, when: column < when,
+    "<=": lambda column, when: column <= when,
+}
+
+
+def _actor_columns(actor: Actor) -> dict[str, str]:
+    return {
+        "actor_key_id": actor.key_id,
+        "actor_name": actor.name,
+        "actor_display_name": actor.display_name[:255],
+        "peer": actor.peer[:128],
+        "method": actor.method,
+    }
+
+
+def _event_to_domain(row: KeyEventRow) -> AuditEvent:
+    return AuditEvent(
+        event_id=row.id,
+        kind=row.kind,
+        time=row.time,
+        key_id=row.key_id,
+        account_id=row.account_id,
+        project_id=row.project_id,
+        actor_key_id=row.actor_key_id,
+        actor_name=row.actor_name,
+        actor_display_name=row.actor_display_name,
+        peer=row.peer,
+        method=row.method,
+        changed_fields=tuple(row.changed_fields),
+        details=dict(row.details),
+    )
+
+
 class Repository:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -157,14 +211,65 @@ class Repository:
         with self._transaction(write=False) as session:
             return int(session.execute(query).scalar_one())
 
-    def events(self, after_id: int = 0, limit: int = 1000) -> list[KeyEventRow]:
+    def events(self, after_id: int = 0, limit: int = 1000) -> list[AuditEvent]:
+        """Every event after `after_id`, oldest first: the change feed."""
         with self._transaction(write=False) as session:
             query = select(KeyEventRow).where(KeyEventRow.id > after_id).order_by(KeyEventRow.id).limit(limit)
-            return list(session.scalars(query).all())
+            return [_event_to_domain(row) for row in session.scalars(query).all()]
+
+    def list_events(
+        self, account_id: str, project_id: str, flt: EventFilter, page_size: int, before_id: int | None
+    ) -> tuple[list[AuditEvent], bool]:
+        """One page of an account's events, newest first (keyset on the id); only one project's when given."""
+        query = select(KeyEventRow).where(KeyEventRow.account_id == account_id)
+        if project_id:
+            query = query.where(KeyEventRow.project_id == project_id)
+        if flt.key_id is not None:
+            query = query.where(KeyEventRow.key_id == flt.key_id)
+        if flt.kind is not None:
+            query = query.where(KeyEventRow.kind == flt.kind.value)
+        if flt.actor_key_id is not None:
+            query = query.where(KeyEventRow.actor_key_id == flt.actor_key_id)
+        for operator, when in flt.times:
+            query = query.where(_COMPARE[operator](KeyEventRow.time, when))
+        if before_id is not None:
+            query = query.where(KeyEventRow.id < before_id)
+        query = query.order_by(KeyEventRow.id.desc()).limit(page_size + 1)
+        with self._transaction(write=False) as session:
+            rows = session.scalars(query).all()
+        return [_event_to_domain(row) for row in rows[:page_size]], len(rows) > page_size
 
     # --- writes -----------------------------------------------------------------------------------
 
-    def create(self, key: ApiKey, credentials: Credentials) -> ApiKey:
+    def create(
+        self,
+        key: ApiKey,
+        credentials: Credentials,
+        actor: Actor,
+        request: IdempotentRequest | None = None,
+        max_live_keys: int | None = None,
+    ) -> tuple[ApiKey, bool]:
+        """The new key, or with a request_id seen in the last day the key it made; and whether it was that."""
+        try:
+            return self._create(key, credentials, actor, request, max_live_keys)
+        except IntegrityError:
+            if request is None:
+                raise
+            # A concurrent request with the same request_id committed first: answer as its retry.
+            with self._transaction(write=True) as session:
+                replayed = self._replayed(session, request, key.account_id, key.create_time)
+            if replayed is None:
+                raise
+            return replayed, True
+
+    def _create(
+        self,
+        key: ApiKey,
+        credentials: Credentials,
+        actor: Actor,
+        request: IdempotentRequest | None,
+        max_live_keys: int | None,
+    ) -> tuple[ApiKey, bool]:
         row = ApiKeyRow(
             key_id=key.key_id,
             account_id=key.account_id,
@@ -188,9 +293,17 @@ class Repository:
             **_to_columns({"state": key.state, "scopes": key.scopes, "rate_limits": key.rate_limits}),
         )
         with self._transaction(write=True) as session:
+            if request is not None:
+                replayed = self._replayed(session, request, key.account_id, key.create_time)
+                if replayed is not None:
+                    return replayed, True
+            if max_live_keys is not None:
+                self._check_live_keys(session, key.account_id, max_live_keys)
             session.add(row)
-            self._add_event(session, key, EventKind.CREATED, key.create_time, (), {})
-        return key
+            self._add_event(session, key, EventKind.CREATED, key.create_time, actor, (), {})
+            if request is not None:
+                self._remember(session, request, key.account_id, key.key_id, key.create_time)
+        return key, False
 
     def modify(
         self,
@@ -199,9 +312,37 @@ class Repository:
         expected_etag: str,
         decide: Callable[[ApiKey, Credentials], Change],
         now: datetime,
-    ) -> ApiKey:
-        """Apply what `decide` makes of the current key, guarded by the etag and the revision."""
+        actor: Actor,
+        request: IdempotentRequest | None = None,
+    ) -> tuple[ApiKey, bool]:
+        """Apply what `decide` makes of the current key, guarded by the etag and the revision; with a
+        request_id seen in the last day, change nothing and say so."""
+        try:
+            return self._modify(account_id, key_id, expected_etag, decide, now, actor, request)
+        except IntegrityError:
+            if request is None:
+                raise
+            with self._transaction(write=True) as session:
+                replayed = self._replayed(session, request, account_id, now)
+            if replayed is None:
+                raise
+            return replayed, True
+
+    def _modify(
+        self,
+        account_id: str,
+        key_id: str,
+        expected_etag: str,
+        decide: Callable[[ApiKey, Credentials], Change],
+        now: datetime,
+        actor: Actor,
+        request: IdempotentRequest | None,
+    ) -> tuple[ApiKey, bool]:
         with self._transaction(write=True) as session:
+            if request is not None:
+                replayed = self._replayed(session, request, account_id, now)
+                if replayed is not None:
+                    return replayed, True
             row = self._row(session, account_id, key_id, for_update=True)
             current = _to_domain(row)
             self._check_etag(current, expected_etag)
@@ -216,17 +357,47 @@ class Repository:
                 raise Aborted("the key changed while this call ran; get it again and retry")
             session.expire(row)
             updated = _to_domain(self._row(session, account_id, key_id))
-            self._add_event(session, updated, change.kind, now, change.changed_fields, change.details)
-            return updated
+            self._add_event(session, updated, change.kind, now, actor, change.changed_fields, change.details)
+            if request is not None:
+                self._remember(session, request, account_id, key_id, now)
+            return updated, False
 
-    def delete(self, account_id: str, key_id: str, expected_etag: str, now: datetime) -> ApiKey:
+    def delete(
+        self, account_id: str, key_id: str, expected_etag: str, now: datetime, actor: Actor, check: Callable[[ApiKey], None]
+    ) -> ApiKey:
+        """Delete the key if `check`, given the current key, raises nothing."""
         with self._transaction(write=True) as session:
             row = self._row(session, account_id, key_id, for_update=True)
             current = _to_domain(row)
             self._check_etag(current, expected_etag)
+            check(current)
             session.delete(row)
-            self._add_event(session, current, EventKind.DELETED, now, (), {})
+            self._add_event(session, current, EventKind.DELETED, now, actor, (), {})
             return current
+
+    def record_denial(
+        self, account_id: str, project_id: str, actor: Actor, key_id: str, details: dict[str, Any], now: datetime
+    ) -> None:
+        """A refused management call, in the calling key's own account's audit log."""
+        with self._transaction(write=True) as session:
+            session.add(
+                KeyEventRow(
+                    key_id=key_id,
+                    account_id=account_id,
+                    project_id=project_id,
+                    kind=EventKind.DENIED.value,
+                    time=now,
+                    changed_fields=[],
+                    details=details,
+                    **_actor_columns(actor),
+                )
+            )
+
+    def forget_request_ids(self, before: datetime) -> int:
+        """Drop request_ids past their lifetime; they would be ignored anyway."""
+        with self._transaction(write=True) as session:
+            result = session.execute(delete(RequestIdRow).where(RequestIdRow.create_time < before))
+            return int(result.rowcount)  # type: ignore[attr-defined]
 
     def record_last_used(self, times: dict[str, datetime]) -> None:
         """Write a batch of last-used times; a time never replaces a newer one another process wrote."""
@@ -253,7 +424,7 @@ class Repository:
             query = query.with_for_update()
         row = session.scalars(query).one_or_none()
         if row is None:
-            raise NotFound(f"api key accounts/{account_id}/apiKeys/{key_id} does not exist")
+            raise key_not_found(account_id, key_id)
         return row
 
     @staticmethod
@@ -281,6 +452,7 @@ class Repository:
         key: ApiKey,
         kind: EventKind,
         now: datetime,
+        actor: Actor,
         changed_fields: tuple[str, ...],
         details: dict[str, Any],
     ) -> None:
@@ -288,9 +460,60 @@ class Repository:
             KeyEventRow(
                 key_id=key.key_id,
                 account_id=key.account_id,
+                project_id=key.project_id,
                 kind=kind.value,
                 time=now,
                 changed_fields=list(changed_fields),
                 details=details,
+                **_actor_columns(actor),
             )
         )
+
+    @staticmethod
+    def _replayed(session: Session, request: IdempotentRequest, account_id: str, now: datetime) -> ApiKey | None:
+        """The key an earlier request with this request_id produced, if it is still within its lifetime."""
+        seen = session.get(RequestIdRow, request.request_id)
+        if seen is None:
+            return None
+        if seen.create_time < now - REQUEST_ID_LIFETIME:
+            session.delete(seen)
+            session.flush()
+            return None
+        if (seen.account_id, seen.method, seen.fingerprint) != (account_id, request.method, request.fingerprint):
+            raise InvalidArgument(
+                "request_id", "was already used for a different request; send a new request_id with a new request"
+            )
+        row = session.get(ApiKeyRow, seen.key_id)
+        if row is None:
+            raise FailedPrecondition("the key this request_id made has since been deleted")
+        return _to_domain(row)
+
+    @staticmethod
+    def _remember(session: Session, request: IdempotentRequest, account_id: str, key_id: str, now: datetime) -> None:
+        session.add(
+            RequestIdRow(
+                request_id=request.request_id,
+                account_id=account_id,
+                method=request.method,
+                fingerprint=request.fingerprint,
+                key_id=key_id,
+                create_time=now,
+            )
+        )
+
+    @staticmethod
+    def _check_live_keys(session: Session, account_id: str, limit: int) -> None:
+        if session.get_bind().dialect.name == "postgresql":
+            # Concurrent creates in one account queue here, so the count below cannot be raced past the
+            # limit; SQLite's BEGIN IMMEDIATE already serializes writers.
+            session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:account))"), {"account": account_id})
+        live = session.execute(
+            select(func.count())
+            .select_from(ApiKeyRow)
+            .where(ApiKeyRow.account_id == account_id, ApiKeyRow.state != KeyState.REVOKED.value)
+        ).scalar_one()
+        if live >= limit:
+            raise ResourceExhausted(
+                f"accounts/{account_id} has {live} live keys, the most allowed (APIKEYD_MAX_KEYS_PER_ACCOUNT={limit}); "
+                "revoke or delete keys first"
+            )

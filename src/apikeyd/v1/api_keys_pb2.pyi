@@ -83,20 +83,24 @@ class ApiKey(_message.Message):
     def __init__(self, name: _Optional[str] = ..., key_id: _Optional[str] = ..., account_id: _Optional[str] = ..., project_id: _Optional[str] = ..., display_name: _Optional[str] = ..., description: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., state: _Optional[_Union[ApiKey.State, str]] = ..., masked_key: _Optional[str] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., rate_limits: _Optional[_Iterable[_Union[RateLimit, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoke_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoke_reason: _Optional[str] = ..., previous_secret_expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., etag: _Optional[str] = ...) -> None: ...
 
 class CreateApiKeyRequest(_message.Message):
-    __slots__ = ("parent", "api_key")
+    __slots__ = ("parent", "api_key", "request_id")
     PARENT_FIELD_NUMBER: _ClassVar[int]
     API_KEY_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     parent: str
     api_key: ApiKey
-    def __init__(self, parent: _Optional[str] = ..., api_key: _Optional[_Union[ApiKey, _Mapping]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, parent: _Optional[str] = ..., api_key: _Optional[_Union[ApiKey, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class CreateApiKeyResponse(_message.Message):
-    __slots__ = ("api_key", "secret")
+    __slots__ = ("api_key", "secret", "secret_already_delivered")
     API_KEY_FIELD_NUMBER: _ClassVar[int]
     SECRET_FIELD_NUMBER: _ClassVar[int]
+    SECRET_ALREADY_DELIVERED_FIELD_NUMBER: _ClassVar[int]
     api_key: ApiKey
     secret: str
-    def __init__(self, api_key: _Optional[_Union[ApiKey, _Mapping]] = ..., secret: _Optional[str] = ...) -> None: ...
+    secret_already_delivered: bool
+    def __init__(self, api_key: _Optional[_Union[ApiKey, _Mapping]] = ..., secret: _Optional[str] = ..., secret_already_delivered: _Optional[bool] = ...) -> None: ...
 
 class GetApiKeyRequest(_message.Message):
     __slots__ = ("name",)
@@ -127,48 +131,60 @@ class ListApiKeysResponse(_message.Message):
     def __init__(self, api_keys: _Optional[_Iterable[_Union[ApiKey, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total_size: _Optional[int] = ...) -> None: ...
 
 class UpdateApiKeyRequest(_message.Message):
-    __slots__ = ("api_key", "update_mask")
+    __slots__ = ("api_key", "update_mask", "allow_self")
     API_KEY_FIELD_NUMBER: _ClassVar[int]
     UPDATE_MASK_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_SELF_FIELD_NUMBER: _ClassVar[int]
     api_key: ApiKey
     update_mask: _field_mask_pb2.FieldMask
-    def __init__(self, api_key: _Optional[_Union[ApiKey, _Mapping]] = ..., update_mask: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ...) -> None: ...
+    allow_self: bool
+    def __init__(self, api_key: _Optional[_Union[ApiKey, _Mapping]] = ..., update_mask: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ..., allow_self: _Optional[bool] = ...) -> None: ...
 
 class RevokeApiKeyRequest(_message.Message):
-    __slots__ = ("name", "reason", "etag")
+    __slots__ = ("name", "reason", "etag", "allow_self")
     NAME_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     ETAG_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_SELF_FIELD_NUMBER: _ClassVar[int]
     name: str
     reason: str
     etag: str
-    def __init__(self, name: _Optional[str] = ..., reason: _Optional[str] = ..., etag: _Optional[str] = ...) -> None: ...
+    allow_self: bool
+    def __init__(self, name: _Optional[str] = ..., reason: _Optional[str] = ..., etag: _Optional[str] = ..., allow_self: _Optional[bool] = ...) -> None: ...
 
 class DeleteApiKeyRequest(_message.Message):
-    __slots__ = ("name", "etag")
+    __slots__ = ("name", "etag", "allow_self")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ETAG_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_SELF_FIELD_NUMBER: _ClassVar[int]
     name: str
     etag: str
-    def __init__(self, name: _Optional[str] = ..., etag: _Optional[str] = ...) -> None: ...
+    allow_self: bool
+    def __init__(self, name: _Optional[str] = ..., etag: _Optional[str] = ..., allow_self: _Optional[bool] = ...) -> None: ...
 
 class RotateApiKeyRequest(_message.Message):
-    __slots__ = ("name", "grace_period", "etag")
+    __slots__ = ("name", "grace_period", "etag", "request_id", "allow_self")
     NAME_FIELD_NUMBER: _ClassVar[int]
     GRACE_PERIOD_FIELD_NUMBER: _ClassVar[int]
     ETAG_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_SELF_FIELD_NUMBER: _ClassVar[int]
     name: str
     grace_period: _duration_pb2.Duration
     etag: str
-    def __init__(self, name: _Optional[str] = ..., grace_period: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., etag: _Optional[str] = ...) -> None: ...
+    request_id: str
+    allow_self: bool
+    def __init__(self, name: _Optional[str] = ..., grace_period: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., etag: _Optional[str] = ..., request_id: _Optional[str] = ..., allow_self: _Optional[bool] = ...) -> None: ...
 
 class RotateApiKeyResponse(_message.Message):
-    __slots__ = ("api_key", "secret")
+    __slots__ = ("api_key", "secret", "secret_already_delivered")
     API_KEY_FIELD_NUMBER: _ClassVar[int]
     SECRET_FIELD_NUMBER: _ClassVar[int]
+    SECRET_ALREADY_DELIVERED_FIELD_NUMBER: _ClassVar[int]
     api_key: ApiKey
     secret: str
-    def __init__(self, api_key: _Optional[_Union[ApiKey, _Mapping]] = ..., secret: _Optional[str] = ...) -> None: ...
+    secret_already_delivered: bool
+    def __init__(self, api_key: _Optional[_Union[ApiKey, _Mapping]] = ..., secret: _Optional[str] = ..., secret_already_delivered: _Optional[bool] = ...) -> None: ...
 
 class AuthorizeRequest(_message.Message):
     __slots__ = ("key", "required_scopes", "resource", "project_id")
@@ -238,3 +254,86 @@ class AuthorizeResponse(_message.Message):
     retry_after: _duration_pb2.Duration
     missing_scopes: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, allowed: _Optional[bool] = ..., code: _Optional[_Union[AuthorizeResponse.Code, str]] = ..., message: _Optional[str] = ..., key_id: _Optional[str] = ..., name: _Optional[str] = ..., account_id: _Optional[str] = ..., project_id: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., limit: _Optional[int] = ..., remaining: _Optional[int] = ..., retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., missing_scopes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AuditEvent(_message.Message):
+    __slots__ = ("name", "event_id", "kind", "event_time", "api_key", "key_id", "account_id", "project_id", "actor", "actor_key_id", "actor_display_name", "peer", "method", "changed_fields", "reason", "details")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[AuditEvent.Kind]
+        CREATED: _ClassVar[AuditEvent.Kind]
+        UPDATED: _ClassVar[AuditEvent.Kind]
+        DISABLED: _ClassVar[AuditEvent.Kind]
+        ENABLED: _ClassVar[AuditEvent.Kind]
+        REVOKED: _ClassVar[AuditEvent.Kind]
+        ROTATED: _ClassVar[AuditEvent.Kind]
+        DELETED: _ClassVar[AuditEvent.Kind]
+        DENIED: _ClassVar[AuditEvent.Kind]
+    KIND_UNSPECIFIED: AuditEvent.Kind
+    CREATED: AuditEvent.Kind
+    UPDATED: AuditEvent.Kind
+    DISABLED: AuditEvent.Kind
+    ENABLED: AuditEvent.Kind
+    REVOKED: AuditEvent.Kind
+    ROTATED: AuditEvent.Kind
+    DELETED: AuditEvent.Kind
+    DENIED: AuditEvent.Kind
+    class DetailsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    EVENT_TIME_FIELD_NUMBER: _ClassVar[int]
+    API_KEY_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
+    PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELDS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    event_id: int
+    kind: AuditEvent.Kind
+    event_time: _timestamp_pb2.Timestamp
+    api_key: str
+    key_id: str
+    account_id: str
+    project_id: str
+    actor: str
+    actor_key_id: str
+    actor_display_name: str
+    peer: str
+    method: str
+    changed_fields: _containers.RepeatedScalarFieldContainer[str]
+    reason: str
+    details: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., event_id: _Optional[int] = ..., kind: _Optional[_Union[AuditEvent.Kind, str]] = ..., event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., api_key: _Optional[str] = ..., key_id: _Optional[str] = ..., account_id: _Optional[str] = ..., project_id: _Optional[str] = ..., actor: _Optional[str] = ..., actor_key_id: _Optional[str] = ..., actor_display_name: _Optional[str] = ..., peer: _Optional[str] = ..., method: _Optional[str] = ..., changed_fields: _Optional[_Iterable[str]] = ..., reason: _Optional[str] = ..., details: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class ListAuditEventsRequest(_message.Message):
+    __slots__ = ("parent", "page_size", "page_token", "filter")
+    PARENT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    parent: str
+    page_size: int
+    page_token: str
+    filter: str
+    def __init__(self, parent: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., filter: _Optional[str] = ...) -> None: ...
+
+class ListAuditEventsResponse(_message.Message):
+    __slots__ = ("audit_events", "next_page_token")
+    AUDIT_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    audit_events: _containers.RepeatedCompositeFieldContainer[AuditEvent]
+    next_page_token: str
+    def __init__(self, audit_events: _Optional[_Iterable[_Union[AuditEvent, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

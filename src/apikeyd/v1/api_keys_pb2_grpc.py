@@ -28,6 +28,10 @@ if _version_not_supported:
 
 class ApiKeyServiceStub:
     """Manages API keys and checks presented keys.
+
+    Every method but Authorize needs metadata `authorization: Bearer <key>`, a key of this service with
+    scope `apikeys:read` (Get, List, ListAuditEvents) or `apikeys:write` (the rest). A key acts within its
+    own account (a project key within its own project); keys of the operator account act on every account.
     """
 
     def __init__(self, channel):
@@ -76,10 +80,19 @@ class ApiKeyServiceStub:
                 request_serializer=apikeyd_dot_v1_dot_api__keys__pb2.AuthorizeRequest.SerializeToString,
                 response_deserializer=apikeyd_dot_v1_dot_api__keys__pb2.AuthorizeResponse.FromString,
                 _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/apikeyd.v1.ApiKeyService/ListAuditEvents',
+                request_serializer=apikeyd_dot_v1_dot_api__keys__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=apikeyd_dot_v1_dot_api__keys__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
 
 
 class ApiKeyServiceServicer:
     """Manages API keys and checks presented keys.
+
+    Every method but Authorize needs metadata `authorization: Bearer <key>`, a key of this service with
+    scope `apikeys:read` (Get, List, ListAuditEvents) or `apikeys:write` (the rest). A key acts within its
+    own account (a project key within its own project); keys of the operator account act on every account.
     """
 
     def CreateApiKey(self, request, context):
@@ -138,6 +151,13 @@ class ApiKeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAuditEvents(self, request, context):
+        """Lists an account's audit events, newest first: every change to its keys and every denied attempt.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ApiKeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -181,6 +201,11 @@ def add_ApiKeyServiceServicer_to_server(servicer, server):
                     request_deserializer=apikeyd_dot_v1_dot_api__keys__pb2.AuthorizeRequest.FromString,
                     response_serializer=apikeyd_dot_v1_dot_api__keys__pb2.AuthorizeResponse.SerializeToString,
             ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=apikeyd_dot_v1_dot_api__keys__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=apikeyd_dot_v1_dot_api__keys__pb2.ListAuditEventsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'apikeyd.v1.ApiKeyService', rpc_method_handlers)
@@ -191,6 +216,10 @@ def add_ApiKeyServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class ApiKeyService:
     """Manages API keys and checks presented keys.
+
+    Every method but Authorize needs metadata `authorization: Bearer <key>`, a key of this service with
+    scope `apikeys:read` (Get, List, ListAuditEvents) or `apikeys:write` (the rest). A key acts within its
+    own account (a project key within its own project); keys of the operator account act on every account.
     """
 
     @staticmethod
@@ -399,6 +428,33 @@ class ApiKeyService:
             '/apikeyd.v1.ApiKeyService/Authorize',
             apikeyd_dot_v1_dot_api__keys__pb2.AuthorizeRequest.SerializeToString,
             apikeyd_dot_v1_dot_api__keys__pb2.AuthorizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/apikeyd.v1.ApiKeyService/ListAuditEvents',
+            apikeyd_dot_v1_dot_api__keys__pb2.ListAuditEventsRequest.SerializeToString,
+            apikeyd_dot_v1_dot_api__keys__pb2.ListAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,
