@@ -1,5 +1,6 @@
 """Every management RPC over a real channel and database, with its error paths."""
 
+import uuid
 from datetime import datetime, timedelta, timezone
 
 import grpc
@@ -333,3 +334,17 @@ def test_every_mutation_writes_one_event_without_secrets(server, stub, account):
     for secret in (created.secret, rotated.secret):
         assert keys.parse(secret).secret not in text
     assert "argon2" not in text
+
+
+def test_request_ids_past_their_day_are_forgotten(server, stub, account):
+    request_id = str(uuid.uuid4())
+    request = pb.CreateApiKeyRequest(
+        parent=f"accounts/{account}", api_key=pb.ApiKey(display_name="k", scopes=["a:b"]), request_id=request_id
+    )
+    first = stub.CreateApiKey(request)
+    repository = server.app.repository
+    assert repository.forget_request_ids(datetime.now(timezone.utc) - timedelta(hours=24)) == 0
+    assert stub.CreateApiKey(request).secret_already_delivered
+    assert repository.forget_request_ids(datetime.now(timezone.utc) + timedelta(seconds=1)) >= 1
+    again = stub.CreateApiKey(request)  # the id is free again: a new key
+    assert again.secret and again.api_key.key_id != first.api_key.key_id

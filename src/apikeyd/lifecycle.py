@@ -21,8 +21,17 @@ from apikeyd.authorizer.hashing import SecretHasher
 from apikeyd.domain import keys, listing
 from apikeyd.domain.access import READ, WRITE, Actor, Caller
 from apikeyd.domain.decision import Decision
-from apikeyd.domain.errors import Aborted, FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated, key_not_found
+from apikeyd.domain.errors import (
+    Aborted,
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+    key_not_found,
+)
 from apikeyd.domain.model import (
+    REQUEST_ID_LIFETIME,
     ApiKey,
     AuditEvent,
     Credentials,
@@ -176,17 +185,24 @@ class KeyManager:
                 reason = str(denied)
                 log.info("denied %s on %s to key %s: %s", caller.method, target, caller.key.key_id, reason)
                 actor = caller.actor
-                await self._run(
-                    lambda: self._repository.record_denial(
-                        caller.account_id, caller.project_id, actor, key_id, {"reason": reason, "target": target}, _now()
+                try:
+                    await self._run(
+                        lambda: self._repository.record_denial(
+                            caller.account_id, caller.project_id, actor, key_id, {"reason": reason, "target": target}, _now()
+                        )
                     )
-                )
+                except Unavailable:
+                    log.warning("could not write the audit event of a denial: the database is unavailable")
             raise
 
     def _reached(self, caller: Caller, key: ApiKey) -> ApiKey:
         if not caller.reaches(key):
             raise key_not_found(key.account_id, key.key_id)
         return key
+
+    async def forget_old_request_ids(self) -> int:
+        """Housekeeping: request_ids past their 24 hours would be ignored anyway."""
+        return await self._run(lambda: self._repository.forget_request_ids(_now() - REQUEST_ID_LIFETIME))
 
     # --- reads ------------------------------------------------------------------------------------
 

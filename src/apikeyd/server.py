@@ -17,6 +17,7 @@ from apikeyd.authorizer.cache import VerifiedKeyCache
 from apikeyd.authorizer.hashing import Argon2Parameters, SecretHasher
 from apikeyd.config import Settings
 from apikeyd.domain import keys
+from apikeyd.domain.errors import Unavailable
 from apikeyd.lifecycle import KeyManager, KeyPrefixes
 from apikeyd.service.api_keys import ApiKeyService
 from apikeyd.store import migrate
@@ -117,6 +118,10 @@ class Server:
         while True:
             await asyncio.sleep(self.app.settings.last_used_flush_interval)
             await self.app.authorizer.flush_last_used()
+            try:
+                await self.app.manager.forget_old_request_ids()
+            except Unavailable:
+                log.warning("could not drop old request ids: the database is unavailable; will retry")
 
     async def stop(self, grace: float, drain_delay: float = 0.0) -> None:
         """Drain: health says NOT_SERVING while calls are still served for `drain_delay` seconds; then the
