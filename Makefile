@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# protobuf's well-known types and googleapis' google/api, from the installed packages
+PROTO_INCLUDES = -I$$($(BIN)/python -c 'import grpc_tools, os; print(os.path.join(os.path.dirname(grpc_tools.__file__), "_proto"))') \
+	-I$$($(BIN)/python -c 'import google.api, os; print(os.path.dirname(os.path.dirname(google.api.__path__[0])))')
 
-.PHONY: run test bench protos migrate clean
+.PHONY: run test lint bench protos migrate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +22,14 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest
 
+# buf cannot fetch googleapis here, so it lints an image that protoc builds with the imports included.
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy src
+	$(BIN)/python -m grpc_tools.protoc -Iprotos $(PROTO_INCLUDES) --include_imports --include_source_info \
+		--descriptor_set_out=$(VENV)/apikeyd.binpb protos/apikeyd/v1/api_keys.proto
+	$(BIN)/buf lint $(VENV)/apikeyd.binpb --path apikeyd/v1/api_keys.proto --config buf.yaml
+
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
 
@@ -27,10 +38,7 @@ migrate: $(STAMP)
 
 # The stubs are committed; regenerate them after editing protos/.
 protos: $(STAMP)
-	$(BIN)/python -m grpc_tools.protoc -Iprotos \
-		-I$$($(BIN)/python -c 'import grpc_tools, os; print(os.path.join(os.path.dirname(grpc_tools.__file__), "_proto"))') \
-		-I$$($(BIN)/python -c 'import google.api, os; print(os.path.dirname(os.path.dirname(google.api.__path__[0])))') \
-		--python_out=src --pyi_out=src --grpc_python_out=src protos/apikeyd/v1/api_keys.proto
+	$(BIN)/python -m grpc_tools.protoc -Iprotos $(PROTO_INCLUDES) --python_out=src --pyi_out=src --grpc_python_out=src protos/apikeyd/v1/api_keys.proto
 	touch src/apikeyd/v1/__init__.py
 
 clean:
