@@ -14,6 +14,7 @@ import grpc
 
 from apikeyd.authorizer.hashing import Argon2Parameters, SecretHasher
 from apikeyd.config import Settings
+from apikeyd.lifecycle import NewKey
 from apikeyd.server import App, Server
 from apikeyd.store import migrate
 from apikeyd.v1 import api_keys_pb2 as pb
@@ -41,7 +42,7 @@ class Argon2Cost:
 
 async def _single_flight(workdir: Path) -> SingleFlight:
     settings = Settings.load(
-        environ={}, database_url=f"sqlite:///{workdir / 'single-flight.db'}", listen="127.0.0.1:0"
+        environ={}, database_url=f"sqlite:///{workdir / 'single-flight.db'}", listen="127.0.0.1:0", metrics_listen=""
     )
     app = App(settings)
     migrate.upgrade(app.repository.engine)
@@ -50,12 +51,8 @@ async def _single_flight(workdir: Path) -> SingleFlight:
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.ApiKeyServiceStub(channel)
-            created = await stub.CreateApiKey(
-                pb.CreateApiKeyRequest(
-                    parent="accounts/bench",
-                    api_key=pb.ApiKey(display_name="single-flight", scopes=["messages:send:all"]),
-                ),
-                timeout=CALL_TIMEOUT,
+            created = await app.manager.create(
+                app.manager.operator("bench"), "bench", NewKey("single-flight", ("messages:send:all",))
             )
             request = pb.AuthorizeRequest(key=created.secret, required_scopes=["messages:send"])
             verifications_before, misses_before = app.hasher.verifications, app.cache.stats.misses

@@ -41,9 +41,10 @@ LATENCY_TARGET = 1.1  # cached Authorize p50 over health p50, at most
 LABEL = 22  # width of the first column
 
 
-def _create_keys(address: str, count: int) -> list[str]:
+def _create_keys(server: ServerProcess, count: int) -> list[str]:
     """Full key strings for `count` new keys; only CreateApiKey ever shows them."""
-    with grpc.insecure_channel(address) as channel:
+    credential = [("authorization", f"Bearer {server.operator_key}")]
+    with grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.ApiKeyServiceStub(channel)
         return [
             stub.CreateApiKey(
@@ -52,6 +53,7 @@ def _create_keys(address: str, count: int) -> list[str]:
                     api_key=pb.ApiKey(display_name=f"bench {n}", scopes=["messages:send:all"]),
                 ),
                 timeout=30.0,
+                metadata=credential,
             ).secret
             for n in range(count)
         ]
@@ -133,7 +135,7 @@ def main() -> int:
         workdir = Path(tmp)
         with running_server(workdir) as server:
             _header(server)
-            warm_key, *cold_keys = _create_keys(server.address, 1 + COLD_KEYS)
+            warm_key, *cold_keys = _create_keys(server, 1 + COLD_KEYS)
             target = load.Target(server.address, server.pid, warm_key, cold_keys)
             _report_load(load.measure_in_own_process(target, CLIENT_TIMEOUT))
         _line("server stop", f"SIGTERM -> exit code {server.exit_code}")

@@ -21,6 +21,7 @@ class ServerProcess:
     process: subprocess.Popen[bytes]
     address: str
     log_path: Path
+    operator_key: str = ""  # made with `apikeyd admin-key create`, as the README's quickstart does
     exit_code: int | None = None  # set once stopped
 
     @property
@@ -85,12 +86,22 @@ def running_server(workdir: Path) -> Iterator[ServerProcess]:
         address,
         "--database-url",
         f"sqlite:///{workdir / 'bench.db'}",
+        "--metrics-listen",
+        "127.0.0.1:0",
     ]
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     server = ServerProcess(process, address, log_path)
     try:
         _wait_until_serving(server)
+        server.operator_key = subprocess.run(
+            [_apikeyd(), "admin-key", "create", "--display-name", "bench", "--database-url", f"sqlite:///{workdir / 'bench.db'}"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout.strip()
         yield server
     except BaseException:
         # A failed call is easier to explain with the server's side of the story next to it.

@@ -7,7 +7,9 @@ tests call it over a real channel with the ordinary blocking stubs and can still
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import os
 import threading
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
@@ -20,6 +22,7 @@ import pytest
 from apikeyd.config import Settings
 from apikeyd.domain import keys
 from apikeyd.lifecycle import NewKey
+from apikeyd.logs import JsonFormatter
 from apikeyd.server import App, Server
 from apikeyd.store import migrate
 from apikeyd.store.repository import create_db_engine
@@ -28,6 +31,8 @@ from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
+# `apikeyd serve` started by a test inherits this: metrics on an ephemeral port, never a clash on 9464.
+os.environ.setdefault("APIKEYD_METRICS_LISTEN", "127.0.0.1:0")
 
 
 def _postgres_reachable() -> bool:
@@ -108,15 +113,16 @@ class _LogRecorder(logging.Handler):
 def no_secret_in_any_log() -> Iterator[None]:
     """Runs the whole suite's logs, apikeyd's at DEBUG, through a check that no issued secret appears."""
     recorder = _LogRecorder()
-    recorder.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+    recorder.setFormatter(JsonFormatter())  # the message and every structured field of the line
     logging.getLogger().addHandler(recorder)
     apikeyd_logger = logging.getLogger("apikeyd")
     level = apikeyd_logger.level
     apikeyd_logger.setLevel(logging.DEBUG)
+    logging.getLogger("apikeyd.tests").debug("the secret check is listening")
     yield
     apikeyd_logger.setLevel(level)
     logging.getLogger().removeHandler(recorder)
-    assert recorder.lines, "the log check saw no log line at all: it is not wired up"
+    assert any("the secret check is listening" in line for line in recorder.lines), "the log check is not wired up"
     leaks = leaked_secrets("\n".join(recorder.lines), ISSUED_SECRETS)
     assert not leaks, f"secrets in the logs: {leaks}"
 
@@ -125,6 +131,9 @@ class RunningServer:
     """A server on its own loop thread, with a channel and stub to it."""
 
     def __init__(self, settings: Settings, listen: str = "127.0.0.1:0", operator: bool = True) -> None:
+        if settings.metrics_listen == Settings().metrics_listen:
+            # Metrics on an ephemeral port, not the fixed default: servers here run side by side.
+            settings = dataclasses.replace(settings, metrics_listen="127.0.0.1:0")
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="apikeyd-test-server", daemon=True)
         self._thread.start()

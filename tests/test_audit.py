@@ -145,11 +145,6 @@ def test_denied_attempts_appear_in_the_callers_own_log(server, stub, account):
     assert [e.kind for e in _events(stub, account)].count(E.CREATED) == 2
 
 
-@pytest.mark.xfail(
-    reason="bug: a DENIED event's api_key is built from the caller's account and the target's key id "
-    "(accounts/<caller account>/apiKeys/<target id>), so a cross-account target is named wrongly",
-    strict=True,
-)
 def test_a_denied_events_api_key_names_the_target(server, stub, account):
     other = f"acct-{uuid.uuid4().hex[:10]}"
     victim = create_key(stub, other).api_key

@@ -3,7 +3,7 @@
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
@@ -205,14 +205,14 @@ def test_rotation_grace_keeps_the_old_secret_working_until_it_ends(stub, account
     rotated = stub.RotateApiKey(pb.RotateApiKeyRequest(name=created.api_key.name, grace_period=Duration(seconds=2)))
     assert authorize(stub, created.secret).code == R.OK
     assert authorize(stub, rotated.secret).code == R.OK
-    grace_end = rotated.api_key.previous_secret_expire_time.ToDatetime(tzinfo=timezone.utc).timestamp()
+    grace_end = rotated.api_key.previous_secret_expire_time.ToDatetime(tzinfo=UTC).timestamp()
     time.sleep(max(0.0, grace_end - time.time()) + 0.05)  # waiting for a deadline, not for a race
     assert authorize(stub, created.secret).code == R.EXPIRED
     assert authorize(stub, rotated.secret).code == R.OK
 
 
 def test_a_key_that_expires_while_cached_is_denied_from_that_instant(stub, account):
-    expire = datetime.now(timezone.utc) + timedelta(seconds=1.5)
+    expire = datetime.now(UTC) + timedelta(seconds=1.5)
     stamp = Timestamp()
     stamp.FromDatetime(expire)
     secret = create_key(stub, account, expire_time=stamp).secret
@@ -271,12 +271,12 @@ def test_cached_checks_keep_flowing_while_verifications_are_slow(make_server, ac
 
 def test_last_used_times_are_written_in_batches(server, stub, account):
     created = create_key(stub, account)
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     assert authorize(stub, created.secret).code == R.OK
     assert not stub.GetApiKey(pb.GetApiKeyRequest(name=created.api_key.name)).HasField("last_used_time")
     assert server.run(server.app.authorizer.flush_last_used()) == 1
-    used = stub.GetApiKey(pb.GetApiKeyRequest(name=created.api_key.name)).last_used_time.ToDatetime(tzinfo=timezone.utc)
-    assert before - timedelta(seconds=1) <= used <= datetime.now(timezone.utc)
+    used = stub.GetApiKey(pb.GetApiKeyRequest(name=created.api_key.name)).last_used_time.ToDatetime(tzinfo=UTC)
+    assert before - timedelta(seconds=1) <= used <= datetime.now(UTC)
 
 
 def test_last_used_times_are_flushed_on_shutdown(make_server, account):
@@ -290,7 +290,7 @@ def test_last_used_times_are_flushed_on_shutdown(make_server, account):
 
 def test_an_older_last_used_time_never_replaces_a_newer_one(server, stub, account):
     key = create_key(stub, account).api_key
-    newer = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    newer = datetime(2030, 1, 1, tzinfo=UTC)
     server.app.repository.record_last_used({key.key_id: newer})
     server.app.repository.record_last_used({key.key_id: newer - timedelta(days=1)})
     assert server.app.repository.get(account, key.key_id).last_used_time == newer

@@ -1,6 +1,6 @@
 """The verified-key cache on its own, with a clock the test moves: TTL, LRU bound, generations."""
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from apikeyd.authorizer.cache import CachedKey, VerifiedKeyCache
 from apikeyd.domain.decision import AuthCode, Decision
@@ -17,7 +17,7 @@ class Clock:
 
 
 def _entry(lookup_id: str, fresh_until: float) -> CachedKey:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     key = ApiKey(
         key_id=f"id-{lookup_id}", account_id="a", project_id="", display_name="k", description="",
         scopes=("x:y",), labels={}, state=KeyState.ACTIVE, prefix="AK_", lookup_id=lookup_id,

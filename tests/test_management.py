@@ -1,7 +1,7 @@
 """Every management RPC over a real channel and database, with its error paths."""
 
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
@@ -89,7 +89,7 @@ def test_get_and_list_never_return_the_secret_or_its_hash(stub, account):
         ({"project_id": "bad project"}, None, "project_id"),
         ({"rate_limits": [pb.RateLimit(limit=0, period=Duration(seconds=1))]}, None, "rate_limits"),
         ({"rate_limits": [pb.RateLimit(limit=5, period=Duration(seconds=0))]}, None, "rate_limits"),
-        ({"expire_time": _timestamp(datetime.now(timezone.utc) - timedelta(minutes=1))}, None, "expire_time"),
+        ({"expire_time": _timestamp(datetime.now(UTC) - timedelta(minutes=1))}, None, "expire_time"),
         ({}, "accounts/", "parent"),
         ({}, "projects/x", "parent"),
     ],
@@ -117,7 +117,7 @@ def test_get_unknown_or_other_accounts_key_is_not_found(stub, account):
     created = create_key(stub, account)
     other = f"accounts/someone-else/apiKeys/{created.api_key.key_id}"
     for name in (other, f"accounts/{account}/apiKeys/00000000-0000-4000-8000-000000000000"):
-        assert rpc_error(lambda: stub.GetApiKey(pb.GetApiKeyRequest(name=name))).code() == grpc.StatusCode.NOT_FOUND
+        assert rpc_error(lambda name=name: stub.GetApiKey(pb.GetApiKeyRequest(name=name))).code() == grpc.StatusCode.NOT_FOUND
 
 
 @pytest.mark.parametrize("name", ["", "accounts/a", "accounts/a/apiKeys/not-a-uuid", "keys/1"])
@@ -174,7 +174,7 @@ def test_list_refuses_bad_filters_sizes_and_tokens(stub, account):
         (pb.ListApiKeysRequest(parent=parent, page_token="garbage!"), "page_token"),
         (pb.ListApiKeysRequest(parent="accounts/"), "parent"),
     ]:
-        error = rpc_error(lambda: stub.ListApiKeys(request))
+        error = rpc_error(lambda request=request: stub.ListApiKeys(request))
         assert error.code() == INVALID and field in error.details()
     token = stub.ListApiKeys(pb.ListApiKeysRequest(parent=parent, page_size=1)).next_page_token
     error = rpc_error(lambda: stub.ListApiKeys(pb.ListApiKeysRequest(parent=parent, page_token=token, filter="state = ACTIVE")))
@@ -217,7 +217,7 @@ def test_update_can_clear_expiry_and_rate_limits(stub, account):
     key = create_key(
         stub,
         account,
-        expire_time=_timestamp(datetime.now(timezone.utc) + timedelta(days=1)),
+        expire_time=_timestamp(datetime.now(UTC) + timedelta(days=1)),
         rate_limits=[pb.RateLimit(limit=1, period=Duration(seconds=1))],
     ).api_key
     updated = stub.UpdateApiKey(
@@ -300,14 +300,14 @@ def test_delete_removes_the_key_and_leaves_its_events(server, stub, account):
 
 def test_rotate_returns_a_new_secret_and_sets_the_grace_end(server, stub, account):
     created = create_key(stub, account)
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     rotated = stub.RotateApiKey(pb.RotateApiKeyRequest(name=created.api_key.name, grace_period=Duration(seconds=3600)))
     assert rotated.secret != created.secret and keys.parse(rotated.secret) is not None
     assert rotated.api_key.key_id == created.api_key.key_id
     assert rotated.api_key.masked_key == rotated.secret[:11] + "..." + rotated.secret[-4:]
-    grace_end = rotated.api_key.previous_secret_expire_time.ToDatetime(tzinfo=timezone.utc)
+    grace_end = rotated.api_key.previous_secret_expire_time.ToDatetime(tzinfo=UTC)
     assert timedelta(seconds=3590) < grace_end - before < timedelta(seconds=3610)
-    kind, changed, details = _events(server, created.api_key.key_id)[-1]
+    kind, _, details = _events(server, created.api_key.key_id)[-1]
     assert kind == "rotated" and details == {"grace_seconds": 3600.0}
     assert keys.parse(rotated.secret).secret not in str(details)
 
@@ -343,8 +343,8 @@ def test_request_ids_past_their_day_are_forgotten(server, stub, account):
     )
     first = stub.CreateApiKey(request)
     repository = server.app.repository
-    assert repository.forget_request_ids(datetime.now(timezone.utc) - timedelta(hours=24)) == 0
+    assert repository.forget_request_ids(datetime.now(UTC) - timedelta(hours=24)) == 0
     assert stub.CreateApiKey(request).secret_already_delivered
-    assert repository.forget_request_ids(datetime.now(timezone.utc) + timedelta(seconds=1)) >= 1
+    assert repository.forget_request_ids(datetime.now(UTC) + timedelta(seconds=1)) >= 1
     again = stub.CreateApiKey(request)  # the id is free again: a new key
     assert again.secret and again.api_key.key_id != first.api_key.key_id

@@ -114,7 +114,7 @@ def test_budget_refills_at_limit_over_period() -> None:
     rate = RateLimit(10, 60)  # one request's worth every 6 s
     _, tats = burst(rate, 100.0)
     assert check((rate,), tats, 105.9)[0].allowed is False
-    outcome, tats2 = check((rate,), tats, 106.0)
+    outcome, _ = check((rate,), tats, 106.0)
     assert outcome.allowed and outcome.remaining == 0
     # after a whole idle period the full burst is back
     outcome, _ = check((rate,), tats, 100.0 + 60 + 60)

@@ -120,12 +120,6 @@ def test_a_request_id_that_is_not_a_uuid_is_invalid(stub, account):
     assert authorize(stub, created.secret).allowed
 
 
-@pytest.mark.xfail(
-    reason="bug: a CreateApiKey request_id fingerprint holds the requested project_id (empty), not the one filled "
-    "in for a project key, and a replay is not checked against the caller's reach: another project's key (or an "
-    "account-wide key) is handed back to a project key that sends the same request with the same request_id",
-    strict=True,
-)
 def test_a_replayed_create_never_answers_with_a_key_the_caller_cannot_reach(server, stub, account):
     first_caller = server.stub_for(create_key(stub, account, scopes=WRITER, project_id="p1").secret)
     second_caller = server.stub_for(create_key(stub, account, scopes=WRITER, project_id="p2").secret)
@@ -275,15 +269,6 @@ def test_concurrent_creates_at_the_limit_make_exactly_the_limit(limited, account
 
 def test_concurrent_retries_of_one_create_at_the_limit_all_get_the_key(limited, account, request):
     stub = limited.stub
-    if limited.app.settings.database_url.startswith("postgresql"):
-        request.applymarker(
-            pytest.mark.xfail(
-                reason="bug (PostgreSQL): CreateApiKey looks up the request_id before it takes the account's "
-                "advisory lock and counts live keys, so a concurrent retry of the create that filled the last "
-                "slot waits for the lock, counts the new key and answers RESOURCE_EXHAUSTED instead of the key",
-                strict=True,
-            )
-        )
     refused_rounds = []
     for round_ in range(5):  # a race: on PostgreSQL nearly every round shows it; five make a miss unlikely
         fresh = f"{account}-{round_}"

@@ -23,7 +23,15 @@ from apikeyd.domain import keys
 from apikeyd.server import StartupError
 from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
-from tests.conftest import RunningServer, BearerCredentials, leaked_secrets, authorize, create_key, held_verifications, rpc_error
+from tests.conftest import (
+    BearerCredentials,
+    RunningServer,
+    authorize,
+    create_key,
+    held_verifications,
+    leaked_secrets,
+    rpc_error,
+)
 
 APIKEYD = str(Path(sys.executable).with_name("apikeyd"))
 
@@ -168,7 +176,7 @@ def test_no_secret_reaches_a_log_line_or_an_error(make_server, account, caplog):
     for presented in (created.secret, rotated.secret, rotated.secret[:-1], rotated.secret + "x"):
         response = authorize(stub, presented, "messages:send")
         details.append(response.message)
-        details.append(rpc_error(lambda: authorize(stub, presented, "Bad Scope")).details())
+        details.append(rpc_error(lambda presented=presented: authorize(stub, presented, "Bad Scope")).details())
     stub.RevokeApiKey(pb.RevokeApiKeyRequest(name=created.api_key.name))
     details.append(authorize(stub, rotated.secret).message)
     server.stop()
@@ -207,3 +215,12 @@ def test_during_the_drain_delay_health_says_not_serving_and_calls_are_still_serv
     assert not stopping.done()
     assert authorize(server.stub, created.secret).code == pb.AuthorizeResponse.OK
     stopping.result(timeout=60)
+
+
+def test_the_suites_log_check_finds_a_planted_secret():
+    """The session-wide check in conftest.py must be able to fail: here it sees a secret in a log line."""
+    secret = keys.generate("AK_", keys.new_lookup_id())[0]
+    parsed = keys.parse(secret)
+    assert leaked_secrets(f"created with {secret}", {secret}) == [secret[:12] + "..."]
+    assert leaked_secrets(f"oops {parsed.secret} leaked", {secret}) == [secret[:12] + "..."]
+    assert leaked_secrets(f"masked {keys.mask(secret)}", {secret}) == []

@@ -4,16 +4,18 @@ import asyncio
 import dataclasses
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
+from apikeyd import logs
+from apikeyd.client_cli import register as register_client_commands
 from apikeyd.config import Settings
-from apikeyd.domain.errors import ApiKeyError
-from apikeyd.lifecycle import IssuedKey, NewKey
-from apikeyd.server import App, StartupError, prepare_database, serve
-from apikeyd.store import migrate as migrations
-from apikeyd.store.repository import create_db_engine
+
+# The server side (SQLAlchemy, alembic, argon2) is imported inside the commands that need it, so that the
+# client commands, `apikeyd health` above all (the container's HEALTHCHECK), start quickly.
+if TYPE_CHECKING:
+    from apikeyd.lifecycle import IssuedKey
 
 
 def _settings_options(command: Any) -> Any:
@@ -25,7 +27,7 @@ def _settings_options(command: Any) -> Any:
             f.name,
             type=type(f.default),
             default=None,
-            help=f"{f.metadata['help']} [{Settings.env_name(f.name)}; default {f.default}]",
+            help=f"{f.metadata['help']} [{Settings.env_name(f.name)}; default {f.default if f.default != '' else 'unset'}]",
         )(command)
     return command
 
@@ -33,11 +35,10 @@ def _settings_options(command: Any) -> Any:
 def _load(**overrides: Any) -> Settings:
     try:
         settings = Settings.load(**overrides)
+        handler = logs.stream_handler(settings.log_format, sys.stderr)
     except ValueError as error:
         raise click.UsageError(str(error)) from None
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
     return settings
 
 
@@ -46,10 +47,15 @@ def main() -> None:
     """apikeyd: API keys with scopes, rate limits and a fast Authorize, over gRPC."""
 
 
+register_client_commands(main)  # keys, authorize, audit, health: src/apikeyd/client_cli.py
+
+
 @main.command()
 @_settings_options
 def serve_command(**overrides: Any) -> None:
     """Serve gRPC until SIGTERM or Ctrl-C, then drain and exit 0."""
+    from apikeyd.server import StartupError, serve
+
     settings = _load(**overrides)
     try:
         asyncio.run(serve(settings))
@@ -65,6 +71,9 @@ serve_command.name = "serve"
 @click.option("--database-url", default=None, help="SQLAlchemy URL [APIKEYD_DATABASE_URL]")
 def migrate(database_url: str | None) -> None:
     """Bring the database schema up to date."""
+    from apikeyd.store import migrate as migrations
+    from apikeyd.store.repository import create_db_engine
+
     settings = _load(database_url=database_url)
     engine = create_db_engine(settings.database_url)
     try:
@@ -88,6 +97,8 @@ def admin_key() -> None:
 def admin_key_create(display_name: str, scopes: tuple[str, ...], database_url: str | None) -> None:
     """Create a key of the operator account and print it alone on stdout (notes go to stderr), so that
     `export APIKEYD_TOKEN=$(apikeyd admin-key create --display-name ops)` works."""
+    from apikeyd.domain.errors import ApiKeyError
+
     settings = _load(database_url=database_url)
     try:
         issued = asyncio.run(_create_operator_key(settings, display_name, scopes))
@@ -101,7 +112,10 @@ def admin_key_create(display_name: str, scopes: tuple[str, ...], database_url: s
     )
 
 
-async def _create_operator_key(settings: Settings, display_name: str, scopes: tuple[str, ...]) -> IssuedKey:
+async def _create_operator_key(settings: Settings, display_name: str, scopes: tuple[str, ...]) -> "IssuedKey":
+    from apikeyd.lifecycle import NewKey
+    from apikeyd.server import App, prepare_database
+
     app = App(settings)
     try:
         prepare_database(settings, app.repository)

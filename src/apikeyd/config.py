@@ -24,6 +24,9 @@ def _parse(name: str, raw: str, kind: type) -> Any:
 @dataclass(frozen=True)
 class Settings:
     listen: str = _setting("127.0.0.1:50051", "host:port to serve gRPC on; a taken port is an error")
+    tls_cert: str = _setting("", "PEM certificate chain file: serve TLS (with tls_key)")
+    tls_key: str = _setting("", "PEM private key file of tls_cert")
+    tls_client_ca: str = _setting("", "PEM CA file: require client certificates signed by it (mTLS)")
     database_url: str = _setting("sqlite:///apikeyd.db", "SQLAlchemy URL; postgresql://... selects PostgreSQL")
     cache_size: int = _setting(100_000, "verified keys kept in memory (LRU)")
     cache_ttl: float = _setting(60.0, "seconds a verified key is trusted before it is read again")
@@ -46,6 +49,13 @@ class Settings:
     shutdown_grace: float = _setting(10.0, "seconds in-flight calls get to finish once the listener closes")
     db_pool_size: int = _setting(5, "database connections kept open (PostgreSQL)")
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+    log_format: str = _setting("json", "json (one object per line) or text")
+    metrics_listen: str = _setting(
+        "127.0.0.1:9464", "host:port to serve Prometheus metrics on over HTTP (/metrics); empty disables"
+    )
+    health_check_interval: float = _setting(
+        2.0, "seconds between database pings; health says NOT_SERVING while they fail (0 disables)"
+    )
 
     @staticmethod
     def env_name(name: str) -> str:

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from apikeyd.authorizer.authorizer import Authorizer
@@ -40,6 +40,7 @@ from apikeyd.domain.model import (
     KeyState,
     RateLimit,
     key_name,
+    request_id_reused,
     validate_description,
     validate_display_name,
     validate_expire_time,
@@ -51,6 +52,7 @@ from apikeyd.domain.model import (
     validate_request_id,
 )
 from apikeyd.domain.scopes import validate_scopes
+from apikeyd.logs import fields
 from apikeyd.store.repository import Change, Repository
 
 log = logging.getLogger(__name__)
@@ -90,7 +92,7 @@ class IssuedKey:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -103,10 +105,24 @@ def _request(request_id: str, method: str, *parts: Any) -> IdempotentRequest | N
     return IdempotentRequest(validate_request_id(request_id), method, _fingerprint(method, *parts))
 
 
-def _log_change(what: str, key: ApiKey, actor: Actor) -> None:
+def _log_change(what: str, key: ApiKey, actor: Actor, event: str, **details: Any) -> None:
+    """One line per committed change (JSON fields: apikeyd.logs); never a secret or a hash."""
     log.info(
         "%s %s (%s, %s) by %s from %s",
         what, key.name, key.masked_key, key.state.value, actor.name or "admin-key", actor.peer or "-",
+        extra=fields(
+            event=event,
+            key=key.name,
+            account=key.account_id,
+            project=key.project_id,
+            masked_key=key.masked_key,
+            state=key.state.value,
+            actor=actor.name or "admin-key",
+            actor_key_id=actor.key_id,
+            peer=actor.peer,
+            method=actor.method,
+            **details,
+        ),
     )
 
 
@@ -183,7 +199,20 @@ class KeyManager:
         except PermissionDenied as denied:
             if caller.key is not None:
                 reason = str(denied)
-                log.info("denied %s on %s to key %s: %s", caller.method, target, caller.key.key_id, reason)
+                log.info(
+                    "denied %s on %s to key %s: %s", caller.method, target, caller.key.key_id, reason,
+                    extra=fields(
+                        event="access.denied",
+                        target=target,
+                        reason=reason,
+                        account=caller.account_id,
+                        project=caller.project_id,
+                        actor=caller.key.name,
+                        actor_key_id=caller.key.key_id,
+                        peer=caller.peer,
+                        method=caller.method,
+                    ),
+                )
                 actor = caller.actor
                 try:
                     await self._run(
@@ -283,14 +312,23 @@ class KeyManager:
             update_time=now,
             revision=1,
         )
-        request = _request(request_id, "CreateApiKey", account_id, dataclasses.asdict(new))
+        # The fingerprint holds the project the key gets, so a project key's request never matches another's.
+        request = _request(
+            request_id, "CreateApiKey", account_id, dataclasses.asdict(dataclasses.replace(new, project_id=project_id))
+        )
         actor = caller.actor
+        # The limit guards against a tenant's runaway scripts; operators are not limited.
+        limit = None if account_id == self.operator_account else self._max_live_keys
         created, replayed = await self._run(
             lambda: self._repository.create(
-                key, Credentials(self._hasher.hash(parsed.secret)), actor, request, self._max_live_keys
+                key, Credentials(self._hasher.hash(parsed.secret)), actor, request, limit
             )
         )
-        _log_change("replayed create of" if replayed else "created", created, actor)
+        if replayed and not caller.reaches(created):
+            raise request_id_reused()  # as for any other request that reuses an id: nothing about the key
+        _log_change(
+            "replayed create of" if replayed else "created", created, actor, "key.created", replayed=replayed
+        )
         return IssuedKey(created, "" if replayed else secret, replayed)
 
     async def update(
@@ -352,7 +390,7 @@ class KeyManager:
             lambda: self._repository.delete(account_id, key_id, etag, _now(), actor, check), etag
         )
         self._authorizer.invalidate(key)
-        _log_change("deleted", key, actor)
+        _log_change("deleted", key, actor, "key.deleted")
         return key
 
     async def rotate(
@@ -368,18 +406,15 @@ class KeyManager:
         now = _now()
         grace = validate_grace(grace)
         request = _request(request_id, "RotateApiKey", account_id, key_id, grace.total_seconds())
-        async with self._denials(caller, key_name(account_id, key_id), key_id):
-            caller.require(WRITE)
-            caller.check_account(account_id)
-            # Prefix and lookup id never change, so the new secret and its (slow) hash are made before the
-            # write transaction rather than while it holds the lock.
-            current = self._reached(caller, await self._run(lambda: self._repository.get(account_id, key_id)))
+
+        def may_rotate(current: ApiKey) -> ApiKey:
+            self._reached(caller, current)
             caller.check_manage(current)
             caller.check_self(current, allow_self, "rotate")
-        secret, parsed = keys.generate(current.prefix, current.lookup_id)
-        secret_hash = await self._run(lambda: self._hasher.hash(parsed.secret))
+            return current
 
         def decide(current: ApiKey, credentials: Credentials) -> Change:
+            may_rotate(current)  # again, on the row the write locks: the key may have gained scopes since
             if current.state is KeyState.REVOKED:
                 raise FailedPrecondition("the key is revoked; a revoked key cannot be rotated")
             values = {
@@ -393,12 +428,23 @@ class KeyManager:
             )
 
         actor = caller.actor
-        rotated, replayed = await self._retrying(
-            lambda: self._repository.modify(account_id, key_id, etag, decide, now, actor, request), etag
-        )
+        async with self._denials(caller, key_name(account_id, key_id), key_id):
+            caller.require(WRITE)
+            caller.check_account(account_id)
+            # Prefix and lookup id never change, so the new secret and its (slow) hash are made before the
+            # write transaction rather than while it holds the lock; a caller without the right is refused
+            # before paying for the hash.
+            current = may_rotate(await self._run(lambda: self._repository.get(account_id, key_id)))
+            secret, parsed = keys.generate(current.prefix, current.lookup_id)
+            secret_hash = await self._run(lambda: self._hasher.hash(parsed.secret))
+            rotated, replayed = await self._retrying(
+                lambda: self._repository.modify(account_id, key_id, etag, decide, now, actor, request), etag
+            )
         if not replayed:
             self._authorizer.invalidate(rotated)
-        _log_change("replayed rotation of" if replayed else "rotated", rotated, actor)
+        _log_change(
+            "replayed rotation of" if replayed else "rotated", rotated, actor, "key.rotated", replayed=replayed
+        )
         return IssuedKey(rotated, "" if replayed else secret, replayed)
 
     async def _mutate(
@@ -411,9 +457,17 @@ class KeyManager:
         now: datetime,
     ) -> ApiKey:
         actor = caller.actor
+        decided: list[Change] = []  # what the committed attempt decided, for its log line
+
+        def recorded(current: ApiKey, credentials: Credentials) -> Change:
+            decided.append(decide(current, credentials))
+            return decided[-1]
+
         key, _ = await self._retrying(
-            lambda: self._repository.modify(account_id, key_id, etag, decide, now, actor), etag
+            lambda: self._repository.modify(account_id, key_id, etag, recorded, now, actor), etag
         )
         self._authorizer.invalidate(key)
-        _log_change("changed", key, actor)
+        kind = decided[-1].kind.value if decided else "changed"
+        changed = list(decided[-1].changed_fields) if decided else []
+        _log_change(kind, key, actor, f"key.{kind}", changed_fields=changed)
         return key

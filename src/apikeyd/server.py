@@ -12,6 +12,7 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from apikeyd import tls
 from apikeyd.authorizer.authorizer import Authorizer
 from apikeyd.authorizer.cache import VerifiedKeyCache
 from apikeyd.authorizer.hashing import Argon2Parameters, SecretHasher
@@ -19,6 +20,9 @@ from apikeyd.config import Settings
 from apikeyd.domain import keys
 from apikeyd.domain.errors import Unavailable
 from apikeyd.lifecycle import KeyManager, KeyPrefixes
+from apikeyd.logs import fields
+from apikeyd.metrics import Metrics, MetricsEndpoint
+from apikeyd.service import ext_authz
 from apikeyd.service.api_keys import ApiKeyService
 from apikeyd.store import migrate
 from apikeyd.store.repository import Repository
@@ -27,6 +31,7 @@ from apikeyd.v1 import api_keys_pb2, api_keys_pb2_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = api_keys_pb2.DESCRIPTOR.services_by_name["ApiKeyService"].full_name
+_PING_TIMEOUT = 5.0  # seconds a database ping may take before health turns NOT_SERVING
 
 
 class _MethodAwarePool:
@@ -38,7 +43,7 @@ class _MethodAwarePool:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._pool, name)
 
-    def FindFileContainingSymbol(self, symbol: str) -> Any:  # noqa: N802 - protobuf's name
+    def FindFileContainingSymbol(self, symbol: str) -> Any:
         try:
             return self._pool.FindFileContainingSymbol(symbol)
         except KeyError:
@@ -66,7 +71,11 @@ class App:
         self.verify_executor = ThreadPoolExecutor(settings.max_verifications, thread_name_prefix="verify")
         self.store_executor = ThreadPoolExecutor(settings.db_pool_size, thread_name_prefix="store")
         self.cache = VerifiedKeyCache(settings.cache_size, settings.cache_ttl, settings.negative_cache_ttl)
-        self.authorizer = Authorizer(self.repository, self.hasher, self.cache, self.verify_executor)
+        self.metrics = Metrics()  # a registry of this App's own: servers in one process never clash
+        self.authorizer = Authorizer(
+            self.repository, self.hasher, self.cache, self.verify_executor, metrics=self.metrics
+        )
+        self.metrics.watch(cache=self.cache, hasher=self.hasher, in_flight=self.authorizer.verifications_in_flight)
         self.manager = KeyManager(
             self.repository,
             self.hasher,
@@ -90,29 +99,108 @@ class Server:
         # share a taken port silently.
         self.grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         self.health = health.aio.HealthServicer()
-        service = ApiKeyService(app.manager, app.authorizer, app.settings.authorize_requires_key)
+        service = ApiKeyService(app.manager, app.authorizer, app.metrics, app.settings.authorize_requires_key)
         api_keys_pb2_grpc.add_ApiKeyServiceServicer_to_server(service, self.grpc)
+        # Envoy's external authorization, on the same port and with the same Authorizer as Authorize.
+        ext_authz.add_to_server(
+            ext_authz.ExtAuthzService(app.manager, app.authorizer, app.metrics, app.settings.authorize_requires_key),
+            self.grpc,
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (
+                SERVICE_NAME,
+                ext_authz.SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             self.grpc,
             pool=_MethodAwarePool(descriptor_pool.Default()),
         )
         self.port = 0
         self._flusher: asyncio.Task[None] | None = None
+        self.health_services = ("", SERVICE_NAME)  # what the database watcher turns NOT_SERVING and back
+        self.metrics_endpoint: MetricsEndpoint | None = None
+        self._db_watcher: asyncio.Task[None] | None = None
+        self._draining = False
 
     async def start(self, listen: str) -> int:
         try:
-            self.port = self.grpc.add_insecure_port(listen)
+            credentials = tls.server_credentials(self.app.settings)
+        except tls.TlsSettingsError as error:
+            raise StartupError(str(error)) from None
+        # Before the gRPC port: a gRPC server keeps a port it has bound even if it never starts.
+        self._open_metrics()
+        try:
+            if credentials is None:
+                self.port = self.grpc.add_insecure_port(listen)
+            else:
+                self.port = self.grpc.add_secure_port(listen, credentials)
         except RuntimeError as error:
+            self._close_metrics()
             raise StartupError(f"cannot listen on {listen}: {error}") from None
         if self.port == 0:
+            self._close_metrics()
             raise StartupError(f"cannot listen on {listen}: the address is taken or invalid")
         await self.grpc.start()
-        for service in ("", SERVICE_NAME):
+        for service in self.health_services:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._flusher = asyncio.create_task(self._flush_periodically())
+        if self.app.settings.health_check_interval > 0:
+            self._db_watcher = asyncio.create_task(self._watch_database(self.app.settings.health_check_interval))
         return self.port
+
+    def _open_metrics(self) -> None:
+        listen = self.app.settings.metrics_listen
+        if not listen:
+            return
+        try:
+            self.metrics_endpoint = MetricsEndpoint(self.app.metrics.registry, listen)
+        except (OSError, ValueError) as error:
+            raise StartupError(f"cannot serve metrics on {listen}: {error}") from None
+        log.info(
+            "metrics on http://%s/metrics",
+            listen.rpartition(":")[0] + f":{self.metrics_endpoint.port}",
+            extra=fields(event="metrics.listening", port=self.metrics_endpoint.port),
+        )
+
+    def _close_metrics(self) -> None:
+        """Blocks up to 50 ms (the endpoint's poll): at start-up, or off the event loop."""
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
+            self.metrics_endpoint = None
+
+    async def _watch_database(self, interval: float) -> None:
+        """Health follows the database: NOT_SERVING while a ping fails (or hangs past its timeout), SERVING
+        again once one succeeds, unless the server is draining by then. One ping at a time."""
+        loop = asyncio.get_running_loop()
+        serving = True
+        ping: asyncio.Future[None] | None = None
+        while not self._draining:
+            if ping is None or ping.done():
+                ping = loop.run_in_executor(self.app.store_executor, self.app.repository.ping)
+            try:
+                await asyncio.wait_for(asyncio.shield(ping), timeout=max(interval, _PING_TIMEOUT))
+                failure = ""
+            except TimeoutError:
+                failure = f"no answer in {max(interval, _PING_TIMEOUT):.0f} s"
+            except Exception as error:
+                failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+            if self._draining:
+                return
+            if serving != (not failure):
+                serving = not failure
+                if serving:
+                    log.info("database reachable again: health SERVING", extra=fields(event="health.serving"))
+                else:
+                    log.warning(
+                        "database unreachable (%s): health NOT_SERVING", failure,
+                        extra=fields(event="health.not_serving", reason=failure),
+                    )
+                status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+                for service in self.health_services:
+                    await self.health.set(service, status)
+            await asyncio.sleep(interval)
 
     async def _flush_periodically(self) -> None:
         while True:
@@ -129,6 +217,11 @@ class Server:
 
         grpc cancels calls that have arrived but not yet started when the listener closes, so a caller
         that keeps sending needs the delay to notice NOT_SERVING and go elsewhere first."""
+        self._draining = True  # the database watcher must not turn health back to SERVING now
+        if self._db_watcher is not None:
+            self._db_watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._db_watcher
         await self.health.enter_graceful_shutdown()
         if drain_delay > 0:
             await asyncio.sleep(drain_delay)
@@ -138,6 +231,7 @@ class Server:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
         await self.app.authorizer.flush_last_used()
+        await asyncio.get_running_loop().run_in_executor(None, self._close_metrics)  # scraped until the end
         self.app.close()
 
 
@@ -152,7 +246,7 @@ async def serve(settings: Settings) -> None:
     prepare_database(settings, app.repository)
     server = Server(app)
     port = await server.start(settings.listen)
-    log.info("apikeyd serving on %s (port %d), database %s", settings.listen, port, app.repository.engine.url.render_as_string(hide_password=True))
+    log.info("apikeyd serving on %s (port %d, %s), database %s", settings.listen, port, tls.describe(settings), app.repository.engine.url.render_as_string(hide_password=True))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

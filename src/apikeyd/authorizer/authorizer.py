@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Literal
 
 from apikeyd.authorizer.cache import CachedKey, VerifiedKeyCache
@@ -18,6 +18,8 @@ from apikeyd.domain.access import Caller
 from apikeyd.domain.decision import MALFORMED, NOT_FOUND, AuthCode, Decision
 from apikeyd.domain.model import ApiKey, KeyState
 from apikeyd.domain.scopes import ScopeSet, parse_required_scopes
+from apikeyd.logs import fields
+from apikeyd.metrics import Metrics
 from apikeyd.store.repository import Repository
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,25 @@ def _timestamp(value: datetime | None) -> float | None:
     return None if value is None else value.timestamp()
 
 
+def _log_decision(decision: Decision, required_scopes: Sequence[str], project_id: str) -> None:
+    """At DEBUG only: one line per decision, with the key's name once its secret verified; never the key."""
+    key = decision.key
+    log.debug(
+        "authorize: %s%s",
+        decision.code.name,
+        f" for {key.name}" if key is not None else "",
+        extra=fields(
+            event="authorize",
+            code=decision.code.name,
+            key=key.name if key is not None else "",
+            account=key.account_id if key is not None else "",
+            project=project_id,
+            required_scopes=list(required_scopes),
+            missing_scopes=list(decision.missing_scopes),
+        ),
+    )
+
+
 class Authorizer:
     def __init__(
         self,
@@ -37,6 +58,7 @@ class Authorizer:
         cache: VerifiedKeyCache,
         verify_executor: Executor,
         limiter: LocalRateLimiter | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._repository = repository
         self._hasher = hasher
@@ -45,6 +67,13 @@ class Authorizer:
         self._limiter = limiter or LocalRateLimiter()
         self._inflight: dict[bytes, asyncio.Task[CachedKey | None]] = {}
         self._last_used: dict[str, float] = {}
+        metrics = metrics or Metrics()
+        self._decisions = metrics.decisions  # plain counters by AuthCode, read when Prometheus scrapes
+        self._verification_seconds = metrics.verification_seconds
+
+    def verifications_in_flight(self) -> int:
+        """Misses being verified now, including those waiting for a thread of the verification pool."""
+        return len(self._inflight)
 
     async def authorize(
         self,
@@ -59,11 +88,17 @@ class Authorizer:
         # A bad required scope is the caller's bug: InvalidArgument, not a denial.
         required = parse_required_scopes(tuple(required_scopes))
         found = await self.identify(presented)
-        if isinstance(found, Decision):
-            return found
-        if caller is not None and not caller.reaches(found.key):
-            return NOT_FOUND
-        return self._decide(found, required, resource, project_id)
+        # Reach first: a key outside the caller's account must not even show that it is revoked.
+        if caller is not None and found.key is not None and not caller.reaches(found.key):
+            decision = NOT_FOUND
+        elif isinstance(found, Decision):
+            decision = found
+        else:
+            decision = self._decide(found, required, resource, project_id)
+        self._decisions[decision.code] += 1
+        if log.isEnabledFor(logging.DEBUG):
+            _log_decision(decision, required_scopes, project_id)
+        return decision
 
     async def identify(self, presented: str) -> CachedKey | Decision:
         """The verified key behind a presented string, or the denial that comes before knowing what it may
@@ -90,7 +125,7 @@ class Authorizer:
         if entry.expire_at is not None and now >= entry.expire_at:
             return Decision(AuthCode.EXPIRED, f"the key expired at {key.expire_time.isoformat()}", key)  # type: ignore[union-attr]
         if entry.secret_expire_at is not None and now >= entry.secret_expire_at:
-            when = datetime.fromtimestamp(entry.secret_expire_at, timezone.utc).isoformat()
+            when = datetime.fromtimestamp(entry.secret_expire_at, UTC).isoformat()
             return Decision(AuthCode.EXPIRED, f"this secret was rotated out and stopped working at {when}", key)
         return entry
 
@@ -154,7 +189,11 @@ class Authorizer:
     async def _verification(self, digest: bytes, parsed: keys.ParsedKey) -> CachedKey | None:
         generation = self.cache.generation(parsed.lookup_id)
         loop = asyncio.get_running_loop()
-        key, match = await loop.run_in_executor(self._executor, self._load_and_verify, parsed)
+        started = time.perf_counter()
+        try:
+            key, match = await loop.run_in_executor(self._executor, self._load_and_verify, parsed)
+        finally:
+            self._verification_seconds.observe(time.perf_counter() - started)
         log.debug("verified lookup id %s: %s", parsed.lookup_id, match if key is not None else "unknown")
         if key is None or match == "none":
             self.cache.remember_bad(digest)
@@ -191,7 +230,7 @@ class Authorizer:
         if not self._last_used:
             return 0
         batch, self._last_used = self._last_used, {}
-        times = {key_id: datetime.fromtimestamp(t, timezone.utc) for key_id, t in batch.items()}
+        times = {key_id: datetime.fromtimestamp(t, UTC) for key_id, t in batch.items()}
         try:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._repository.record_last_used, times)
         except Exception:

@@ -98,6 +98,12 @@ REQUEST_ID_LIFETIME = timedelta(hours=24)
 _REQUEST_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
+def request_id_reused() -> InvalidArgument:
+    return InvalidArgument(
+        "request_id", "was already used for a different request; send a new request_id with a new request"
+    )
+
+
 def validate_request_id(value: str) -> str:
     if _REQUEST_ID.fullmatch(value) is None:
         raise InvalidArgument("request_id", f"{value!r} is not a UUID")

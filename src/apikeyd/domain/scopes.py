@@ -71,7 +71,7 @@ def validate_scopes(scopes: list[str] | tuple[str, ...]) -> tuple[str, ...]:
 class ScopeSet:
     """Granted scopes indexed for the hot path: one dict look-up per required scope."""
 
-    __slots__ = ("_everything", "_any", "_values")
+    __slots__ = ("_any", "_everything", "_values")
 
     def __init__(self, granted: tuple[str, ...]) -> None:
         self._everything = False

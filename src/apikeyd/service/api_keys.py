@@ -1,6 +1,7 @@
 """apikeyd.v1.ApiKeyService."""
 
 from collections import OrderedDict
+from typing import TypeAlias
 
 import grpc
 from google.protobuf.empty_pb2 import Empty
@@ -11,6 +12,7 @@ from apikeyd.domain.decision import Decision
 from apikeyd.domain.errors import InvalidArgument, Unauthenticated
 from apikeyd.domain.model import parse_key_name, parse_parent
 from apikeyd.lifecycle import IssuedKey, KeyManager
+from apikeyd.metrics import Metrics
 from apikeyd.service.convert import (
     api_key_to_pb,
     audit_event_to_pb,
@@ -23,12 +25,12 @@ from apikeyd.service.errors import grpc_errors
 from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
 
-Context = grpc.aio.ServicerContext
+Context: TypeAlias = grpc.aio.ServicerContext
 
 _MAX_RENDERED = 10_000
 
 
-def _bearer(context: Context) -> str:
+def bearer_token(context: Context) -> str:
     for name, value in context.invocation_metadata() or ():
         if name == "authorization":
             scheme, _, token = str(value).partition(" ")
@@ -39,16 +41,25 @@ def _bearer(context: Context) -> str:
 
 
 class ApiKeyService(pb_grpc.ApiKeyServiceServicer):
-    def __init__(self, manager: KeyManager, authorizer: Authorizer, authorize_requires_key: bool = False) -> None:
+    def __init__(
+        self,
+        manager: KeyManager,
+        authorizer: Authorizer,
+        metrics: Metrics,
+        authorize_requires_key: bool = False,
+    ) -> None:
         self._manager = manager
         self._authorizer = authorizer
         self._authorize_requires_key = authorize_requires_key
+        # grpc_errors counts every call here and times the ones named in rpc_timers (apikeyd.metrics).
+        self.rpc_counts = metrics.rpc_counts
+        self.rpc_timers = {"Authorize": metrics.authorize_seconds}
         # A cached key's allowed decision is one object, answered again and again: its response is built
         # once. Keyed by id() with the decision itself kept alive beside it, so the id cannot be reused.
         self._rendered: OrderedDict[int, tuple[Decision, pb.AuthorizeResponse]] = OrderedDict()
 
     async def _caller(self, context: Context, method: str) -> Caller:
-        return await self._manager.authenticate(_bearer(context), context.peer(), method)
+        return await self._manager.authenticate(bearer_token(context), context.peer(), method)
 
     @staticmethod
     def _issued(issued: IssuedKey) -> tuple[pb.ApiKey, str, bool]:

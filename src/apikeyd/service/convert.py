@@ -1,7 +1,7 @@
 """Protobuf <-> domain."""
 
-from datetime import datetime, timedelta, timezone
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.field_mask_pb2 import FieldMask
@@ -9,7 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from apikeyd.domain.decision import Decision
 from apikeyd.domain.errors import InvalidArgument
-from apikeyd.domain.model import ApiKey, AuditEvent, KeyState, RateLimit, key_name
+from apikeyd.domain.model import ApiKey, AuditEvent, EventKind, KeyState, RateLimit, key_name
 from apikeyd.lifecycle import UPDATABLE, NewKey
 from apikeyd.v1 import api_keys_pb2 as pb
 
@@ -33,7 +33,7 @@ def _datetime(message: Any, field: str) -> datetime | None:
     if not message.HasField(field):
         return None
     try:
-        return getattr(message, field).ToDatetime(tzinfo=timezone.utc)
+        return getattr(message, field).ToDatetime(tzinfo=UTC)
     except (ValueError, OverflowError):
         raise InvalidArgument(field, "is not a valid timestamp") from None
 
@@ -127,6 +127,14 @@ def _is_set(message: pb.ApiKey, path: str) -> bool:
     return bool(getattr(message, path))
 
 
+def _event_target(event: AuditEvent) -> str:
+    """The key acted on; a refusal names what the caller asked for, which may be in another account."""
+    if event.kind == EventKind.DENIED.value:
+        target = str(event.details.get("target", ""))
+        return target if "/apiKeys/" in target else ""
+    return key_name(event.account_id, event.key_id) if event.key_id else ""
+
+
 def audit_event_to_pb(event: AuditEvent) -> pb.AuditEvent:
     details = {name: str(value) for name, value in event.details.items() if name != "reason"}
     return pb.AuditEvent(
@@ -134,7 +142,7 @@ def audit_event_to_pb(event: AuditEvent) -> pb.AuditEvent:
         event_id=event.event_id,
         kind=pb.AuditEvent.Kind.Value(event.kind.upper()),
         event_time=_timestamp(event.time),
-        api_key=key_name(event.account_id, event.key_id) if event.key_id else "",
+        api_key=_event_target(event),
         key_id=event.key_id,
         account_id=event.account_id,
         project_id=event.project_id,
@@ -150,7 +158,9 @@ def audit_event_to_pb(event: AuditEvent) -> pb.AuditEvent:
 
 
 def decision_to_pb(decision: Decision) -> pb.AuthorizeResponse:
-    response = pb.AuthorizeResponse(allowed=decision.allowed, code=int(decision.code), message=decision.message)
+    response = pb.AuthorizeResponse(
+        allowed=decision.allowed, code=cast(pb.AuthorizeResponse.Code, int(decision.code)), message=decision.message
+    )
     key = decision.key
     if key is not None:
         response.key_id = key.key_id

@@ -15,7 +15,6 @@ from apikeyd.domain.access import Actor
 from apikeyd.domain.errors import (
     Aborted,
     FailedPrecondition,
-    InvalidArgument,
     ResourceExhausted,
     Unavailable,
     key_not_found,
@@ -30,6 +29,7 @@ from apikeyd.domain.model import (
     IdempotentRequest,
     KeyState,
     RateLimit,
+    request_id_reused,
 )
 from apikeyd.store.models import ApiKeyRow, KeyEventRow, RequestIdRow
 
@@ -293,6 +293,9 @@ class Repository:
             **_to_columns({"state": key.state, "scopes": key.scopes, "rate_limits": key.rate_limits}),
         )
         with self._transaction(write=True) as session:
+            # First the account's lock: a retry racing the create it repeats must find that create's
+            # request_id, not count its key against the limit.
+            self._lock_account(session, key.account_id)
             if request is not None:
                 replayed = self._replayed(session, request, key.account_id, key.create_time)
                 if replayed is not None:
@@ -480,9 +483,7 @@ class Repository:
             session.flush()
             return None
         if (seen.account_id, seen.method, seen.fingerprint) != (account_id, request.method, request.fingerprint):
-            raise InvalidArgument(
-                "request_id", "was already used for a different request; send a new request_id with a new request"
-            )
+            raise request_id_reused()
         row = session.get(ApiKeyRow, seen.key_id)
         if row is None:
             raise FailedPrecondition("the key this request_id made has since been deleted")
@@ -502,11 +503,14 @@ class Repository:
         )
 
     @staticmethod
-    def _check_live_keys(session: Session, account_id: str, limit: int) -> None:
+    def _lock_account(session: Session, account_id: str) -> None:
+        """Creates in one account queue here, so a count of its keys cannot be raced past the limit; SQLite's
+        BEGIN IMMEDIATE already serializes every writer."""
         if session.get_bind().dialect.name == "postgresql":
-            # Concurrent creates in one account queue here, so the count below cannot be raced past the
-            # limit; SQLite's BEGIN IMMEDIATE already serializes writers.
             session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:account))"), {"account": account_id})
+
+    @staticmethod
+    def _check_live_keys(session: Session, account_id: str, limit: int) -> None:
         live = session.execute(
             select(func.count())
             .select_from(ApiKeyRow)
