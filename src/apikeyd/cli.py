@@ -57,7 +57,13 @@ def serve_command(**overrides: Any) -> None:
     from apikeyd.server import StartupError, serve
 
     settings = _load(**overrides)
+    if settings.workers < 1:
+        raise click.UsageError(f"--workers ({Settings.env_name('workers')}) must be 1 or more, not {settings.workers}")
     try:
+        if settings.workers > 1:
+            from apikeyd.workers import supervise  # N processes on the one port: src/apikeyd/workers.py
+
+            sys.exit(supervise(settings))
         asyncio.run(serve(settings))
     except StartupError as error:
         click.echo(f"apikeyd: {error}", err=True)

@@ -53,8 +53,22 @@ class Settings:
     metrics_listen: str = _setting(
         "127.0.0.1:9464", "host:port to serve Prometheus metrics on over HTTP (/metrics); empty disables"
     )
+    feed_poll_interval: float = _setting(
+        0.0, "seconds between reads of the key_events change feed; 0 picks 0.25 on SQLite, 1 on PostgreSQL "
+        "(where LISTEN/NOTIFY wakes it at once and the read is a fallback)"
+    )
     health_check_interval: float = _setting(
         2.0, "seconds between database pings; health says NOT_SERVING while they fail (0 disables)"
+    )
+    rate_limit_url: str = _setting(
+        "", "redis://host:port/db: rate limits shared by every process and replica; empty keeps them per process"
+    )
+    rate_limit_prefix: str = _setting("apikeyd", "prefix of the Redis keys of rate_limit_url")
+    rate_limit_failure: str = _setting(
+        "allow", "allow or deny the requests of rate-limited keys while rate_limit_url does not answer"
+    )
+    workers: int = _setting(
+        1, "server processes sharing the listen port (SO_REUSEPORT when more than 1), each with its own cache"
     )
 
     @staticmethod

@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -15,7 +16,10 @@ from grpc_reflection.v1alpha import reflection
 from apikeyd import tls
 from apikeyd.authorizer.authorizer import Authorizer
 from apikeyd.authorizer.cache import VerifiedKeyCache
+from apikeyd.authorizer.feed import ChangeFeed
 from apikeyd.authorizer.hashing import Argon2Parameters, SecretHasher
+from apikeyd.authorizer.ratelimits import LocalRateLimiter
+from apikeyd.authorizer.redis_ratelimits import FAILURE_POLICIES, RedisRateLimiter
 from apikeyd.config import Settings
 from apikeyd.domain import keys
 from apikeyd.domain.errors import Unavailable
@@ -64,6 +68,7 @@ class App:
                     f"{Settings.env_name(name)}={getattr(settings, name)!r} must match {keys.PREFIX_PATTERN}"
                 )
         self.settings = settings
+        self.shared_limiter = _shared_limiter(settings)  # before anything that needs closing
         self.repository = Repository.from_url(settings.database_url, settings.db_pool_size)
         self.hasher = SecretHasher(
             Argon2Parameters(settings.argon2_time_cost, settings.argon2_memory_kib, settings.argon2_parallelism)
@@ -71,9 +76,18 @@ class App:
         self.verify_executor = ThreadPoolExecutor(settings.max_verifications, thread_name_prefix="verify")
         self.store_executor = ThreadPoolExecutor(settings.db_pool_size, thread_name_prefix="store")
         self.cache = VerifiedKeyCache(settings.cache_size, settings.cache_ttl, settings.negative_cache_ttl)
+        # Drops from this process's cache the keys other processes change (key_events; LISTEN on PostgreSQL).
+        self.feed = ChangeFeed(self.repository.engine, self.cache, settings.feed_poll_interval)
         self.metrics = Metrics()  # a registry of this App's own: servers in one process never clash
+        if self.shared_limiter is not None:
+            self.metrics.registry.register(self.shared_limiter)
         self.authorizer = Authorizer(
-            self.repository, self.hasher, self.cache, self.verify_executor, metrics=self.metrics
+            self.repository,
+            self.hasher,
+            self.cache,
+            self.verify_executor,
+            limiter=self.shared_limiter or LocalRateLimiter(),
+            metrics=self.metrics,
         )
         self.metrics.watch(cache=self.cache, hasher=self.hasher, in_flight=self.authorizer.verifications_in_flight)
         self.manager = KeyManager(
@@ -92,12 +106,34 @@ class App:
         self.repository.close()
 
 
+def _shared_limiter(settings: Settings) -> RedisRateLimiter | None:
+    """Rate limits in Redis with APIKEYD_RATE_LIMIT_URL; without it, per process (and said so)."""
+    if settings.rate_limit_failure not in FAILURE_POLICIES:
+        raise StartupError(
+            f"{Settings.env_name('rate_limit_failure')}={settings.rate_limit_failure!r} must be one of "
+            + ", ".join(FAILURE_POLICIES)
+        )
+    if not settings.rate_limit_url:  # with --workers N the supervisor also warns (workers.py)
+        log.info(
+            "rate limits are per process: each process and replica enforces each limit on its own; set "
+            "APIKEYD_RATE_LIMIT_URL to share them",
+            extra=fields(event="rate_limit.per_process"),
+        )
+        return None
+    try:
+        return RedisRateLimiter(settings.rate_limit_url, settings.rate_limit_prefix, settings.rate_limit_failure)
+    except ValueError as error:
+        raise StartupError(f"{Settings.env_name('rate_limit_url')}: {error}") from None
+
+
 class Server:
     def __init__(self, app: App) -> None:
         self.app = app
         # One listener per port: grpcio sets SO_REUSEPORT by default, which would let a second server
-        # share a taken port silently.
-        self.grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        # share a taken port silently. `--workers N` (N > 1) shares it on purpose: its supervisor has
+        # checked the port is free first (src/apikeyd/workers.py).
+        reuse_port = 1 if getattr(app.settings, "workers", 1) > 1 else 0
+        self.grpc = grpc.aio.server(options=[("grpc.so_reuseport", reuse_port)])
         self.health = health.aio.HealthServicer()
         service = ApiKeyService(app.manager, app.authorizer, app.metrics, app.settings.authorize_requires_key)
         api_keys_pb2_grpc.add_ApiKeyServiceServicer_to_server(service, self.grpc)
@@ -142,10 +178,13 @@ class Server:
         if self.port == 0:
             self._close_metrics()
             raise StartupError(f"cannot listen on {listen}: the address is taken or invalid")
+        await self.app.feed.start()  # its position is taken before the first check is served
         await self.grpc.start()
         for service in self.health_services:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._flusher = asyncio.create_task(self._flush_periodically())
+        if self.app.shared_limiter is not None:
+            await self.app.shared_limiter.start()
         if self.app.settings.health_check_interval > 0:
             self._db_watcher = asyncio.create_task(self._watch_database(self.app.settings.health_check_interval))
         return self.port
@@ -226,11 +265,14 @@ class Server:
         if drain_delay > 0:
             await asyncio.sleep(drain_delay)
         await self.grpc.stop(grace)
+        await self.app.feed.stop()
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
         await self.app.authorizer.flush_last_used()
+        if self.app.shared_limiter is not None:
+            await self.app.shared_limiter.close()
         await asyncio.get_running_loop().run_in_executor(None, self._close_metrics)  # scraped until the end
         self.app.close()
 
@@ -241,9 +283,17 @@ def prepare_database(settings: Settings, repository: Repository) -> None:
         migrate.upgrade(repository.engine)
 
 
-async def serve(settings: Settings) -> None:
+async def serve(
+    settings: Settings,
+    *,
+    prepare: bool = True,
+    started: Callable[[Server, asyncio.Event], None] | None = None,
+) -> None:
+    """A worker of `--workers N` (src/apikeyd/workers.py) passes prepare=False (its supervisor migrated the
+    database) and `started`, called once the server listens and signals are handled, with the stop event."""
     app = App(settings)
-    prepare_database(settings, app.repository)
+    if prepare:
+        prepare_database(settings, app.repository)
     server = Server(app)
     port = await server.start(settings.listen)
     log.info("apikeyd serving on %s (port %d, %s), database %s", settings.listen, port, tls.describe(settings), app.repository.engine.url.render_as_string(hide_password=True))
@@ -251,6 +301,8 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    if started is not None:
+        started(server, stop)
     await stop.wait()
     log.info(
         "draining: NOT_SERVING for %.1f s, then in-flight calls get up to %.0f s",

@@ -3,6 +3,7 @@ await. A miss does one indexed read and one argon2 verification on a small threa
 concurrent miss of the same string, so cached checks keep flowing while it runs."""
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import Sequence
@@ -13,10 +14,12 @@ from typing import Literal
 from apikeyd.authorizer.cache import CachedKey, VerifiedKeyCache
 from apikeyd.authorizer.hashing import SecretHasher
 from apikeyd.authorizer.ratelimits import LocalRateLimiter
+from apikeyd.authorizer.redis_ratelimits import RateLimitUnavailable, RedisRateLimiter
 from apikeyd.domain import keys
 from apikeyd.domain.access import Caller
 from apikeyd.domain.decision import MALFORMED, NOT_FOUND, AuthCode, Decision
 from apikeyd.domain.model import ApiKey, KeyState
+from apikeyd.domain.ratelimit import RateOutcome
 from apikeyd.domain.scopes import ScopeSet, parse_required_scopes
 from apikeyd.logs import fields
 from apikeyd.metrics import Metrics
@@ -50,6 +53,17 @@ def _log_decision(decision: Decision, required_scopes: Sequence[str], project_id
     )
 
 
+def _rate_decision(key: ApiKey, rate: RateOutcome) -> Decision:
+    if not rate.allowed:
+        return Decision(
+            AuthCode.RATE_LIMITED,
+            f"rate limit of {rate.limit} exceeded; retry after {rate.retry_after:.3f} s",
+            key,
+            rate,
+        )
+    return Decision(AuthCode.OK, "", key, rate)
+
+
 class Authorizer:
     def __init__(
         self,
@@ -57,7 +71,7 @@ class Authorizer:
         hasher: SecretHasher,
         cache: VerifiedKeyCache,
         verify_executor: Executor,
-        limiter: LocalRateLimiter | None = None,
+        limiter: LocalRateLimiter | RedisRateLimiter | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self._repository = repository
@@ -65,6 +79,8 @@ class Authorizer:
         self.cache = cache
         self._executor = verify_executor
         self._limiter = limiter or LocalRateLimiter()
+        # A shared limiter is awaited in `authorize`; the local one is called in `_decide`, as ever.
+        self._awaits_limiter = inspect.iscoroutinefunction(self._limiter.hit)
         self._inflight: dict[bytes, asyncio.Task[CachedKey | None]] = {}
         self._last_used: dict[str, float] = {}
         metrics = metrics or Metrics()
@@ -94,7 +110,9 @@ class Authorizer:
         elif isinstance(found, Decision):
             decision = found
         else:
-            decision = self._decide(found, required, resource, project_id)
+            decided = self._decide(found, required, resource, project_id)
+            # None only for keys with rate limits, with a shared limiter: the one await of a cached check.
+            decision = decided if decided is not None else await self._shared_rate_check(found)
         self._decisions[decision.code] += 1
         if log.isEnabledFor(logging.DEBUG):
             _log_decision(decision, required_scopes, project_id)
@@ -137,8 +155,9 @@ class Authorizer:
 
     def _decide(
         self, entry: CachedKey, required: tuple[tuple[str, tuple[str, str]], ...], resource: str, project_id: str
-    ) -> Decision:
-        """After identify: project, scopes, rate limits."""
+    ) -> Decision | None:
+        """After identify: project, scopes, rate limits. None: all passed but the rate limits, which a shared
+        limiter checks in `authorize`."""
         key = entry.key
         if key.project_id and key.project_id != project_id:
             asked = f"project {project_id!r}" if project_id else "no project"
@@ -160,15 +179,24 @@ class Authorizer:
                 )
         if not key.rate_limits:
             return entry.allowed
-        rate = self._limiter.hit(key.key_id, key.rate_limits)
-        if not rate.allowed:
+        if self._awaits_limiter:
+            return None
+        return _rate_decision(key, self._limiter.hit(key.key_id, key.rate_limits))  # type: ignore[arg-type]
+
+    async def _shared_rate_check(self, entry: CachedKey) -> Decision:
+        key = entry.key
+        try:
+            rate = await self._limiter.hit(key.key_id, key.rate_limits)  # type: ignore[misc]
+        except RateLimitUnavailable as error:  # counted and logged by the limiter
+            if error.allow:
+                return entry.allowed
             return Decision(
                 AuthCode.RATE_LIMITED,
-                f"rate limit of {rate.limit} exceeded; retry after {rate.retry_after:.3f} s",
+                f"rate limits cannot be checked right now; retry after {error.retry_after:.3f} s",
                 key,
-                rate,
+                RateOutcome(False, min(limit.limit for limit in key.rate_limits), 0, error.retry_after),
             )
-        return Decision(AuthCode.OK, "", key, rate)
+        return _rate_decision(key, rate)
 
     # --- misses -----------------------------------------------------------------------------------
 
@@ -196,7 +224,7 @@ class Authorizer:
             self._verification_seconds.observe(time.perf_counter() - started)
         log.debug("verified lookup id %s: %s", parsed.lookup_id, match if key is not None else "unknown")
         if key is None or match == "none":
-            self.cache.remember_bad(digest)
+            self.cache.remember_bad(digest, parsed.lookup_id, generation)
             return None
         entry = CachedKey(
             key=key,

@@ -8,7 +8,7 @@ import hashlib
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from apikeyd.domain.decision import Decision
@@ -59,6 +59,9 @@ class VerifiedKeyCache:
         self._generations: dict[str, int] = {}
         self._generation_floor = 0
         self._generation_counter = 0
+        # For the change feed (authorizer/feed.py), whose events name key ids: the cached keys' lookup ids.
+        self._lookup_by_key_id: dict[str, str] = {}
+        self._suspended = False  # the feed is behind or lost: no hit is trusted, nothing is stored
         self.stats = CacheStats()
 
     def __len__(self) -> int:
@@ -68,7 +71,7 @@ class VerifiedKeyCache:
         return hashlib.blake2b(presented.encode(), key=self._digest_key, digest_size=20).digest()
 
     def get(self, digest: bytes) -> CachedKey | None:
-        entry = self._entries.get(digest)
+        entry = None if self._suspended else self._entries.get(digest)
         if entry is None:
             self.stats.misses += 1
             return None
@@ -88,11 +91,12 @@ class VerifiedKeyCache:
         lookup_id = entry.key.lookup_id
         if self.generation(lookup_id) != generation:
             return False
-        if self.max_entries <= 0:
+        if self.max_entries <= 0 or self._suspended:
             return False
         self._entries[digest] = entry
         self._entries.move_to_end(digest)
         self._by_lookup_id.setdefault(lookup_id, set()).add(digest)
+        self._lookup_by_key_id[entry.key.key_id] = lookup_id
         while len(self._entries) > self.max_entries:
             old_digest, old_entry = next(iter(self._entries.items()))
             self._remove(old_digest, old_entry)
@@ -109,7 +113,9 @@ class VerifiedKeyCache:
             self._generations.clear()
             self._generation_floor = self._generation_counter
         for digest in self._by_lookup_id.pop(lookup_id, ()):
-            self._entries.pop(digest, None)
+            entry = self._entries.pop(digest, None)
+            if entry is not None:
+                self._lookup_by_key_id.pop(entry.key.key_id, None)
 
     def _remove(self, digest: bytes, entry: CachedKey) -> None:
         del self._entries[digest]
@@ -118,10 +124,53 @@ class VerifiedKeyCache:
             digests.discard(digest)
             if not digests:
                 del self._by_lookup_id[entry.key.lookup_id]
+                self._lookup_by_key_id.pop(entry.key.key_id, None)
+
+    # --- changes made by other processes (the change feed) ----------------------------------------
+
+    def _new_epoch(self) -> None:
+        """Make every verification in flight uncacheable: generation() of every key now returns a value
+        no earlier snapshot can equal (the same step as forgetting old generations)."""
+        self._generation_counter += 1
+        self._generations.clear()
+        self._generation_floor = self._generation_counter
+
+    def apply_remote_changes(self, key_ids: Iterable[str], created: bool) -> None:
+        """Keys changed elsewhere: drop their cached entries, make every verification now in flight
+        uncacheable (its key may be one of them; events name key ids, in-flight verifications only lookup
+        ids), and after a create forget the negative cache (the new key may be remembered as unknown)."""
+        self._new_epoch()
+        for key_id in key_ids:
+            lookup_id = self._lookup_by_key_id.pop(key_id, None)
+            if lookup_id is not None:
+                for digest in self._by_lookup_id.pop(lookup_id, ()):
+                    self._entries.pop(digest, None)
+        if created:
+            self._negative.clear()
+
+    @property
+    def suspended(self) -> bool:
+        return self._suspended
+
+    def suspend(self) -> None:
+        """The change feed is lost or behind: forget everything and store nothing until resume()."""
+        self._suspended = True
+        self._new_epoch()
+        self._entries.clear()
+        self._by_lookup_id.clear()
+        self._lookup_by_key_id.clear()
+        self._negative.clear()
+
+    def resume(self) -> None:
+        """The feed has caught up: cache again; verifications that started while suspended still may not."""
+        self._new_epoch()
+        self._suspended = False
 
     # --- negative cache: strings that verified as unknown or wrong --------------------------------
 
     def is_known_bad(self, digest: bytes) -> bool:
+        if self._suspended:
+            return False
         deadline = self._negative.get(digest)
         if deadline is None:
             return False
@@ -131,8 +180,11 @@ class VerifiedKeyCache:
         self.stats.negative_hits += 1
         return True
 
-    def remember_bad(self, digest: bytes) -> None:
-        if self.negative_ttl <= 0:
+    def remember_bad(self, digest: bytes, lookup_id: str | None = None, generation: int | None = None) -> None:
+        """With a generation snapshot: only if nothing changed since (a key created meanwhile elsewhere)."""
+        if self.negative_ttl <= 0 or self._suspended:
+            return
+        if lookup_id is not None and self.generation(lookup_id) != generation:
             return
         self._negative[digest] = self._clock() + self.negative_ttl
         self._negative.move_to_end(digest)

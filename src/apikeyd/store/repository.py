@@ -34,6 +34,7 @@ from apikeyd.domain.model import (
 from apikeyd.store.models import ApiKeyRow, KeyEventRow, RequestIdRow
 
 _WRITE = "apikeyd_write"
+FEED_CHANNEL = "apikeyd_key_events"  # NOTIFY channel of committed key events (PostgreSQL)
 
 
 @dataclass(frozen=True)
@@ -459,18 +460,21 @@ class Repository:
         changed_fields: tuple[str, ...],
         details: dict[str, Any],
     ) -> None:
-        session.add(
-            KeyEventRow(
-                key_id=key.key_id,
-                account_id=key.account_id,
-                project_id=key.project_id,
-                kind=kind.value,
-                time=now,
-                changed_fields=list(changed_fields),
-                details=details,
-                **_actor_columns(actor),
-            )
+        row = KeyEventRow(
+            key_id=key.key_id,
+            account_id=key.account_id,
+            project_id=key.project_id,
+            kind=kind.value,
+            time=now,
+            changed_fields=list(changed_fields),
+            details=details,
+            **_actor_columns(actor),
         )
+        session.add(row)
+        if session.get_bind().dialect.name == "postgresql":
+            # Wakes every process's change feed (authorizer/feed.py); delivered only if this commits.
+            session.flush()
+            session.execute(text("SELECT pg_notify(:channel, :id)"), {"channel": FEED_CHANNEL, "id": str(row.id)})
 
     @staticmethod
     def _replayed(session: Session, request: IdempotentRequest, account_id: str, now: datetime) -> ApiKey | None:
