@@ -3,7 +3,6 @@ await. A miss does one indexed read and one argon2 verification on a small threa
 concurrent miss of the same string, so cached checks keep flowing while it runs."""
 
 import asyncio
-import inspect
 import logging
 import time
 from collections.abc import Sequence
@@ -78,9 +77,13 @@ class Authorizer:
         self._hasher = hasher
         self.cache = cache
         self._executor = verify_executor
-        self._limiter = limiter or LocalRateLimiter()
-        # A shared limiter is awaited in `authorize`; the local one is called in `_decide`, as ever.
-        self._awaits_limiter = inspect.iscoroutinefunction(self._limiter.hit)
+        # A shared limiter is awaited in `authorize`; the local one is called in `_decide`, without an await.
+        self._shared_limiter: RedisRateLimiter | None = None
+        self._local_limiter = LocalRateLimiter()
+        if isinstance(limiter, RedisRateLimiter):
+            self._shared_limiter = limiter
+        elif limiter is not None:
+            self._local_limiter = limiter
         self._inflight: dict[bytes, asyncio.Task[CachedKey | None]] = {}
         self._last_used: dict[str, float] = {}
         metrics = metrics or Metrics()
@@ -179,14 +182,15 @@ class Authorizer:
                 )
         if not key.rate_limits:
             return entry.allowed
-        if self._awaits_limiter:
+        if self._shared_limiter is not None:
             return None
-        return _rate_decision(key, self._limiter.hit(key.key_id, key.rate_limits))  # type: ignore[arg-type]
+        return _rate_decision(key, self._local_limiter.hit(key.key_id, key.rate_limits))
 
     async def _shared_rate_check(self, entry: CachedKey) -> Decision:
         key = entry.key
+        assert self._shared_limiter is not None, "_decide defers to the shared limiter only when there is one"
         try:
-            rate = await self._limiter.hit(key.key_id, key.rate_limits)  # type: ignore[misc]
+            rate = await self._shared_limiter.hit(key.key_id, key.rate_limits)
         except RateLimitUnavailable as error:  # counted and logged by the limiter
             if error.allow:
                 return entry.allowed
@@ -267,5 +271,5 @@ class Authorizer:
                     self._last_used[key_id] = t
             log.warning("could not write %d last-used times; will retry", len(batch), exc_info=True)
             return 0
-        self._limiter.prune()
+        self._local_limiter.prune()
         return len(batch)

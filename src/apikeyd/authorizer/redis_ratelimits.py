@@ -192,9 +192,6 @@ class RedisRateLimiter(Collector):
             self._suppressed += 1
         raise RateLimitUnavailable(self.allow_on_failure, self.RETRY_AFTER)
 
-    def prune(self) -> None:
-        """Nothing to do: Redis expires each limit once it is full again."""
-
     async def start(self) -> None:
         """Loads the script and says where limits live; an unreachable Redis is a warning, not an error."""
         try:
