@@ -17,6 +17,16 @@ What it measures, in this order:
 5. Single-flight, against a Server in this process so that argon2 verifications can be counted: 100
    concurrent first checks of one fresh key should cost one verification.
 6. The argon2id parameters and what one verification costs here.
+7. Revocation propagation (bench.scaleout): two `apikeyd serve` replicas on a fresh PostgreSQL database;
+   for 30 keys, create on A, authorize on B (B caches it), revoke on A, poll B until REVOKED; p50/p99/max
+   of the delay from A's RevokeApiKey returning to B's first REVOKED. Skipped when PostgreSQL does not
+   answer on 127.0.0.1:5432; the database is dropped at the end.
+8. Cached Authorize throughput of `apikeyd serve --workers W` for W = 1, 2 and the CPU count, driven by
+   two client processes over several connections each (SO_REUSEPORT spreads connections, not calls). On
+   a 2-core machine the clients take CPU from the workers, which the output says.
+9. The cost of a shared rate-limit check: cached Authorize p50/p99 of a rate-limited key (a limit it never
+   reaches) with `--rate-limit-url` on the local Redis versus the in-process limiter. Skipped when Redis
+   does not answer on 127.0.0.1:6379; the bench's Redis keys (their own random prefix) are removed.
 
 Every loop is bounded in count and in time; everything listens on and connects to 127.0.0.1 only.
 """
@@ -25,13 +35,14 @@ import os
 import platform
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import grpc
 
 from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
-from bench import inprocess, load
+from bench import inprocess, load, scaleout
 from bench.server_process import ServerProcess, running_server
 
 COLD_KEYS = 80
@@ -130,6 +141,24 @@ def _report_in_process(workdir: Path) -> None:
     )
 
 
+def _section(title: str) -> None:
+    print(f"\n--- {title} ---", flush=True)
+
+
+def _report_scaleout(workdir: Path) -> None:
+    """Sections 7-9: each starts its own servers and stops them before the next."""
+    for title, section in (
+        ("revocation propagation: two replicas on PostgreSQL", scaleout.revocation_propagation),
+        ("worker processes: `apikeyd serve --workers W` on SQLite", scaleout.worker_throughput),
+        ("rate-limit check cost: Redis vs in-process", scaleout.rate_limit_cost),
+    ):
+        _section(title)
+        started = time.monotonic()
+        for label, text in section(workdir):
+            _line(label, text)
+        _line("", f"({time.monotonic() - started:.1f} s)")
+
+
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="apikeyd-bench-") as tmp:
         workdir = Path(tmp)
@@ -140,6 +169,7 @@ def main() -> int:
             _report_load(load.measure_in_own_process(target, CLIENT_TIMEOUT))
         _line("server stop", f"SIGTERM -> exit code {server.exit_code}")
         _report_in_process(workdir)
+        _report_scaleout(workdir)
     return 0 if server.exit_code == 0 else 1
 
 

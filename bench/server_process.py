@@ -5,7 +5,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,34 +74,42 @@ def _stop(server: ServerProcess) -> None:
         ) from None
 
 
+def run_apikeyd(*args: str, timeout: float = 60.0) -> str:
+    """One `apikeyd` command (migrate, admin-key create, ...) to completion; its stdout, stripped."""
+    return subprocess.run(
+        [_apikeyd(), *args], stdin=subprocess.DEVNULL, capture_output=True, text=True, check=True, timeout=timeout
+    ).stdout.strip()
+
+
 @contextlib.contextmanager
-def running_server(workdir: Path) -> Iterator[ServerProcess]:
-    """`apikeyd serve` on a free loopback port with a fresh SQLite file; SIGTERM on the way out."""
+def running_server(
+    workdir: Path, database_url: str = "", extra_args: Sequence[str] = (), name: str = "apikeyd"
+) -> Iterator[ServerProcess]:
+    """`apikeyd serve` on a free loopback port (by default with a fresh SQLite file in workdir, or on
+    `database_url`, already migrated), with `extra_args` added; SIGTERM on the way out."""
+    workdir.mkdir(parents=True, exist_ok=True)
     address = f"127.0.0.1:{free_port()}"
-    log_path = workdir / "apikeyd.log"
+    log_path = workdir / f"{name}.log"
+    database_url = database_url or f"sqlite:///{workdir / 'bench.db'}"
     command = [
         _apikeyd(),
         "serve",
         "--listen",
         address,
         "--database-url",
-        f"sqlite:///{workdir / 'bench.db'}",
+        database_url,
         "--metrics-listen",
         "127.0.0.1:0",
+        *extra_args,
     ]
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     server = ServerProcess(process, address, log_path)
     try:
         _wait_until_serving(server)
-        server.operator_key = subprocess.run(
-            [_apikeyd(), "admin-key", "create", "--display-name", "bench", "--database-url", f"sqlite:///{workdir / 'bench.db'}"],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=60,
-        ).stdout.strip()
+        server.operator_key = run_apikeyd(
+            "admin-key", "create", "--display-name", "bench", "--database-url", database_url
+        )
         yield server
     except BaseException:
         # A failed call is easier to explain with the server's side of the story next to it.
