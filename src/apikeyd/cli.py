@@ -124,7 +124,7 @@ async def _create_operator_key(settings: Settings, display_name: str, scopes: tu
 
     app = App(settings)
     try:
-        prepare_database(settings, app.repository)
+        prepare_database(app.repository.engine)
         caller = app.manager.operator("admin-key create")
         return await app.manager.create(caller, settings.operator_account, NewKey(display_name, scopes))
     finally:

@@ -12,13 +12,13 @@ import grpc
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from sqlalchemy import Engine
 
 from apikeyd import tls
 from apikeyd.authorizer.authorizer import Authorizer
 from apikeyd.authorizer.cache import VerifiedKeyCache
 from apikeyd.authorizer.feed import ChangeFeed
 from apikeyd.authorizer.hashing import Argon2Parameters, SecretHasher
-from apikeyd.authorizer.ratelimits import LocalRateLimiter
 from apikeyd.authorizer.redis_ratelimits import FAILURE_POLICIES, RedisRateLimiter
 from apikeyd.config import Settings
 from apikeyd.domain import keys
@@ -58,15 +58,19 @@ class StartupError(Exception):
     """Settings or surroundings that keep the server from starting; the message says which."""
 
 
+def check_key_prefixes(settings: Settings) -> None:
+    for name in ("account_key_prefix", "project_key_prefix"):
+        if not keys.is_valid_prefix(getattr(settings, name)):
+            raise StartupError(
+                f"{Settings.env_name(name)}={getattr(settings, name)!r} must match {keys.PREFIX_PATTERN}"
+            )
+
+
 class App:
     """The object graph of one server process."""
 
     def __init__(self, settings: Settings) -> None:
-        for name in ("account_key_prefix", "project_key_prefix"):
-            if not keys.is_valid_prefix(getattr(settings, name)):
-                raise StartupError(
-                    f"{Settings.env_name(name)}={getattr(settings, name)!r} must match {keys.PREFIX_PATTERN}"
-                )
+        check_key_prefixes(settings)
         self.settings = settings
         self.shared_limiter = _shared_limiter(settings)  # before anything that needs closing
         self.repository = Repository.from_url(settings.database_url, settings.db_pool_size)
@@ -86,7 +90,7 @@ class App:
             self.hasher,
             self.cache,
             self.verify_executor,
-            limiter=self.shared_limiter or LocalRateLimiter(),
+            limiter=self.shared_limiter,  # None: the Authorizer keeps limits in process
             metrics=self.metrics,
         )
         self.metrics.watch(cache=self.cache, hasher=self.hasher, in_flight=self.authorizer.verifications_in_flight)
@@ -132,7 +136,7 @@ class Server:
         # One listener per port: grpcio sets SO_REUSEPORT by default, which would let a second server
         # share a taken port silently. `--workers N` (N > 1) shares it on purpose: its supervisor has
         # checked the port is free first (src/apikeyd/workers.py).
-        reuse_port = 1 if getattr(app.settings, "workers", 1) > 1 else 0
+        reuse_port = 1 if app.settings.workers > 1 else 0
         self.grpc = grpc.aio.server(options=[("grpc.so_reuseport", reuse_port)])
         self.health = health.aio.HealthServicer()
         service = ApiKeyService(app.manager, app.authorizer, app.metrics, app.settings.authorize_requires_key)
@@ -277,10 +281,10 @@ class Server:
         self.app.close()
 
 
-def prepare_database(settings: Settings, repository: Repository) -> None:
+def prepare_database(engine: Engine) -> None:
     """`serve` brings an SQLite file up to date by itself; other databases are migrated with `apikeyd migrate`."""
-    if repository.engine.dialect.name == "sqlite":
-        migrate.upgrade(repository.engine)
+    if engine.dialect.name == "sqlite":
+        migrate.upgrade(engine)
 
 
 async def serve(
@@ -293,7 +297,7 @@ async def serve(
     database) and `started`, called once the server listens and signals are handled, with the stop event."""
     app = App(settings)
     if prepare:
-        prepare_database(settings, app.repository)
+        prepare_database(app.repository.engine)
     server = Server(app)
     port = await server.start(settings.listen)
     log.info("apikeyd serving on %s (port %d, %s), database %s", settings.listen, port, tls.describe(settings), app.repository.engine.url.render_as_string(hide_password=True))

@@ -102,9 +102,7 @@ def metrics_listen_of(settings: Settings, index: int) -> str:
 
 def _check_before_start(settings: Settings) -> None:
     """What would stop every worker alike is found once, here, with a clear message (exit 2)."""
-    from apikeyd.domain import keys
-    from apikeyd.server import StartupError
-    from apikeyd.store import migrate
+    from apikeyd.server import StartupError, check_key_prefixes, prepare_database
     from apikeyd.store.repository import create_db_engine
 
     try:
@@ -126,21 +124,18 @@ def _check_before_start(settings: Settings) -> None:
         tls.server_credentials(settings)
     except tls.TlsSettingsError as error:
         raise StartupError(str(error)) from None
-    for name in ("account_key_prefix", "project_key_prefix"):
-        if not keys.is_valid_prefix(getattr(settings, name)):
-            raise StartupError(f"{Settings.env_name(name)}={getattr(settings, name)!r} must match {keys.PREFIX_PATTERN}")
+    check_key_prefixes(settings)
     # No App here (its pools, rate-limit store, ...): the supervisor only migrates an SQLite database, once,
     # before any worker runs, as `serve` does (other databases are migrated with `apikeyd migrate`).
     engine = create_db_engine(settings.database_url)
     try:
-        if engine.dialect.name == "sqlite":
-            migrate.upgrade(engine)
+        prepare_database(engine)
     finally:
         engine.dispose()
 
 
 def _warn_about_rate_limits(settings: Settings) -> None:
-    if getattr(settings, "rate_limit_url", ""):
+    if settings.rate_limit_url:
         return
     log.warning(
         "rate limits are enforced per worker process: with %d workers and no shared rate-limit store "

@@ -108,10 +108,13 @@ class VerifiedKeyCache:
         self._generation_counter += 1
         self._generations[lookup_id] = self._generation_counter
         if len(self._generations) > _MAX_GENERATIONS:
-            # Every remembered generation is <= the counter, so raising the floor to it keeps the rule:
+            # Every remembered generation is <= the counter, so raising the floor above it keeps the rule:
             # a snapshot taken before any bump still differs from what generation() now returns.
-            self._generations.clear()
-            self._generation_floor = self._generation_counter
+            self._new_epoch()
+        self._drop(lookup_id)
+
+    def _drop(self, lookup_id: str) -> None:
+        """Every cached entry of one key (one per secret presented: current and, in a rotation, previous)."""
         for digest in self._by_lookup_id.pop(lookup_id, ()):
             entry = self._entries.pop(digest, None)
             if entry is not None:
@@ -141,10 +144,9 @@ class VerifiedKeyCache:
         ids), and after a create forget the negative cache (the new key may be remembered as unknown)."""
         self._new_epoch()
         for key_id in key_ids:
-            lookup_id = self._lookup_by_key_id.pop(key_id, None)
+            lookup_id = self._lookup_by_key_id.get(key_id)
             if lookup_id is not None:
-                for digest in self._by_lookup_id.pop(lookup_id, ()):
-                    self._entries.pop(digest, None)
+                self._drop(lookup_id)
         if created:
             self._negative.clear()
 

@@ -40,6 +40,16 @@ def bearer_token(context: Context) -> str:
     raise Unauthenticated("no credential: send the metadata `authorization: Bearer <key>` with a key of this service")
 
 
+async def authorizing_caller(manager: KeyManager, required: bool, context: Context, method: str) -> Caller | None:
+    """Who asks Authorize or Envoy's Check: nobody in particular by default; with
+    APIKEYD_AUTHORIZE_REQUIRES_KEY, a key with apikeys:authorize, which then sees only keys in its reach."""
+    if not required:
+        return None
+    caller = await manager.authenticate(bearer_token(context), context.peer(), method)
+    caller.require(AUTHORIZE)
+    return caller
+
+
 class ApiKeyService(pb_grpc.ApiKeyServiceServicer):
     def __init__(
         self,
@@ -137,10 +147,7 @@ class ApiKeyService(pb_grpc.ApiKeyServiceServicer):
 
     @grpc_errors
     async def Authorize(self, request: pb.AuthorizeRequest, context: Context) -> pb.AuthorizeResponse:
-        caller = None
-        if self._authorize_requires_key:
-            caller = await self._caller(context, "Authorize")
-            caller.require(AUTHORIZE)
+        caller = await authorizing_caller(self._manager, self._authorize_requires_key, context, "Authorize")
         decision = await self._authorizer.authorize(
             request.key, request.required_scopes, request.resource, request.project_id, caller
         )

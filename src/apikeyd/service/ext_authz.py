@@ -35,13 +35,12 @@ from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
 from apikeyd.authorizer.authorizer import Authorizer
-from apikeyd.domain.access import AUTHORIZE, Caller
 from apikeyd.domain.decision import AuthCode, Decision
 from apikeyd.domain.errors import InvalidArgument, Unavailable
 from apikeyd.domain.scopes import parse_required_scopes
 from apikeyd.lifecycle import KeyManager
 from apikeyd.metrics import Metrics
-from apikeyd.service.api_keys import bearer_token
+from apikeyd.service.api_keys import authorizing_caller
 from apikeyd.service.errors import grpc_errors
 
 log = logging.getLogger(__name__)
@@ -225,17 +224,10 @@ class ExtAuthzService(ext_grpc.AuthorizationServicer):
         # grpc_service initial_metadata), and a tenant's proxy can pass only its own account's keys.
         self._authorize_requires_key = authorize_requires_key
 
-    async def _caller(self, context: grpc.aio.ServicerContext) -> Caller | None:
-        if not self._authorize_requires_key:
-            return None
-        caller = await self._manager.authenticate(bearer_token(context), context.peer(), "Check")
-        caller.require(AUTHORIZE)
-        return caller
-
     @grpc_errors
     async def Check(self, request: ext.CheckRequest, context: grpc.aio.ServicerContext) -> ext.CheckResponse:
         # A proxy that may not ask gets a gRPC error, which Envoy turns into its status_on_error: fail closed.
-        caller = await self._caller(context)
+        caller = await authorizing_caller(self._manager, self._authorize_requires_key, context, "Check")
         attributes = request.attributes
         try:
             route = parse_route(tuple(sorted(attributes.context_extensions.items())))

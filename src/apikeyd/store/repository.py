@@ -251,17 +251,12 @@ class Repository:
         max_live_keys: int | None = None,
     ) -> tuple[ApiKey, bool]:
         """The new key, or with a request_id seen in the last day the key it made; and whether it was that."""
-        try:
-            return self._create(key, credentials, actor, request, max_live_keys)
-        except IntegrityError:
-            if request is None:
-                raise
-            # A concurrent request with the same request_id committed first: answer as its retry.
-            with self._transaction(write=True) as session:
-                replayed = self._replayed(session, request, key.account_id, key.create_time)
-            if replayed is None:
-                raise
-            return replayed, True
+        return self._or_replay(
+            lambda: self._create(key, credentials, actor, request, max_live_keys),
+            request,
+            key.account_id,
+            key.create_time,
+        )
 
     def _create(
         self,
@@ -321,8 +316,24 @@ class Repository:
     ) -> tuple[ApiKey, bool]:
         """Apply what `decide` makes of the current key, guarded by the etag and the revision; with a
         request_id seen in the last day, change nothing and say so."""
+        return self._or_replay(
+            lambda: self._modify(account_id, key_id, expected_etag, decide, now, actor, request),
+            request,
+            account_id,
+            now,
+        )
+
+    def _or_replay(
+        self,
+        write: Callable[[], tuple[ApiKey, bool]],
+        request: IdempotentRequest | None,
+        account_id: str,
+        now: datetime,
+    ) -> tuple[ApiKey, bool]:
+        """Run `write`; if a concurrent request with the same request_id committed first (the unique key
+        refused ours), answer as that request's retry."""
         try:
-            return self._modify(account_id, key_id, expected_etag, decide, now, actor, request)
+            return write()
         except IntegrityError:
             if request is None:
                 raise
