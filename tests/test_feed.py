@@ -154,18 +154,19 @@ def test_b_distrusts_its_cache_while_its_feed_is_lost_and_recovers(make_server, 
             assert pid is not None
             with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
                 assert admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]
-        _wait_for(lambda: b.app.cache.suspended, timeout=BOUND * 3)
+        _wait_for(lambda: b.app.feed.lost, timeout=BOUND * 3)
+        assert not b.app.cache.trusted
         # A change B's feed cannot see: B answers from the database, not from its cache.
         a.stub.RevokeApiKey(pb.RevokeApiKeyRequest(name=created.api_key.name))
         hits = b.app.cache.stats.hits
         assert authorize(b.stub, created.secret).code == R.REVOKED
         assert authorize(b.stub, other.secret).code == R.OK
         assert authorize(b.stub, other.secret).code == R.OK
-        assert b.app.cache.stats.hits == hits  # nothing served from the cache, nothing stored
-        assert b.app.cache.suspended
+        assert b.app.cache.stats.hits == hits  # nothing served from the cache
+        assert b.app.feed.lost and not b.app.cache.trusted
     finally:
         feed._fetch = real_fetch  # type: ignore[method-assign]
-    _wait_for(lambda: not b.app.cache.suspended, timeout=BOUND * 5)
+    _wait_for(lambda: not b.app.feed.lost and b.app.cache.trusted, timeout=BOUND * 5)
     _cached_on(b, other.secret)  # caching again
     if database_url.startswith("postgresql"):
         assert feed.listener_pid() not in (None, pid)  # listening on a new connection
@@ -197,22 +198,71 @@ def test_the_cache_applies_remote_changes_by_key_id_and_spoils_verifications_in_
     assert not cache.is_known_bad(b"late")  # nor may a verification in flight remember one
 
 
-def test_a_suspended_cache_serves_and_stores_nothing_until_resumed():
-    from tests.test_cache import _entry
+def test_a_following_cache_trusts_its_entries_for_the_lease_past_each_sync_only():
+    from tests.test_cache import Clock, _entry
 
-    cache = VerifiedKeyCache()
-    cache.put(b"d1", _entry("l1", 1e12), cache.generation("l1"))
-    before = cache.generation("l2")
-    cache.suspend()
-    assert cache.get(b"d1") is None and len(cache) == 0
-    assert not cache.put(b"d2", _entry("l2", 1e12), cache.generation("l2"))
+    clock = Clock()
+    cache = VerifiedKeyCache(clock=clock)
+    assert cache.put(b"d1", _entry("l1", 1e12), cache.generation("l1"))
+    assert cache.get(b"d1") is not None  # no feed: this process sees every change itself
+    cache.follow(lease=1.0)
+    assert cache.get(b"d1") is None and not cache.trusted  # not before the feed's first read
+    cache.synced(clock.now)
+    assert cache.get(b"d1") is not None
+    clock.now += 0.999
+    assert cache.get(b"d1") is not None
+    clock.now += 0.001
+    assert cache.get(b"d1") is None and not cache.trusted  # the feed went quiet: a lease, not a hope
     cache.remember_bad(b"bad")
-    assert not cache.is_known_bad(b"bad")
-    during = cache.generation("l2")
-    cache.resume()
-    assert not cache.put(b"d2", _entry("l2", 1e12), before)
-    assert not cache.put(b"d2", _entry("l2", 1e12), during)  # began while suspended
-    assert cache.put(b"d2", _entry("l2", 1e12), cache.generation("l2"))
+    assert not cache.is_known_bad(b"bad")  # the key may have been created elsewhere meanwhile
+    cache.synced(clock.now - 0.5)
+    assert cache.get(b"d1") is not None and cache.is_known_bad(b"bad")
+    cache.synced(clock.now - 2.0)  # an older read finishing late moves nothing back
+    assert cache.get(b"d1") is not None
+
+
+def test_a_suspended_cache_keeps_its_entries_but_trusts_none_until_the_feed_has_caught_up():
+    from tests.test_cache import Clock, _entry
+
+    clock = Clock()
+    cache = VerifiedKeyCache(clock=clock)
+    cache.follow(lease=1.0)
+    cache.synced(clock.now)
+    cache.put(b"d1", _entry("l1", 1e12), cache.generation("l1"))
+    cache.suspend()
+    assert cache.get(b"d1") is None and len(cache) == 1
+    assert cache.put(b"d2", _entry("l2", 1e12), cache.generation("l2"))  # a fresh read is as good as any
+    cache.apply_remote_changes(["id-l1"], created=False)  # the catch-up read applies what was missed
+    clock.now += 0.1
+    cache.synced(clock.now)
+    assert cache.get(b"d1") is None and cache.get(b"d2") is not None
+
+
+def test_stale_entries_serve_within_stale_if_error_past_the_last_sync_and_never_a_dropped_key():
+    from tests.test_cache import Clock, _entry
+
+    clock = Clock()
+    cache = VerifiedKeyCache(ttl=60, stale_if_error=30, clock=clock)
+    cache.follow(lease=1.0)
+    cache.synced(clock.now)
+    cache.put(b"d1", _entry("l1", clock.now + 60), cache.generation("l1"))
+    cache.put(b"d2", _entry("l2", clock.now + 60), cache.generation("l2"))
+    cache.invalidate("l2")  # changed here: gone, not stale
+    cache.suspend()
+    clock.now += 29.9
+    assert cache.get(b"d1") is None
+    assert cache.stale(b"d1") is not None and cache.stale(b"d2") is None
+    assert cache.stats.stale_hits == 1
+    clock.now += 0.1
+    assert cache.stale(b"d1") is None  # 30 s past the last sync
+    clock.now += 40
+    cache.synced(clock.now)  # the feed is back, but the entry is past its TTL: no hit, still the fallback
+    assert cache.get(b"d1") is None
+    cache.suspend()
+    assert cache.stale(b"d1") is not None
+    refusing = VerifiedKeyCache(stale_if_error=0, clock=clock)
+    refusing.put(b"d1", _entry("l1", clock.now + 60), refusing.generation("l1"))
+    assert refusing.stale(b"d1") is None
 
 
 def test_the_feed_looks_again_for_ids_skipped_below_its_position():

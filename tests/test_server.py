@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from apikeyd.config import Settings
 from apikeyd.domain import keys
-from apikeyd.server import StartupError
+from apikeyd.server import App, StartupError
 from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
 from tests.conftest import (
@@ -69,6 +69,14 @@ def test_a_taken_port_is_an_error_not_a_second_listener(server, database_url):
     with pytest.raises(StartupError, match=f"cannot listen on {server.address}"):
         RunningServer(Settings.load(environ={}, database_url=database_url), listen=server.address)
     assert server.stub.ListApiKeys(pb.ListApiKeysRequest(parent="accounts/x")).total_size == 0
+
+
+def test_a_feed_poll_that_is_not_shorter_than_the_lease_is_refused_at_start(database_url):
+    # The cache would stop trusting its entries between two reads of the feed.
+    with pytest.raises(StartupError, match="must be shorter than APIKEYD_FEED_LEASE"):
+        App(Settings.load(environ={}, database_url=database_url, feed_poll_interval=1.0, feed_lease=1.0))
+    with pytest.raises(StartupError, match=r"poll interval \(0.5 s\)|poll interval \(0.25 s\)"):
+        App(Settings.load(environ={}, database_url=database_url, feed_lease=0.2))
 
 
 def _free_port() -> int:

@@ -54,8 +54,16 @@ class Settings:
         "127.0.0.1:9464", "host:port to serve Prometheus metrics on over HTTP (/metrics); empty disables"
     )
     feed_poll_interval: float = _setting(
-        0.0, "seconds between reads of the key_events change feed; 0 picks 0.25 on SQLite, 1 on PostgreSQL "
-        "(where LISTEN/NOTIFY wakes it at once and the read is a fallback)"
+        0.0, "seconds between reads of the key_events change feed; 0 picks 0.25 on SQLite, 0.5 on PostgreSQL "
+        "(where LISTEN/NOTIFY wakes it at once and the read is a fallback); must be less than feed_lease"
+    )
+    feed_lease: float = _setting(
+        1.0, "seconds cached keys are trusted past the change feed's last successful read: the bound within "
+        "which a change made by another process is in force here, whatever fails"
+    )
+    stale_if_error: float = _setting(
+        300.0, "seconds past the change feed's last successful read during which keys this process verified "
+        "keep being authorized while the database does not answer (0: refuse them too)"
     )
     health_check_interval: float = _setting(
         2.0, "seconds between database pings; health says NOT_SERVING while they fail (0 disables)"

@@ -34,6 +34,7 @@ RPCS = "apikeyd_rpcs_total"
 CACHE_HITS = "apikeyd_cache_hits_total"
 CACHE_MISSES = "apikeyd_cache_misses_total"
 CACHE_NEGATIVE_HITS = "apikeyd_cache_negative_hits_total"
+CACHE_STALE_HITS = "apikeyd_cache_stale_hits_total"
 CACHE_EVICTIONS = "apikeyd_cache_evictions_total"
 CACHE_ENTRIES = "apikeyd_cache_entries"
 VERIFICATIONS_IN_FLIGHT = "apikeyd_verifications_in_flight"
@@ -146,6 +147,11 @@ class Metrics(Collector):
                 (CACHE_HITS, stats.hits, "verified-key cache lookups that found a fresh entry"),
                 (CACHE_MISSES, stats.misses, "verified-key cache lookups that found none (or a stale one)"),
                 (CACHE_NEGATIVE_HITS, stats.negative_hits, "misses answered by the cache of unknown keys"),
+                (
+                    CACHE_STALE_HITS,
+                    stats.stale_hits,
+                    "checks answered from a verified key's entry while the database did not answer",
+                ),
                 (
                     CACHE_EVICTIONS,
                     stats.evictions,

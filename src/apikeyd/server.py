@@ -12,12 +12,12 @@ import grpc
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from sqlalchemy import Engine
+from sqlalchemy import Engine, make_url
 
 from apikeyd import tls
 from apikeyd.authorizer.authorizer import Authorizer
 from apikeyd.authorizer.cache import VerifiedKeyCache
-from apikeyd.authorizer.feed import ChangeFeed
+from apikeyd.authorizer.feed import ChangeFeed, effective_poll_interval
 from apikeyd.authorizer.hashing import Argon2Parameters, SecretHasher
 from apikeyd.authorizer.redis_ratelimits import FAILURE_POLICIES, RedisRateLimiter
 from apikeyd.config import Settings
@@ -29,7 +29,7 @@ from apikeyd.metrics import Metrics, MetricsEndpoint
 from apikeyd.service import ext_authz
 from apikeyd.service.api_keys import ApiKeyService
 from apikeyd.store import migrate
-from apikeyd.store.repository import Repository
+from apikeyd.store.repository import Repository, normalize_url
 from apikeyd.v1 import api_keys_pb2, api_keys_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -66,22 +66,36 @@ def check_key_prefixes(settings: Settings) -> None:
             )
 
 
+def check_feed_timing(settings: Settings) -> None:
+    postgres = make_url(normalize_url(settings.database_url)).get_backend_name() == "postgresql"
+    try:
+        effective_poll_interval(postgres, settings.feed_poll_interval, settings.feed_lease)
+    except ValueError as error:
+        raise StartupError(str(error)) from None
+
+
 class App:
     """The object graph of one server process."""
 
     def __init__(self, settings: Settings) -> None:
         check_key_prefixes(settings)
+        check_feed_timing(settings)
         self.settings = settings
         self.shared_limiter = _shared_limiter(settings)  # before anything that needs closing
         self.repository = Repository.from_url(settings.database_url, settings.db_pool_size)
+        self.cache = VerifiedKeyCache(
+            settings.cache_size,
+            settings.cache_ttl,
+            settings.negative_cache_ttl,
+            stale_if_error=settings.stale_if_error,
+        )
+        # Drops from this process's cache the keys other processes change (key_events; LISTEN on PostgreSQL).
+        self.feed = ChangeFeed(self.repository.engine, self.cache, settings.feed_poll_interval, settings.feed_lease)
         self.hasher = SecretHasher(
             Argon2Parameters(settings.argon2_time_cost, settings.argon2_memory_kib, settings.argon2_parallelism)
         )
         self.verify_executor = ThreadPoolExecutor(settings.max_verifications, thread_name_prefix="verify")
         self.store_executor = ThreadPoolExecutor(settings.db_pool_size, thread_name_prefix="store")
-        self.cache = VerifiedKeyCache(settings.cache_size, settings.cache_ttl, settings.negative_cache_ttl)
-        # Drops from this process's cache the keys other processes change (key_events; LISTEN on PostgreSQL).
-        self.feed = ChangeFeed(self.repository.engine, self.cache, settings.feed_poll_interval)
         self.metrics = Metrics()  # a registry of this App's own: servers in one process never clash
         if self.shared_limiter is not None:
             self.metrics.registry.register(self.shared_limiter)

@@ -1,6 +1,11 @@
 """The Authorize decision. A cache hit is plain Python on the event loop: no database, no argon2, no
 await. A miss does one indexed read and one argon2 verification on a small thread pool, shared by every
-concurrent miss of the same string, so cached checks keep flowing while it runs."""
+concurrent miss of the same string, so cached checks keep flowing while it runs.
+
+When the database does not answer, a miss of a key this process verified before is answered from its
+entry within the cache's stale-if-error window (cache.py); any other miss is UNAVAILABLE. For
+`_DATABASE_RETRY` seconds after such a failure (or until the change feed reads successfully), misses do
+not try the database again: a database that hangs must not make every check wait for its timeout."""
 
 import asyncio
 import logging
@@ -17,6 +22,7 @@ from apikeyd.authorizer.redis_ratelimits import RateLimitUnavailable, RedisRateL
 from apikeyd.domain import keys
 from apikeyd.domain.access import Caller
 from apikeyd.domain.decision import MALFORMED, NOT_FOUND, AuthCode, Decision
+from apikeyd.domain.errors import Unavailable
 from apikeyd.domain.model import ApiKey, KeyState
 from apikeyd.domain.ratelimit import RateOutcome
 from apikeyd.domain.scopes import ScopeSet, parse_required_scopes
@@ -27,6 +33,8 @@ from apikeyd.store.repository import Repository
 log = logging.getLogger(__name__)
 
 Match = Literal["current", "previous", "none"]
+
+_DATABASE_RETRY = 1.0  # seconds after a failed verification read during which misses do not try again
 
 
 def _timestamp(value: datetime | None) -> float | None:
@@ -85,6 +93,7 @@ class Authorizer:
         elif limiter is not None:
             self._local_limiter = limiter
         self._inflight: dict[bytes, asyncio.Task[CachedKey | None]] = {}
+        self._database_failed_at = float("-inf")  # monotonic time of the last verification read that failed
         self._last_used: dict[str, float] = {}
         metrics = metrics or Metrics()
         self._decisions = metrics.decisions  # plain counters by AuthCode, read when Prometheus scrapes
@@ -133,7 +142,12 @@ class Authorizer:
                 return MALFORMED
             if self.cache.is_known_bad(digest):
                 return NOT_FOUND
-            entry = await self._verify(digest, parsed)
+            try:
+                entry = await self._verify(digest, parsed)
+            except Unavailable:
+                entry = self.cache.stale(digest)
+                if entry is None:
+                    raise
             if entry is None:
                 return NOT_FOUND
         key = entry.key
@@ -208,6 +222,10 @@ class Authorizer:
         """One verification per presented string at a time; a caller that goes away does not cancel it."""
         task = self._inflight.get(digest)
         if task is None:
+            failed_at = self._database_failed_at
+            # A successful read of the change feed since the failure says the database is back.
+            if failed_at > self.cache.synced_at and time.monotonic() - failed_at < _DATABASE_RETRY:
+                raise Unavailable("the database is unavailable; retry later")
             task = asyncio.ensure_future(self._verification(digest, parsed))
             self._inflight[digest] = task
             task.add_done_callback(lambda done: self._verification_done(digest, done))
@@ -224,6 +242,15 @@ class Authorizer:
         started = time.perf_counter()
         try:
             key, match = await loop.run_in_executor(self._executor, self._load_and_verify, parsed)
+        except Unavailable:
+            if time.monotonic() - self._database_failed_at > _DATABASE_RETRY * 2:  # once per outage, roughly
+                log.warning(
+                    "the database does not answer: keys verified here in the last %.0f s are still "
+                    "authorized (APIKEYD_STALE_IF_ERROR), unknown ones get UNAVAILABLE", self.cache.stale_if_error,
+                    extra=fields(event="authorize.database_unavailable"),
+                )
+            self._database_failed_at = time.monotonic()
+            raise
         finally:
             self._verification_seconds.observe(time.perf_counter() - started)
         log.debug("verified lookup id %s: %s", parsed.lookup_id, match if key is not None else "unknown")

@@ -2,6 +2,18 @@
 
 Everything here runs on the event loop thread, so it needs no locks. A mutation bumps its key's
 generation; a verification that started before the bump cannot put its (possibly stale) result back.
+
+Trust. A process sees its own changes at once; other processes' changes reach it through the change feed
+(authorizer/feed.py). A cache that follows a feed trusts its entries only for `lease` seconds past the
+feed's last successful read (`synced`), and not at all from the moment the feed is lost (`suspend`) until
+it has caught up: whatever fails or stalls, a change acknowledged elsewhere is in force here within the
+lease. While not trusted, every check is verified afresh, and nothing is thrown away: the feed's catch-up
+applies every event since its position, after which the entries are as good as before.
+
+Stale if error. When a fresh verification fails because the database does not answer, `stale` hands back
+the entry of a key this process verified before (even past its TTL), for `stale_if_error` seconds past the
+feed's last successful read. A key whose change this process has seen has no entry to hand back: its own
+changes and the feed's events drop entries outright.
 """
 
 import hashlib
@@ -32,6 +44,7 @@ class CacheStats:
     misses: int = 0
     evictions: int = 0
     negative_hits: int = 0
+    stale_hits: int = 0  # answered from an entry while the database did not answer
 
 
 _MAX_GENERATIONS = 100_000
@@ -44,11 +57,13 @@ class VerifiedKeyCache:
         ttl: float = 60.0,
         negative_ttl: float = 10.0,
         max_negative_entries: int = 10_000,
+        stale_if_error: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.max_entries = max_entries
         self.ttl = ttl
         self.negative_ttl = negative_ttl
+        self.stale_if_error = stale_if_error
         self._max_negative = max_negative_entries
         self._clock = clock
         # A per-process random key: the digest of a presented string is useless outside this process.
@@ -61,7 +76,10 @@ class VerifiedKeyCache:
         self._generation_counter = 0
         # For the change feed (authorizer/feed.py), whose events name key ids: the cached keys' lookup ids.
         self._lookup_by_key_id: dict[str, str] = {}
-        self._suspended = False  # the feed is behind or lost: no hit is trusted, nothing is stored
+        # Set by follow(): without a feed, a process sees every change itself and its cache is always in sync.
+        self._lease: float | None = None
+        self._synced_at = float("-inf")  # monotonic start of the feed's last successful read
+        self._trusted_until = float("inf")
         self.stats = CacheStats()
 
     def __len__(self) -> int:
@@ -71,16 +89,31 @@ class VerifiedKeyCache:
         return hashlib.blake2b(presented.encode(), key=self._digest_key, digest_size=20).digest()
 
     def get(self, digest: bytes) -> CachedKey | None:
-        entry = None if self._suspended else self._entries.get(digest)
+        """A trusted, fresh entry; an expired one stays where it is, for `stale`, until it is replaced or
+        evicted."""
+        entry = self._entries.get(digest)
         if entry is None:
             self.stats.misses += 1
             return None
-        if entry.fresh_until <= self._clock():
-            self._remove(digest, entry)
+        now = self._clock()
+        if entry.fresh_until <= now or now >= self._trusted_until:
             self.stats.misses += 1
             return None
         self._entries.move_to_end(digest)
         self.stats.hits += 1
+        return entry
+
+    def stale(self, digest: bytes) -> CachedKey | None:
+        """For a check whose fresh verification failed because the database did not answer: the entry this
+        process verified earlier, while the feed's last successful read is at most `stale_if_error` old."""
+        entry = self._entries.get(digest)
+        if entry is None:
+            return None
+        now = self._clock()
+        synced_at = now if self._lease is None else self._synced_at
+        if now - synced_at >= self.stale_if_error:
+            return None
+        self.stats.stale_hits += 1
         return entry
 
     def generation(self, lookup_id: str) -> int:
@@ -91,7 +124,7 @@ class VerifiedKeyCache:
         lookup_id = entry.key.lookup_id
         if self.generation(lookup_id) != generation:
             return False
-        if self.max_entries <= 0 or self._suspended:
+        if self.max_entries <= 0:
             return False
         self._entries[digest] = entry
         self._entries.move_to_end(digest)
@@ -150,28 +183,36 @@ class VerifiedKeyCache:
         if created:
             self._negative.clear()
 
+    # --- trust, which the change feed gives -------------------------------------------------------
+
+    def follow(self, lease: float) -> None:
+        """From now on entries are trusted only `lease` seconds past each `synced`; not yet."""
+        self._lease = lease
+        self._trusted_until = float("-inf")
+
     @property
-    def suspended(self) -> bool:
-        return self._suspended
+    def trusted(self) -> bool:
+        return self._clock() < self._trusted_until
+
+    @property
+    def synced_at(self) -> float:
+        """Monotonic start of the feed's last successful read (-inf before the first)."""
+        return self._synced_at
+
+    def synced(self, at: float) -> None:
+        """The feed has applied every event committed before monotonic time `at`."""
+        if self._lease is not None and at > self._synced_at:
+            self._synced_at = at
+            self._trusted_until = at + self._lease
 
     def suspend(self) -> None:
-        """The change feed is lost or behind: forget everything and store nothing until resume()."""
-        self._suspended = True
-        self._new_epoch()
-        self._entries.clear()
-        self._by_lookup_id.clear()
-        self._lookup_by_key_id.clear()
-        self._negative.clear()
-
-    def resume(self) -> None:
-        """The feed has caught up: cache again; verifications that started while suspended still may not."""
-        self._new_epoch()
-        self._suspended = False
+        """The feed is lost: it may have missed events, so no entry is trusted until its next `synced`."""
+        self._trusted_until = float("-inf")
 
     # --- negative cache: strings that verified as unknown or wrong --------------------------------
 
     def is_known_bad(self, digest: bytes) -> bool:
-        if self._suspended:
+        if self._clock() >= self._trusted_until:  # the key may have been created elsewhere since
             return False
         deadline = self._negative.get(digest)
         if deadline is None:
@@ -184,7 +225,7 @@ class VerifiedKeyCache:
 
     def remember_bad(self, digest: bytes, lookup_id: str | None = None, generation: int | None = None) -> None:
         """With a generation snapshot: only if nothing changed since (a key created meanwhile elsewhere)."""
-        if self.negative_ttl <= 0 or self._suspended:
+        if self.negative_ttl <= 0:
             return
         if lookup_id is not None and self.generation(lookup_id) != generation:
             return

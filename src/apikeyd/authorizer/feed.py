@@ -18,14 +18,19 @@ Design, simplest correct one:
 * **Wake-up.** On PostgreSQL every mutation sends `pg_notify('apikeyd_key_events', <event id>)` in its own
   transaction (delivered on commit only); the feed keeps one dedicated psycopg connection in autocommit
   that LISTENs, and reads the table as soon as a notification arrives, and at least every
-  `APIKEYD_FEED_POLL_INTERVAL` (1 s by default) as a fallback. On SQLite it reads every 0.25 s by default.
+  `APIKEYD_FEED_POLL_INTERVAL` (0.5 s by default) as a fallback. On SQLite it reads every 0.25 s by default.
   Reads run on a thread of the feed's own; the event loop only waits.
+* **The bound.** Every successful read tells the cache when it started (`VerifiedKeyCache.synced`): every
+  event committed before then has been applied. The cache trusts its entries for `APIKEYD_FEED_LEASE`
+  (1 s) past that, so a change acknowledged by any process is in force here within the lease, whether the
+  feed is working, slow, silently partitioned or lost. The poll interval must be shorter than the lease.
 * **Start.** The position starts at the current largest event id: every older event is already in what
   this process will read from the table. The feed's first read happens before the server listens.
 * **Loss.** When the LISTEN connection breaks or a read fails (or hangs past `_READ_TIMEOUT`), the cache is
-  *suspended*: emptied, no hit trusted, nothing stored, every check verified afresh against the database.
-  The feed retries by itself; once a read succeeds (after LISTEN is back, on PostgreSQL) it has caught up
-  and the cache resumes.
+  *suspended* at once, without waiting for the lease to run out: no hit trusted, every check verified
+  afresh against the database (and, if the database does not answer either, served stale within
+  `APIKEYD_STALE_IF_ERROR`). The feed retries by itself; once a read succeeds (after LISTEN is back, on
+  PostgreSQL) it has caught up and the cache is trusted again, entries and all.
 * **Ordering.** PostgreSQL hands out sequence ids at insert time, so a transaction with a smaller id can
   commit after one with a larger id that was already read. The feed tracks *gaps*: ids below its position
   it has not seen (and, at start, the missing ids among the last `_START_WINDOW`). Each read asks for
@@ -55,13 +60,25 @@ from apikeyd.store.repository import FEED_CHANNEL
 log = logging.getLogger(__name__)
 
 SQLITE_POLL_INTERVAL = 0.25
-POSTGRES_POLL_INTERVAL = 1.0
+POSTGRES_POLL_INTERVAL = 0.5
+LEASE = 1.0  # seconds the cache trusts its entries past the last successful read
 _READ_TIMEOUT = 1.0  # seconds a read of the feed may take before the cache is suspended
 _BATCH = 1000  # events per read; a longer backlog is read in several
 _START_WINDOW = 1000  # ids below the start position checked for gaps
 _GAP_LIFETIME = 30.0  # seconds an unseen id below the position is still looked for
 _MAX_GAPS = 10_000
 _RETRY_DELAY = 0.25  # seconds between attempts while the feed is lost (more on PostgreSQL: reconnect)
+
+
+def effective_poll_interval(postgres: bool, poll_interval: float, lease: float) -> float:
+    """The configured interval, or the backend's default for 0; ValueError unless shorter than the lease."""
+    interval = poll_interval or (POSTGRES_POLL_INTERVAL if postgres else SQLITE_POLL_INTERVAL)
+    if interval >= lease:
+        raise ValueError(
+            f"the change feed's poll interval ({interval} s) must be shorter than APIKEYD_FEED_LEASE ({lease} s), "
+            "or the cache would stop trusting its entries between two reads"
+        )
+    return interval
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,17 +89,22 @@ class FeedEvent:
 
 
 class ChangeFeed:
-    def __init__(self, engine: Engine, cache: VerifiedKeyCache, poll_interval: float = 0.0) -> None:
+    def __init__(
+        self, engine: Engine, cache: VerifiedKeyCache, poll_interval: float = 0.0, lease: float = LEASE
+    ) -> None:
         self._engine = engine
         self._cache = cache
         self._postgres = engine.dialect.name == "postgresql"
-        self.poll_interval = poll_interval or (POSTGRES_POLL_INTERVAL if self._postgres else SQLITE_POLL_INTERVAL)
+        self.poll_interval = effective_poll_interval(self._postgres, poll_interval, lease)
+        self.lease = lease
+        self.lost = False  # from a failure until the next successful read
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="feed")
         self.position: int | None = None  # the largest event id seen; None until the first read
         self._gaps: dict[int, float] = {}  # id -> monotonic time after which it is no longer looked for
         self._listener: psycopg.AsyncConnection[Any] | None = None
         self._task: asyncio.Task[None] | None = None
         self._pending: Future[Any] | None = None
+        self._pending_started = 0.0
         self._own: set[int] = set()  # ids of event rows this process inserted, not yet passed by the feed
         self.applied = 0  # events applied to the cache (of every kind but DENIED)
         self.reads = 0
@@ -99,6 +121,7 @@ class ChangeFeed:
         """First position (and LISTEN) before the server serves; a failure leaves the cache suspended and
         the background task retrying."""
         event.listen(KeyEventRow, "after_insert", self._inserted)
+        self._cache.follow(self.lease)
         try:
             if self._postgres:
                 await self._listen()
@@ -122,7 +145,7 @@ class ChangeFeed:
     async def _run(self) -> None:
         while True:
             try:
-                if self._cache.suspended:
+                if self.lost:
                     await asyncio.sleep(_RETRY_DELAY)
                     if self._postgres and self._listener is None:
                         await self._listen()
@@ -147,10 +170,15 @@ class ChangeFeed:
         # Several commits often notify together: take them all in the same read.
 
     async def _read(self) -> None:
-        """Read and apply everything new; the cache is trusted again once this succeeds."""
+        """Read and apply everything new; the cache is trusted again, from the first read's start, once
+        this succeeds."""
+        synced_at: float | None = None
         while True:
             if self._pending is None or self._pending.done():
+                self._pending_started = time.monotonic()  # before the read's snapshot, so never late
                 self._pending = self._executor.submit(self._fetch, self.position, tuple(self._gaps))
+            if synced_at is None:
+                synced_at = self._pending_started  # an older read still running counts from its own start
             try:
                 result = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._pending)), _READ_TIMEOUT)
             finally:
@@ -160,8 +188,9 @@ class ChangeFeed:
             more = self._apply(*result)
             if not more:
                 break
-        if self._cache.suspended:
-            self._cache.resume()
+        self._cache.synced(synced_at)
+        if self.lost:
+            self.lost = False
             log.info(
                 "change feed caught up at event %s: cache in use again", self.position,
                 extra=fields(event="feed.resumed", position=self.position),
@@ -253,8 +282,9 @@ class ChangeFeed:
             if listener is not None:
                 asyncio.get_running_loop().create_task(_close_quietly(listener))
         reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
-        if not self._cache.suspended:
-            self._cache.suspend()
+        self._cache.suspend()
+        if not self.lost:
+            self.lost = True
             log.warning(
                 "change feed lost (%s): cache suspended until it catches up", reason,
                 extra=fields(event="feed.lost", reason=reason),

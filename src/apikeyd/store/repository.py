@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, delete, event, func, select, text, tuple_, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from apikeyd.domain.access import Actor
@@ -55,10 +56,22 @@ def normalize_url(url: str) -> str:
     return url
 
 
+_CONNECT_TIMEOUT = 5  # seconds (libpq's connect_timeout), unless the URL says otherwise
+_POOL_TIMEOUT = 10.0  # seconds a call waits for a free connection before it is UNAVAILABLE
+
+
 def create_db_engine(url: str, pool_size: int = 5) -> Engine:
     url = normalize_url(url)
     if make_url(url).get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size)
+        # A database host that drops packets must fail a connection in seconds, not after TCP's minutes.
+        return create_engine(
+            url,
+            pool_pre_ping=True,
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            pool_timeout=_POOL_TIMEOUT,
+            connect_args={} if "connect_timeout" in url else {"connect_timeout": _CONNECT_TIMEOUT},
+        )
     engine = create_engine(url, pool_pre_ping=True)
 
     @event.listens_for(engine, "connect")
@@ -171,7 +184,7 @@ class Repository:
         try:
             with (self._write if write else self._read).begin() as session:
                 yield session
-        except (OperationalError, InterfaceError) as error:
+        except (OperationalError, InterfaceError, PoolTimeout) as error:
             raise Unavailable("the database is unavailable; retry later") from error
         except DBAPIError as error:
             if error.connection_invalidated:
