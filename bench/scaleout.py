@@ -141,9 +141,18 @@ def revocation_propagation(workdir: Path) -> Lines:
 CLIENT_PROCESSES = 2
 CHANNELS_PER_CLIENT = 4  # separate connections, so SO_REUSEPORT can spread them over the workers
 IN_FLIGHT_PER_CHANNEL = 12
-THROUGHPUT_SECONDS = 3.0
-WARMUP_SECONDS = 1.0
+# The servers take turns, one counted window each per round, over WORKER_WINDOWS // (number of servers)
+# rounds: 12 on two cores, 8 with a third server. Short windows, so that each pair compared in a round sits
+# close in time and load from other programs that comes and goes hits both alike; each figure is a median.
+WORKER_WINDOWS = 24
+ROUND_SECONDS = 1.0  # counted, per server and round
+ROUND_WARMUP = 0.4  # uncounted, before each window: every round opens new connections
+ROUND_LEAD = 0.2  # from handing the job to the client processes to the start of their warm-up
+FIRST_LEAD = 3.0  # the same for the uncounted first round, in which the client processes import gRPC
 WORKERS_STARTUP = 30.0
+WORKERS_CACHE_TTL = 3600.0  # longer than the section, so that every counted call is a cache hit
+# Of the cores: other programs' median use above which the output warns, and under which a window is quiet.
+OTHER_LOAD_WARNING = 0.1
 
 
 @dataclass(frozen=True)
@@ -154,8 +163,15 @@ class _Load:
     seconds: float
 
 
-async def _client_load(job: _Load) -> tuple[int, float]:
-    """Calls completed within the window by this process, and its CPU seconds over the window."""
+@dataclass(frozen=True)
+class _ClientResult:
+    calls: int  # completed within the window
+    cpu_seconds: float  # this process's CPU time over the window
+    late: bool  # the job began with less than half of the warm-up left
+
+
+async def _client_load(job: _Load) -> _ClientResult:
+    late = time.time() > job.start_at - ROUND_WARMUP / 2
     request = pb.AuthorizeRequest(key=job.key, required_scopes=REQUIRED_SCOPES)
     options = [("grpc.use_local_subchannel_pool", 1)]  # one connection per channel, not one shared
     channels = [grpc.aio.insecure_channel(job.address, options=options) for _ in range(CHANNELS_PER_CLIENT)]
@@ -163,6 +179,7 @@ async def _client_load(job: _Load) -> tuple[int, float]:
         stubs = [pb_grpc.ApiKeyServiceStub(channel) for channel in channels]
         counting = False
         done = 0
+        cpu_seconds = 0.0
         end = job.start_at + job.seconds
 
         async def caller(stub: pb_grpc.ApiKeyServiceStub) -> None:
@@ -174,21 +191,21 @@ async def _client_load(job: _Load) -> tuple[int, float]:
                 if counting:
                     done += 1
 
-        async def clock() -> float:
-            nonlocal counting
+        async def clock() -> None:
+            nonlocal counting, cpu_seconds
             await asyncio.sleep(max(0.0, job.start_at - time.time()))
             counting, cpu_before = True, time.process_time()
             await asyncio.sleep(max(0.0, end - time.time()))
-            return time.process_time() - cpu_before
+            cpu_seconds = time.process_time() - cpu_before
 
-        results = await asyncio.gather(clock(), *(caller(stub) for stub in stubs for _ in range(IN_FLIGHT_PER_CHANNEL)))
-        return done, results[0]
+        await asyncio.gather(clock(), *(caller(stub) for stub in stubs for _ in range(IN_FLIGHT_PER_CHANNEL)))
+        return _ClientResult(done, cpu_seconds, late)
     finally:
         for channel in channels:
             await channel.close()
 
 
-def _client_process(job: _Load) -> tuple[int, float]:
+def _client_process(job: _Load) -> _ClientResult:
     return asyncio.run(_client_load(job))
 
 
@@ -205,54 +222,215 @@ def _wait_for_workers(server: ServerProcess, workers: int) -> None:
     raise RuntimeError(f"not all {workers} workers logged worker.serving within {WORKERS_STARTUP:.0f} s")
 
 
-def _workers_throughput(workdir: Path, workers: int, pool: multiprocessing.pool.Pool) -> tuple[float, float]:
-    """Calls/s summed over the client processes, and the client processes' CPU share of the window."""
-    run_dir = workdir / f"workers-{workers}"
-    with running_server(run_dir, extra_args=["--workers", str(workers)], name=f"workers-{workers}") as server:
-        _wait_for_workers(server, workers)
-        with grpc.insecure_channel(server.address) as channel:
-            key = _create(pb_grpc.ApiKeyServiceStub(channel), server, "throughput").secret
-        # The warm-up fills every worker's cache (each has its own) and opens every connection.
-        job = _Load(server.address, key, time.time() + 2.0 + WARMUP_SECONDS, THROUGHPUT_SECONDS)
-        pending = [pool.apply_async(_client_process, (job,)) for _ in range(CLIENT_PROCESSES)]
-        results = [p.get(THROUGHPUT_SECONDS + 60.0) for p in pending]
-    calls = sum(done for done, _ in results)
-    client_cpu = sum(cpu for _, cpu in results)
-    return calls / THROUGHPUT_SECONDS, client_cpu / THROUGHPUT_SECONDS
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`, from /proc (Linux); empty elsewhere."""
+    children = []
+    for entry in Path("/proc").iterdir() if Path("/proc/self/stat").exists() else ():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # The command name (field 2) may hold spaces, so count fields from after its ')'.
+            parent = int(entry.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if parent == pid:
+            children.append(int(entry.name))
+    return children
+
+
+def _busy_cores_seconds() -> float | None:
+    """CPU seconds all cores spent busy since boot, from /proc/stat (Linux); None elsewhere."""
+    try:
+        with open("/proc/stat") as stat:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in stat.readline().split()[1:9])
+    except (OSError, ValueError):
+        return None
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class _WorkersServer:
+    workers: int
+    server: ServerProcess
+    key: str
+    worker_pids: list[int]  # the processes that answer calls: the server itself for one worker
+
+
+@dataclass(frozen=True)
+class _Round:
+    calls_per_s: float
+    client_cores: float  # CPU seconds per second of the window, summed over the client processes
+    server_cores: float | None  # the same for the server: supervisor and workers (None without /proc)
+    busiest_worker: float | None  # the busiest worker's share of the workers' CPU time
+    machine_cores: float | None  # every process on the machine, this one and the other servers included
+    late: int  # client jobs that began with less than half of the warm-up left
+
+
+def _start_workers_server(stack: contextlib.ExitStack, workdir: Path, workers: int) -> _WorkersServer:
+    server = stack.enter_context(
+        running_server(
+            workdir / f"workers-{workers}",
+            extra_args=["--workers", str(workers), "--cache-ttl", f"{WORKERS_CACHE_TTL:g}"],
+            name=f"workers-{workers}",
+        )
+    )
+    _wait_for_workers(server, workers)
+    with grpc.insecure_channel(server.address) as channel:
+        key = _create(pb_grpc.ApiKeyServiceStub(channel), server, "throughput").secret
+    pids = [server.pid] if workers == 1 else _children(server.pid)
+    if pids and len(pids) != workers:
+        raise RuntimeError(f"--workers {workers}: the supervisor (pid {server.pid}) has {len(pids)} child processes")
+    return _WorkersServer(workers, server, key, pids)
+
+
+def _workers_round(target: _WorkersServer, pool: multiprocessing.pool.Pool, lead: float) -> _Round:
+    """One window of load on one server; CPU times are read from /proc at the window's edges."""
+    cpu = load._server_cpu_seconds
+    job = _Load(target.server.address, target.key, time.time() + lead + ROUND_WARMUP, ROUND_SECONDS)
+    pending = [pool.apply_async(_client_process, (job,)) for _ in range(CLIENT_PROCESSES)]
+    pids = [target.server.pid, *target.worker_pids] if target.workers > 1 else target.worker_pids
+    time.sleep(max(0.0, job.start_at - time.time()))
+    before = [cpu(pid) for pid in pids], _busy_cores_seconds()
+    time.sleep(max(0.0, job.start_at + job.seconds - time.time()))
+    after = [cpu(pid) for pid in pids], _busy_cores_seconds()
+    results: list[_ClientResult] = [p.get(job.seconds + lead + ROUND_WARMUP + 60.0) for p in pending]
+    spent: list[float] | None = [
+        b - a for a, b in zip(before[0], after[0], strict=True) if a is not None and b is not None
+    ]
+    if not pids or len(spent or ()) != len(pids):
+        spent = None  # no /proc, or a process gone
+    per_worker = spent[-target.workers :] if spent else None  # the supervisor, if any, comes first
+    machine = None if before[1] is None or after[1] is None else (after[1] - before[1]) / job.seconds
+    return _Round(
+        calls_per_s=sum(r.calls for r in results) / job.seconds,
+        client_cores=sum(r.cpu_seconds for r in results) / job.seconds,
+        server_cores=None if spent is None else sum(spent) / job.seconds,
+        busiest_worker=max(per_worker) / sum(per_worker) if per_worker and sum(per_worker) > 0 else None,
+        machine_cores=machine,
+        late=sum(r.late for r in results),
+    )
+
+
+def _median(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def _other_cores(r: _Round) -> float | None:
+    """What the rest of the machine used in the window: other programs, this process, the idle servers."""
+    if r.machine_cores is None or r.server_cores is None:
+        return None
+    return max(0.0, r.machine_cores - r.server_cores - r.client_cores)  # /proc counts 10 ms ticks
+
+
+def _cores_text(rounds: list[_Round], workers: int, cpus: int) -> str:
+    server, clients = _median([r.server_cores for r in rounds]), statistics.median(r.client_cores for r in rounds)
+    if server is None:
+        return f"cores: clients {clients:.2f} of {cpus} (server: no /proc)"
+    busiest = _median([r.busiest_worker for r in rounds]) if workers > 1 else None
+    text = f"cores: server {server:.2f}" + (f" (busiest worker {busiest:.0%})" if busiest is not None else "")
+    text += f", clients {clients:.2f}"
+    others = [o for r in rounds if (o := _other_cores(r)) is not None]
+    if others:
+        text += f", other {statistics.median(others):.2f} (max {max(others):.2f})"
+    per_cpu = _median([r.calls_per_s / r.server_cores if r.server_cores else None for r in rounds])
+    return text + f" of {cpus}" + (f";  {per_cpu:.0f} calls per server CPU-second" if per_cpu is not None else "")
+
+
+def _other_load_lines(rounds: dict[int, list[_Round]], cpus: int) -> Lines:
+    """When other programs take CPU, the scheduler gives a server of more processes a larger share, so the
+    ratios measure the scheduler as much as the server: then the ratios of the quiet rounds alone, if any."""
+    quiet = OTHER_LOAD_WARNING * cpus
+    other = _median([_other_cores(r) for rs in rounds.values() for r in rs])
+    indices = [
+        i
+        for i in range(len(rounds[1]))
+        if all((o := _other_cores(rs[i])) is not None and o < quiet for rs in rounds.values())
+    ]
+    if other is None or len(indices) == len(rounds[1]):
+        return []
+    lines: Lines = []
+    if other > quiet:
+        lines.append(
+            (
+                "",
+                f"warning: other programs used {other:.2f} cores (median): the scheduler then gives a server of "
+                "more processes a larger share of the cores, which flatters more workers",
+            )
+        )
+    if not indices:
+        return [*lines, ("", f"no round had other programs under {quiet:.2f} cores in every window")]
+    ratios = []
+    for workers, rs in rounds.items():
+        if workers != 1:
+            per_round = [rs[i].calls_per_s / rounds[1][i].calls_per_s for i in indices]
+            ratios.append(
+                f"--workers {workers} x{statistics.median(per_round):.2f} ({min(per_round):.2f}-{max(per_round):.2f})"
+            )
+    where = f"in the {len(indices)} of {len(rounds[1])} rounds with other programs under {quiet:.2f} cores"
+    return [*lines, ("", f"{where} in every window: {', '.join(ratios)} vs 1 worker")]
 
 
 def worker_throughput(workdir: Path) -> Lines:
+    """Each `--workers W` server is started once; then they take turns, one short window each per round,
+    under the same load. Figures are medians over the rounds (with the lowest and highest round), the ratio
+    to one worker the median of per-round ratios: neighbours in time, so that load from other programs that
+    comes and goes cancels out better. CPU times come from /proc at each window's edges."""
     cpus = os.cpu_count() or 1
     counts = sorted({1, 2, cpus})
+    round_count = WORKER_WINDOWS // len(counts)
+    rounds: dict[int, list[_Round]] = {workers: [] for workers in counts}
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(CLIENT_PROCESSES))
+        servers = [_start_workers_server(stack, workdir, workers) for workers in counts]
+        lead = FIRST_LEAD
+        for target in servers:  # uncounted: imports, connections, and every worker's cache filled
+            _workers_round(target, pool, lead)
+            lead = ROUND_LEAD
+        for round_number in range(round_count):
+            # Alternate the order, so that no server always runs first (or right after another).
+            for target in servers if round_number % 2 == 0 else servers[::-1]:
+                rounds[target.workers].append(_workers_round(target, pool, ROUND_LEAD))
     lines: Lines = []
-    rates: dict[int, float] = {}
-    with multiprocessing.get_context("spawn").Pool(CLIENT_PROCESSES) as pool:
-        for workers in counts:
-            rate, client_cores = _workers_throughput(workdir, workers, pool)
-            rates[workers] = rate
-            lines.append(
-                (
-                    f"--workers {workers}",
-                    f"cached Authorize {rate:.0f} calls/s  x{rate / rates[1]:.2f} vs 1 worker   "
-                    f"(clients used {client_cores:.2f} of {cpus} cores)",
-                )
-            )
+    for workers in counts:
+        rates = [r.calls_per_s for r in rounds[workers]]
+        text = f"cached Authorize {statistics.median(rates):.0f} calls/s ({min(rates):.0f}-{max(rates):.0f})"
+        if workers != 1:
+            ratios = [w.calls_per_s / one.calls_per_s for w, one in zip(rounds[workers], rounds[1], strict=True)]
+            text += f"  x{statistics.median(ratios):.2f} vs 1 worker (rounds {min(ratios):.2f}-{max(ratios):.2f})"
+        lines.append((f"--workers {workers}", text))
+        lines.append(("", _cores_text(rounds[workers], workers, cpus)))
     if cpus <= 2:
         lines.append(("", f"N = os.cpu_count() = {cpus}, so the N-worker run is one of the above"))
     lines.append(
         (
             "",
-            f"load: {CLIENT_PROCESSES} client processes x {CHANNELS_PER_CLIENT} connections x "
-            f"{IN_FLIGHT_PER_CHANNEL} calls in flight, {THROUGHPUT_SECONDS:g} s, SQLite",
+            f"load: {CLIENT_PROCESSES} client processes x {CHANNELS_PER_CLIENT} new connections x "
+            f"{IN_FLIGHT_PER_CHANNEL} calls in flight, {ROUND_WARMUP:g} s warm-up then {ROUND_SECONDS:g} s counted; "
+            f"the servers take turns over {round_count} rounds; median (lowest-highest round); SQLite",
         )
     )
     lines.append(
         (
             "",
-            f"note: clients and server share these {cpus} cores, so the clients' CPU is taken from the "
+            "cores: CPU seconds per second of the counted windows (/proc), medians: server = its supervisor and "
+            "workers, other = the rest of the machine",
+        )
+    )
+    every = [r for rs in rounds.values() for r in rs]
+    busy = _median([None if r.machine_cores is None else r.machine_cores / cpus for r in every])
+    saturation = "" if busy is None else f"the cores were {busy:.0%} busy in the counted windows (median); "
+    lines.append(
+        (
+            "",
+            f"note: {saturation}clients and server share these {cpus} cores, so the clients' CPU is taken from the "
             "workers; more workers than free cores cannot scale",
         )
     )
+    lines += _other_load_lines(rounds, cpus)
+    late = sum(r.late for r in every)
+    if late:
+        lines.append(("", f"warning: {late} client jobs began with under half their warm-up left (slow machine?)"))
     return lines
 
 
