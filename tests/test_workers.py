@@ -1,9 +1,11 @@
 """`apikeyd serve --workers N`: N processes on one port under a supervisor (src/apikeyd/workers.py).
 
-Each test runs the real command on a free port with an SQLite file. Which worker answers a call is the
-kernel's choice per connection, so the tests open many connections (a channel with a subchannel pool of its
-own makes a new one) and read each worker's own metrics endpoint to see who served them."""
+Each test runs the real command on a free port with an SQLite file (or a PostgreSQL database of its own).
+Which worker answers a call is the kernel's choice per connection, so the tests open many connections (a
+channel with a subchannel pool of its own makes a new one) and read each worker's own metrics endpoint to see
+who served them."""
 
+import contextlib
 import json
 import os
 import re
@@ -13,28 +15,41 @@ import subprocess
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import grpc
+import psycopg
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
-from tests.conftest import BearerCredentials, authorize, create_key, leaked_secrets
+from tests.conftest import (
+    POSTGRES_ADMIN_URL,
+    BearerCredentials,
+    _migrate,
+    _postgres_reachable,
+    authorize,
+    create_key,
+    leaked_secrets,
+)
 from tests.test_server import APIKEYD, _admin_key, _free_port
 
 
 class Supervisor:
     """`apikeyd serve --workers N` with its stderr (the supervisor's and the workers' JSON lines) collected."""
 
-    def __init__(self, tmp_path: Path, port: int, *extra: str, workers: int = 2) -> None:
+    def __init__(
+        self, tmp_path: Path, port: int, *extra: str, workers: int = 2, database_url: str = ""
+    ) -> None:
         self.port = port
         self.process = subprocess.Popen(
             [APIKEYD, "serve", "--workers", str(workers), "--listen", f"127.0.0.1:{port}",
-             "--database-url", f"sqlite:///{tmp_path}/apikeyd.db", "--log-format", "json", *extra],
+             "--database-url", database_url or f"sqlite:///{tmp_path}/apikeyd.db", "--log-format", "json", *extra],
             stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, "APIKEYD_METRICS_LISTEN": "127.0.0.1:0"},
@@ -52,9 +67,10 @@ class Supervisor:
     def stderr(self) -> str:
         return "".join(self.lines)
 
-    def events(self, event: str) -> list[dict[str, Any]]:
+    def events(self, event: str, since: int = 0) -> list[dict[str, Any]]:
+        """The JSON lines of `event`, from line number `since` on (a `len(running.lines)` taken earlier)."""
         found = []
-        for line in list(self.lines):
+        for line in self.lines[since:]:
             try:
                 entry = json.loads(line)
             except ValueError:
@@ -87,8 +103,8 @@ class Supervisor:
 
 
 @contextmanager
-def supervisor(tmp_path: Path, *extra: str, workers: int = 2) -> Iterator[Supervisor]:
-    running = Supervisor(tmp_path, _free_port(), *extra, workers=workers)
+def supervisor(tmp_path: Path, *extra: str, workers: int = 2, database_url: str = "") -> Iterator[Supervisor]:
+    running = Supervisor(tmp_path, _free_port(), *extra, workers=workers, database_url=database_url)
     try:
         yield running
     finally:
@@ -259,3 +275,218 @@ def test_workers_0_is_a_usage_error(tmp_path):
     assert result.returncode == 2
     assert "Usage:" in result.stderr and "--workers (APIKEYD_WORKERS) must be 1 or more, not 0" in result.stderr
     assert not (tmp_path / "apikeyd.db").exists()  # refused before anything was done
+
+
+# --- health answers for the host ------------------------------------------------------------------
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+_ANSWERS = {"health.host_serving": SERVING, "health.host_not_serving": NOT_SERVING}
+
+
+def _answers(running: Supervisor, since: int) -> dict[int, int]:
+    """worker index -> what it last said it answers health checks with (its log), from line `since` on."""
+    latest: dict[int, int] = {}
+    for line in running.lines[since:]:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("event") in _ANSWERS:
+            latest[entry["worker"]] = _ANSWERS[entry["event"]]
+    return latest
+
+
+def _wait_answers(running: Supervisor, since: int, expected: dict[int, int]) -> None:
+    """Until every worker in `expected` has said (since line `since`) that it answers with its status."""
+    running.wait_for(lambda: all(_answers(running, since).get(i) == status for i, status in expected.items()))
+
+
+def _malformed(workers: dict[int, dict[str, Any]]) -> dict[int, float]:
+    return {index: _decisions(entry["metrics_port"], "MALFORMED") for index, entry in workers.items()}
+
+
+def _health_checks(port: int, times: int) -> list[int]:
+    """`times` health checks, each on a new connection, for "" and for the service (which must agree). Each
+    connection then sends one malformed Authorize, which the worker that answered counts (code MALFORMED,
+    no database read): the workers' metrics show who answered the checks."""
+    statuses = []
+    for _ in range(times):
+        channel = _new_connection(port)
+        try:
+            health = health_pb2_grpc.HealthStub(channel)
+            status = health.Check(health_pb2.HealthCheckRequest(), timeout=30, wait_for_ready=True).status
+            service = health.Check(health_pb2.HealthCheckRequest(service="apikeyd.v1.ApiKeyService"), timeout=30)
+            assert service.status == status
+            statuses.append(status)
+            answer = pb_grpc.ApiKeyServiceStub(channel).Authorize(pb.AuthorizeRequest(key="not a key"), timeout=30)
+            assert answer.code == pb.AuthorizeResponse.MALFORMED
+        finally:
+            channel.close()
+    return statuses
+
+
+def _checks_answered_by_all(port: int, workers: dict[int, dict[str, Any]], at_least: int = 20) -> list[int]:
+    """Health checks on new connections, at least `at_least`, until every worker in `workers` answered some."""
+    before = _malformed(workers)
+    statuses: list[int] = []
+    while len(statuses) < at_least or not all(count > before[i] for i, count in _malformed(workers).items()):
+        assert len(statuses) < 500, "the kernel gave no new connection to some worker"
+        statuses += _health_checks(port, 1)
+    return statuses
+
+
+def _hold_port(port: int, timeout: float = 30) -> socket.socket:
+    """Listen on `port` as soon as it is free (its worker has just been killed): the next worker to start
+    with this metrics port fails to start, so it stays out of the gRPC port's group."""
+    deadline = time.monotonic() + timeout
+    while True:
+        holder = socket.socket()
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            holder.bind(("127.0.0.1", port))
+            holder.listen()
+            return holder
+        except OSError:
+            holder.close()
+            assert time.monotonic() < deadline, f"port {port} still taken"
+            time.sleep(0.01)
+
+
+def test_a_draining_worker_turns_the_host_not_serving_and_a_dead_one_no_longer_counts(tmp_path):
+    """A worker that listens but is NOT_SERVING (here: draining) makes every worker answer NOT_SERVING; once it
+    is killed the supervisor clears its state, and while its restart keeps failing (its metrics port is
+    taken) the worker that is left answers SERVING alone."""
+    base = _two_free_ports()
+    with supervisor(tmp_path, "--drain-delay", "5", "--metrics-listen", f"127.0.0.1:{base}") as running:
+        workers = running.serving_workers()
+        _wait_answers(running, 0, {0: SERVING, 1: SERVING})
+        assert _health_checks(running.port, 10) == [SERVING] * 10
+
+        mark = len(running.lines)
+        drained_at = time.monotonic()
+        os.kill(workers[0]["pid"], signal.SIGTERM)  # worker 0 alone drains: 5 s NOT_SERVING, still serving calls
+        _wait_answers(running, mark, {0: NOT_SERVING, 1: NOT_SERVING})
+        assert [e["not_serving"] for e in running.events("health.host_not_serving", mark)] == [[0], [0]]
+        statuses = _checks_answered_by_all(running.port, workers)  # both workers answer NOT_SERVING
+        assert time.monotonic() - drained_at < 5, "too slow: worker 0's drain ended during the checks"
+        assert set(statuses) == {NOT_SERVING}
+
+        mark = len(running.lines)
+        os.kill(workers[0]["pid"], signal.SIGKILL)  # mid-drain: its state still says NOT_SERVING
+        holder = _hold_port(base)
+        try:
+            _wait_answers(running, mark, {1: SERVING})
+            died = running.events("worker.died", mark)
+            assert died[0]["pid"] == workers[0]["pid"] and "SIGKILL" in died[0]["message"]
+            before = _malformed({1: workers[1]})
+            assert _health_checks(running.port, 20) == [SERVING] * 20
+            assert _malformed({1: workers[1]})[1] == before[1] + 20  # all from worker 1: worker 0 is gone
+            # a worker 0 was started again and failed (its metrics port is taken): starting, it does not count
+            running.wait_for(lambda: [e for e in running.events("worker.died", mark) if e["status"] == 2])
+            assert _health_checks(running.port, 5) == [SERVING] * 5
+        finally:
+            holder.close()
+        restarted = running.wait_for(
+            lambda: [e for e in running.events("worker.serving", mark) if e["worker"] == 0]
+        )[0]
+        _wait_answers(running, mark, {0: SERVING, 1: SERVING})
+        assert not running.events("health.host_not_serving", mark)
+        assert set(_checks_answered_by_all(running.port, {0: restarted, 1: workers[1]})) == {SERVING}
+        assert running.stop() == 0, running.stderr
+
+
+def test_a_killed_worker_does_not_turn_the_host_not_serving(tmp_path):
+    with supervisor(tmp_path) as running:
+        workers = running.serving_workers()
+        _wait_answers(running, 0, {0: SERVING, 1: SERVING})
+        mark = len(running.lines)
+        os.kill(workers[1]["pid"], signal.SIGKILL)
+        # (a check sent to it as it dies would fail, not answer: a dead worker answers nothing)
+        running.wait_for(lambda: running.events("worker.died", mark))
+        statuses = []
+        # fresh connections all along, while worker 1 is dead, restarting and back
+        while not [e for e in running.events("worker.serving", mark) if e["worker"] == 1]:
+            statuses += _health_checks(running.port, 1)
+            assert running.process.poll() is None
+        statuses += _health_checks(running.port, 20)
+        assert len(statuses) > 20 and set(statuses) == {SERVING}
+        assert not running.events("health.host_not_serving", mark)
+        assert running.stop() == 0, running.stderr
+
+
+@contextmanager
+def postgres_database() -> Iterator[tuple[str, str]]:
+    """A migrated PostgreSQL database of its own: (name, SQLAlchemy URL); dropped afterwards."""
+    if not _postgres_reachable():
+        pytest.skip("skipped: no PostgreSQL at 127.0.0.1:5432")
+    name = f"apikeyd_workers_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+        _migrate(url)
+        yield name, url
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _client_ports(pid: int, server_port: int) -> list[int]:
+    """The local ports of process `pid`'s TCP connections to `server_port`: its sockets (/proc/pid/fd) looked
+    up by inode in its network namespace's tables."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:["):-1])
+    ports = []
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/{pid}/net/{table}") as lines:
+            next(lines)
+            for line in lines:
+                columns = line.split()
+                local, remote, inode = columns[1], columns[2], columns[9]
+                if inode in inodes and int(remote.rpartition(":")[2], 16) == server_port:
+                    ports.append(int(local.rpartition(":")[2], 16))
+    return ports
+
+
+def _cut_off_from_postgresql(database: str, pid: int) -> int:
+    """New connections to `database` are refused, and process `pid`'s open ones are ended: that process's
+    pings fail, while the other workers go on with the connections their pools hold. How many were ended."""
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+        ended = admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND client_port = ANY(%s)",
+            (database, _client_ports(pid, 5432)),
+        ).fetchall()
+    return len(ended)
+
+
+def _allow_connections(database: str) -> None:
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+
+
+def test_a_worker_that_loses_its_database_turns_the_host_not_serving_until_it_is_back(tmp_path):
+    with postgres_database() as (database, url), supervisor(
+        tmp_path, "--health-check-interval", "0.2", database_url=url
+    ) as running:
+        workers = running.serving_workers()
+        _wait_answers(running, 0, {0: SERVING, 1: SERVING})
+
+        mark = len(running.lines)
+        assert _cut_off_from_postgresql(database, workers[0]["pid"]) > 0
+        _wait_answers(running, mark, {0: NOT_SERVING, 1: NOT_SERVING})
+        # worker 1 is fine itself: only worker 0 is NOT_SERVING, and every worker answers so
+        assert {tuple(e["not_serving"]) for e in running.events("health.host_not_serving", mark)} == {(0,)}
+        assert set(_checks_answered_by_all(running.port, workers, 30)) == {NOT_SERVING}
+
+        mark = len(running.lines)
+        _allow_connections(database)
+        _wait_answers(running, mark, {0: SERVING, 1: SERVING})
+        assert set(_checks_answered_by_all(running.port, workers, 30)) == {SERVING}
+        assert running.stop() == 0, running.stderr

@@ -4,7 +4,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -177,6 +177,9 @@ class Server:
         self.metrics_endpoint: MetricsEndpoint | None = None
         self._db_watcher: asyncio.Task[None] | None = None
         self._draining = False
+        # `--workers N` sets this: the server then reports its own health (SERVING, NOT_SERVING, or UNKNOWN once
+        # it stops listening) to it instead of answering with it, as a worker answers for the host (workers.py).
+        self.report_health: Callable[[Server, int], Awaitable[None]] | None = None
 
     async def start(self, listen: str) -> int:
         try:
@@ -198,8 +201,7 @@ class Server:
             raise StartupError(f"cannot listen on {listen}: the address is taken or invalid")
         await self.app.feed.start()  # its position is taken before the first check is served
         await self.grpc.start()
-        for service in self.health_services:
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._flusher = asyncio.create_task(self._flush_periodically())
         if self.app.shared_limiter is not None:
             await self.app.shared_limiter.start()
@@ -255,9 +257,15 @@ class Server:
                         extra=fields(event="health.not_serving", reason=failure),
                     )
                 status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-                for service in self.health_services:
-                    await self.health.set(service, status)
+                await self._set_health(status)
             await asyncio.sleep(interval)
+
+    async def _set_health(self, status: int) -> None:
+        if self.report_health is not None:
+            await self.report_health(self, status)
+            return
+        for service in self.health_services:
+            await self.health.set(service, status)
 
     async def _flush_periodically(self) -> None:
         while True:
@@ -280,8 +288,12 @@ class Server:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._db_watcher
         await self.health.enter_graceful_shutdown()
+        if self.report_health is not None:
+            await self.report_health(self, health_pb2.HealthCheckResponse.NOT_SERVING)
         if drain_delay > 0:
             await asyncio.sleep(drain_delay)
+        if self.report_health is not None:  # the listener closes now: no longer part of the host
+            await self.report_health(self, health_pb2.HealthCheckResponse.UNKNOWN)
         await self.grpc.stop(grace)
         await self.app.feed.stop()
         if self._flusher is not None:
@@ -306,13 +318,16 @@ async def serve(
     *,
     prepare: bool = True,
     started: Callable[[Server, asyncio.Event], None] | None = None,
+    report_health: Callable[[Server, int], Awaitable[None]] | None = None,
 ) -> None:
     """A worker of `--workers N` (src/apikeyd/workers.py) passes prepare=False (its supervisor migrated the
-    database) and `started`, called once the server listens and signals are handled, with the stop event."""
+    database), `started`, called once the server listens and signals are handled, with the stop event, and
+    `report_health` (see Server.report_health)."""
     app = App(settings)
     if prepare:
         prepare_database(app.repository.engine)
     server = Server(app)
+    server.report_health = report_health
     port = await server.start(settings.listen)
     log.info("apikeyd serving on %s (port %d, %s), database %s", settings.listen, port, tls.describe(settings), app.repository.engine.url.render_as_string(hide_password=True))
     stop = asyncio.Event()

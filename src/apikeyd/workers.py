@@ -18,8 +18,18 @@ each with its own process's counters, so Prometheus scrapes N targets and sums t
 takes an ephemeral port, which its "worker serving" log line names. (The other choice, metrics from worker 0
 alone, needs one target but shows 1/N of the traffic and goes blank while worker 0 restarts.)
 
-Health: each worker answers for itself; any worker that answers SERVING is up, a dead one answers nothing
-(its connections fail and new ones go to the others) until the supervisor has restarted it.
+Health answers for the host, whichever worker the kernel hands a health check to: SERVING if and only if
+every worker that is listening is SERVING. A dead worker, or one still starting, is not in the port's
+SO_REUSEPORT group, takes no traffic and does not count; a worker that listens but is NOT_SERVING (its
+database pings fail, or it is draining) makes the whole NOT_SERVING, since about 1/N of the new connections
+reach it. The supervisor shares a small file mapping (a memfd, passed as APIKEYD_WORKER_HEALTH_FD) with one
+byte per worker: 0 not listening, 1 SERVING, 2 NOT_SERVING. A worker writes its own byte whenever its own
+health changes (Server.report_health: set at start, by the database watcher, and by a drain, which writes 2
+and, as the listener closes, 0); the supervisor zeroes the byte of a worker it reaps, so a worker killed
+while NOT_SERVING does not hold the rest down. Every worker reads all the bytes every 0.1 s (and at once on
+its own change) and answers "" and apikeyd.v1.ApiKeyService with the result. A single byte written is seen
+whole, so no lock is needed. What the rule cannot see: a worker that is alive but stuck (SIGSTOP, a hung
+event loop) still holds its byte and its place in the port's group.
 
 A worker is a new interpreter running `python -m apikeyd.workers`, given its settings as JSON in
 APIKEYD_WORKER_SETTINGS (the marker that makes it a worker). Not fork: grpc's threads do not survive a fork,
@@ -31,23 +41,31 @@ resolved values, not flags, so that a worker gets exactly the supervisor's setti
 `--metrics-listen ""` stays empty) and nothing (the database URL) shows in `ps`.
 """
 
+import asyncio
 import dataclasses
 import errno
 import json
 import logging
+import mmap
 import os
 import select
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from grpc_health.v1 import health_pb2
 
 from apikeyd import logs, tls
 from apikeyd.config import Settings
 from apikeyd.logs import fields
 from apikeyd.metrics import split_listen
+
+if TYPE_CHECKING:
+    from apikeyd.server import Server
 
 log = logging.getLogger("apikeyd.workers")  # not __name__: a worker runs this module as __main__
 
@@ -55,11 +73,100 @@ SETTINGS_ENV = "APIKEYD_WORKER_SETTINGS"  # the worker's settings, as JSON; its 
 INDEX_ENV = "APIKEYD_WORKER_INDEX"
 READY_FD_ENV = "APIKEYD_WORKER_READY_FD"  # a pipe the worker writes "index pid\n" to once it serves
 PARENT_ENV = "APIKEYD_WORKER_PARENT"  # the supervisor's pid: a worker whose parent is gone drains and exits
+HEALTH_FD_ENV = "APIKEYD_WORKER_HEALTH_FD"  # the shared health board (see HealthBoard)
 
 _POLL = 0.2  # seconds between the supervisor's looks at its workers
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.5, 30.0
 _STABLE_AFTER = 30.0  # seconds up after which a worker's death no longer counts as a crash loop
 _KILL_MARGIN = 30.0  # seconds past drain_delay + shutdown_grace before a worker that has not exited is killed
+_HEALTH_REFRESH = 0.1  # seconds between a worker's reads of the health board
+
+
+# --- health for the host --------------------------------------------------------------------------
+
+
+class HealthBoard:
+    """One byte per worker in a file mapping the supervisor and its workers share: NOT_LISTENING, SERVING or
+    NOT_SERVING. The file has no name (a memfd, or an unlinked temporary file where there is none): it goes
+    away with the last process that maps it."""
+
+    NOT_LISTENING, SERVING, NOT_SERVING = 0, 1, 2
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.size = size
+        self._map = mmap.mmap(fd, size)  # MAP_SHARED, read and write
+
+    @classmethod
+    def create(cls, size: int) -> tuple["HealthBoard", int]:
+        """A zeroed board and the descriptor of its file, for the workers to inherit."""
+        if hasattr(os, "memfd_create"):
+            fd = os.memfd_create("apikeyd-health")
+        else:  # pragma: no cover - not Linux
+            with tempfile.TemporaryFile(prefix="apikeyd-health-") as file:
+                fd = os.dup(file.fileno())
+        os.ftruncate(fd, size)
+        return cls(fd, size), fd
+
+    def __setitem__(self, index: int, state: int) -> None:
+        self._map[index] = state
+
+    def states(self) -> bytes:
+        return self._map[: self.size]
+
+    def close(self) -> None:
+        self._map.close()
+
+
+class HostHealth:
+    """A worker's health service answers for the host (module docstring): its own health goes on the board,
+    the board's verdict goes to the health service."""
+
+    _SERVING, _NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+    def __init__(self, board: HealthBoard, index: int) -> None:
+        self.board = board
+        self.index = index
+        self._answer: int | None = None
+        self._follower: asyncio.Task[None] | None = None
+
+    async def report(self, server: "Server", status: int) -> None:
+        """Server.report_health: this worker's own health changed to `status` (a health_pb2 ServingStatus)."""
+        if status == self._SERVING:
+            self.board[self.index] = HealthBoard.SERVING
+        elif status == self._NOT_SERVING:
+            self.board[self.index] = HealthBoard.NOT_SERVING
+        else:  # UNKNOWN: the listener is closing; this worker drains and answers NOT_SERVING to the end
+            self.board[self.index] = HealthBoard.NOT_LISTENING
+            if self._follower is not None:
+                self._follower.cancel()
+            return
+        if self._follower is None:
+            self._follower = asyncio.get_running_loop().create_task(self._follow(server))
+        await self._refresh(server)
+
+    def verdict(self) -> tuple[int, list[int]]:
+        """The host's health (SERVING or NOT_SERVING) and the workers that are NOT_SERVING."""
+        down = [index for index, state in enumerate(self.board.states()) if state == HealthBoard.NOT_SERVING]
+        return (self._NOT_SERVING if down else self._SERVING), down
+
+    async def _refresh(self, server: "Server") -> None:
+        answer, down = self.verdict()
+        if answer == self._answer:
+            return
+        self._answer = answer
+        for service in server.health_services:
+            await server.health.set(service, answer)  # ignored once this worker drains: it says NOT_SERVING
+        if answer == self._SERVING:
+            log.info("worker %d: every listening worker is SERVING: health SERVING", self.index,
+                     extra=fields(event="health.host_serving", worker=self.index))
+        else:
+            log.info("worker %d: worker %s NOT_SERVING: health NOT_SERVING", self.index, " and ".join(map(str, down)),
+                     extra=fields(event="health.host_not_serving", worker=self.index, not_serving=down))
+
+    async def _follow(self, server: "Server") -> None:
+        while True:
+            await asyncio.sleep(_HEALTH_REFRESH)
+            await self._refresh(server)
 
 
 # --- the supervisor -------------------------------------------------------------------------------
@@ -173,6 +280,7 @@ class Supervisor:
         self._ready_read, self._ready_write = os.pipe()
         os.set_blocking(self._ready_read, False)
         self._buffer = b""
+        self.health, self._health_fd = HealthBoard.create(settings.workers)
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         if self._stopping is None:
@@ -186,11 +294,13 @@ class Supervisor:
             INDEX_ENV: str(slot.index),
             READY_FD_ENV: str(self._ready_write),
             PARENT_ENV: str(os.getpid()),
+            HEALTH_FD_ENV: str(self._health_fd),
         }
         # A process group of its own: a Ctrl-C in the terminal reaches the supervisor alone, which then sends
         # each worker one SIGTERM. A worker whose supervisor is killed notices and drains (see _watch_parent).
         slot.process = subprocess.Popen(
-            [sys.executable, "-m", "apikeyd.workers"], env=env, pass_fds=(self._ready_write,), process_group=0
+            [sys.executable, "-m", "apikeyd.workers"], env=env, pass_fds=(self._ready_write, self._health_fd),
+            process_group=0,
         )
         slot.started_at = time.monotonic()
         slot.ready = False
@@ -227,6 +337,7 @@ class Supervisor:
                 continue
             pid = slot.process.pid
             slot.process = None
+            self.health[slot.index] = HealthBoard.NOT_LISTENING  # whatever it last said, it no longer listens
             if starting and not slot.ready:
                 log.error(
                     "worker %d (pid %d) could not start (%s): stopping", slot.index, pid, _describe_exit(code),
@@ -251,6 +362,8 @@ class Supervisor:
                 signal.signal(signum, handler)
             os.close(self._ready_read)
             os.close(self._ready_write)
+            os.close(self._health_fd)
+            self.health.close()
         return status
 
     def _run(self) -> int:
@@ -320,14 +433,15 @@ def supervise(settings: Settings) -> int:
 
 
 def _worker_main() -> int:
-    import asyncio
-
     from apikeyd.server import Server, StartupError, serve
 
     settings = Settings(**json.loads(os.environ[SETTINGS_ENV]))
     index = int(os.environ[INDEX_ENV])
     ready_fd = int(os.environ[READY_FD_ENV])
     parent = int(os.environ[PARENT_ENV])
+    health_fd = int(os.environ[HEALTH_FD_ENV])
+    host_health = HostHealth(HealthBoard(health_fd, settings.workers), index)
+    os.close(health_fd)  # the mapping stays
     logging.basicConfig(
         level=settings.log_level.upper(), handlers=[logs.stream_handler(settings.log_format, sys.stderr)]
     )
@@ -353,7 +467,7 @@ def _worker_main() -> int:
         tasks.add(task)
 
     try:
-        asyncio.run(serve(settings, prepare=False, started=started))
+        asyncio.run(serve(settings, prepare=False, started=started, report_health=host_health.report))
     except StartupError as error:
         print(f"apikeyd: worker {index}: {error}", file=sys.stderr)
         return 2
