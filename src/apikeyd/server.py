@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -237,10 +238,12 @@ class Server:
         ping: asyncio.Future[None] | None = None
         while not self._draining:
             if ping is None or ping.done():
+                ping_started = time.monotonic()
                 ping = loop.run_in_executor(self.app.store_executor, self.app.repository.ping)
             try:
                 await asyncio.wait_for(asyncio.shield(ping), timeout=max(interval, _PING_TIMEOUT))
                 failure = ""
+                self.app.authorizer.database_answered(ping_started)
             except TimeoutError:
                 failure = f"no answer in {max(interval, _PING_TIMEOUT):.0f} s"
             except Exception as error:

@@ -4,8 +4,8 @@ concurrent miss of the same string, so cached checks keep flowing while it runs.
 
 When the database does not answer, a miss of a key this process verified before is answered from its
 entry within the cache's stale-if-error window (cache.py); any other miss is UNAVAILABLE. For
-`_DATABASE_RETRY` seconds after such a failure (or until the change feed reads successfully), misses do
-not try the database again: a database that hangs must not make every check wait for its timeout."""
+`_DATABASE_RETRY` seconds after such a failure (or until a health ping or a read of the change feed
+succeeds), misses do not try the database again: a database that hangs must not make every check wait for its timeout."""
 
 import asyncio
 import logging
@@ -94,6 +94,7 @@ class Authorizer:
             self._local_limiter = limiter
         self._inflight: dict[bytes, asyncio.Task[CachedKey | None]] = {}
         self._database_failed_at = float("-inf")  # monotonic time of the last verification read that failed
+        self._database_answered_at = float("-inf")  # start of the last health ping that succeeded
         self._last_used: dict[str, float] = {}
         metrics = metrics or Metrics()
         self._decisions = metrics.decisions  # plain counters by AuthCode, read when Prometheus scrapes
@@ -164,6 +165,10 @@ class Authorizer:
             return Decision(AuthCode.EXPIRED, f"this secret was rotated out and stopped working at {when}", key)
         return entry
 
+    def database_answered(self, since: float) -> None:
+        """A database call begun at monotonic time `since` succeeded (the health watcher's ping)."""
+        self._database_answered_at = max(self._database_answered_at, since)
+
     def invalidate(self, key: ApiKey) -> None:
         """Called on this process after every committed change to a key, before the RPC returns."""
         self.cache.invalidate(key.lookup_id)
@@ -223,8 +228,10 @@ class Authorizer:
         task = self._inflight.get(digest)
         if task is None:
             failed_at = self._database_failed_at
-            # A successful read of the change feed since the failure says the database is back.
-            if failed_at > self.cache.synced_at and time.monotonic() - failed_at < _DATABASE_RETRY:
+            # A health ping or a read of the change feed that began after the failure and succeeded says the
+            # database is back.
+            answered_at = max(self._database_answered_at, self.cache.synced_at)
+            if failed_at > answered_at and time.monotonic() - failed_at < _DATABASE_RETRY:
                 raise Unavailable("the database is unavailable; retry later")
             task = asyncio.ensure_future(self._verification(digest, parsed))
             self._inflight[digest] = task
