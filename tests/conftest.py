@@ -234,6 +234,19 @@ def create_key(
     )
 
 
+def count_keys(stub: pb_grpc.ApiKeyServiceStub, account: str, **fields: Any) -> int:
+    """How many keys this caller can list in `account` (with `filter=...` if given): every page, followed to
+    the end, as ListApiKeys gives no total."""
+    total, token = 0, ""
+    for _ in range(1000):
+        page = stub.ListApiKeys(pb.ListApiKeysRequest(parent=f"accounts/{account}", page_token=token, **fields))
+        total += len(page.api_keys)
+        token = page.next_page_token
+        if not token:
+            return total
+    raise AssertionError(f"accounts/{account}: still more pages after 1000")
+
+
 def authorize(stub: pb_grpc.ApiKeyServiceStub, key: str, *scopes: str, **fields: Any) -> pb.AuthorizeResponse:
     return stub.Authorize(pb.AuthorizeRequest(key=key, required_scopes=list(scopes), **fields))
 

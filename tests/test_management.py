@@ -134,7 +134,7 @@ def test_list_pages_through_every_key_once_in_a_stable_order(stub, account):
     seen, token, pages = [], "", 0
     while True:
         page = stub.ListApiKeys(pb.ListApiKeysRequest(parent=f"accounts/{account}", page_size=3, page_token=token))
-        assert page.total_size == 7
+        assert len(page.api_keys) <= 3
         seen += [k.name for k in page.api_keys]
         pages += 1
         token = page.next_page_token
@@ -154,7 +154,7 @@ def test_list_filters_by_state_project_and_labels(stub, account):
 
     def names(text):
         response = stub.ListApiKeys(pb.ListApiKeysRequest(parent=f"accounts/{account}", filter=text))
-        assert response.total_size == len(response.api_keys)
+        assert not response.next_page_token  # every match is on this one page
         return {k.name for k in response.api_keys}
 
     assert names('labels.env = "prod"') == {prod.name, project.name}
@@ -185,7 +185,7 @@ def test_list_page_size_defaults_to_50(stub, account):
     for i in range(51):
         create_key(stub, account, display_name=f"k{i}")
     first = stub.ListApiKeys(pb.ListApiKeysRequest(parent=f"accounts/{account}"))
-    assert len(first.api_keys) == 50 and first.next_page_token and first.total_size == 51
+    assert len(first.api_keys) == 50 and first.next_page_token
     rest = stub.ListApiKeys(pb.ListApiKeysRequest(parent=f"accounts/{account}", page_token=first.next_page_token))
     assert len(rest.api_keys) == 1 and not rest.next_page_token
 

@@ -9,7 +9,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.field_mask_pb2 import FieldMask
 
 from apikeyd.v1 import api_keys_pb2 as pb
-from tests.conftest import authorize, create_key, rpc_error
+from tests.conftest import authorize, count_keys, create_key, rpc_error
 
 C = grpc.StatusCode
 R = pb.AuthorizeResponse
@@ -32,7 +32,7 @@ def _refusal(call, *args):
 
 
 def _total(stub, account):
-    return stub.ListApiKeys(pb.ListApiKeysRequest(parent=f"accounts/{account}")).total_size
+    return count_keys(stub, account)
 
 
 def _kinds(stub, account, key_id=""):

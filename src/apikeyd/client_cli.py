@@ -617,16 +617,19 @@ def keys_list(
     result = pb.ListApiKeysResponse()
     for page in _pages(client, "ListApiKeys", request, all_pages):
         result.api_keys.extend(page.api_keys)
-        result.total_size = page.total_size
         result.next_page_token = page.next_page_token
     if as_json:
         _print_json(result)
         return
     if result.api_keys:
         click.echo(render_table(KEY_COLUMNS, [_key_row(k) for k in result.api_keys]))
-    summary = f"{len(result.api_keys)} of {result.total_size} keys in {request.parent}"
+    # No total: counting every match would cost as much as reading them all (see ListApiKeysResponse).
+    shown = len(result.api_keys)
+    summary = f"{shown} {'key' if shown == 1 else 'keys'} shown from {request.parent}"
     if result.next_page_token:
-        summary += f"; more with --page-token {result.next_page_token} (or --all)"
+        summary += f"; more follow, next page: --page-token {result.next_page_token} (or --all)"
+    else:
+        summary += "; no more pages"
     click.echo(summary, err=True)
 
 

@@ -243,7 +243,7 @@ class KeyManager:
 
     async def list_keys(
         self, caller: Caller, account_id: str, filter_text: str, page_size: int, page_token: str
-    ) -> tuple[list[ApiKey], str, int]:
+    ) -> tuple[list[ApiKey], str]:
         async with self._denials(caller, f"accounts/{account_id}"):
             caller.require(READ)
             caller.check_account(account_id)
@@ -252,20 +252,16 @@ class KeyManager:
         after = listing.decode_page_token(page_token, account_id, filter_text) if page_token else None
         if caller.project_id:
             if flt.project_id not in (None, caller.project_id):
-                return [], "", 0  # another project's keys are out of reach: as if there were none
+                return [], ""  # another project's keys are out of reach: as if there were none
             flt = dataclasses.replace(flt, project_id=caller.project_id)
 
-        def read() -> tuple[list[ApiKey], bool, int]:
-            page, more = self._repository.list_keys(account_id, flt, size, after)
-            return page, more, self._repository.count_keys(account_id, flt)
-
-        page, more, total = await self._run(read)
+        page, more = await self._run(lambda: self._repository.list_keys(account_id, flt, size, after))
         token = (
             listing.encode_page_token(account_id, filter_text, (page[-1].create_time, page[-1].key_id))
             if more
             else ""
         )
-        return page, token, total
+        return page, token
 
     async def list_events(
         self, caller: Caller, account_id: str, filter_text: str, page_size: int, page_token: str

@@ -94,12 +94,10 @@ class ApiKeyService(pb_grpc.ApiKeyServiceServicer):
     async def ListApiKeys(self, request: pb.ListApiKeysRequest, context: Context) -> pb.ListApiKeysResponse:
         caller = await self._caller(context, "ListApiKeys")
         account_id = parse_parent(request.parent)
-        page, token, total = await self._manager.list_keys(
+        page, token = await self._manager.list_keys(
             caller, account_id, request.filter, request.page_size, request.page_token
         )
-        return pb.ListApiKeysResponse(
-            api_keys=[api_key_to_pb(key) for key in page], next_page_token=token, total_size=total
-        )
+        return pb.ListApiKeysResponse(api_keys=[api_key_to_pb(key) for key in page], next_page_token=token)
 
     @grpc_errors
     async def UpdateApiKey(self, request: pb.UpdateApiKeyRequest, context: Context) -> pb.ApiKey:

@@ -59,7 +59,14 @@ class ApiKeyRow(Base):
     # Bumped by every change; the etag and the guard against lost updates.
     revision: Mapped[int] = mapped_column(Integer)
 
-    __table_args__ = (Index("ix_api_keys_account_page", "account_id", "create_time", "key_id"),)
+    # ListApiKeys pages: keyset on (create_time, key_id) within the account, or within its project, state or
+    # both when the filter names them (migration 0003), so a page costs the same at any account size.
+    __table_args__ = (
+        Index("ix_api_keys_account_page", "account_id", "create_time", "key_id"),
+        Index("ix_api_keys_project_page", "account_id", "project_id", "create_time", "key_id"),
+        Index("ix_api_keys_state_page", "account_id", "state", "create_time", "key_id"),
+        Index("ix_api_keys_project_state_page", "account_id", "project_id", "state", "create_time", "key_id"),
+    )
 
 
 class KeyEventRow(Base):

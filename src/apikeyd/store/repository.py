@@ -220,11 +220,6 @@ class Repository:
             rows = session.scalars(query).all()
         return [_to_domain(row) for row in rows[:page_size]], len(rows) > page_size
 
-    def count_keys(self, account_id: str, flt: Filter) -> int:
-        query = self._filtered(select(func.count()).select_from(ApiKeyRow), account_id, flt)
-        with self._transaction(write=False) as session:
-            return int(session.execute(query).scalar_one())
-
     def events(self, after_id: int = 0, limit: int = 1000) -> list[AuditEvent]:
         """Every event after `after_id`, oldest first: the change feed."""
         with self._transaction(write=False) as session:

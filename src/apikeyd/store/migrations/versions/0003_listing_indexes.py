@@ -1,0 +1,40 @@
+"""indexes for listing an account's keys by project, by state, and by both
+
+Revision ID: 0003
+Revises: 0002
+Create Date: 2026-11-24
+
+ListApiKeys reads one page in (create_time, key_id) order after the page token's position. With
+`project_id = "..."` (every project key's list is filtered so) or `state = ...` in the filter, the account
+index alone makes the database walk the account's keys in order and drop the other projects' or states'
+rows, up to the whole account before the page is full (PostgreSQL rather reads them all and sorts). Each
+of these indexes has the filter's columns first, so a page starts at its place in the index and reads
+only its own rows.
+"""
+
+from alembic import op
+
+revision = '0003'
+down_revision = '0002'
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table('api_keys', schema=None) as batch_op:
+        batch_op.create_index(
+            'ix_api_keys_project_page', ['account_id', 'project_id', 'create_time', 'key_id'], unique=False
+        )
+        batch_op.create_index('ix_api_keys_state_page', ['account_id', 'state', 'create_time', 'key_id'], unique=False)
+        batch_op.create_index(
+            'ix_api_keys_project_state_page',
+            ['account_id', 'project_id', 'state', 'create_time', 'key_id'],
+            unique=False,
+        )
+
+
+def downgrade() -> None:
+    with op.batch_alter_table('api_keys', schema=None) as batch_op:
+        batch_op.drop_index('ix_api_keys_project_state_page')
+        batch_op.drop_index('ix_api_keys_state_page')
+        batch_op.drop_index('ix_api_keys_project_page')

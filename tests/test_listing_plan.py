@@ -1,0 +1,220 @@
+"""ListApiKeys reads a page through an index, on both backends: the database's own plan for the query the
+repository sends (EXPLAIN QUERY PLAN on SQLite, EXPLAIN on PostgreSQL) must start the page at its place in
+the index of the filter's columns and must never sort the account's keys or scan the table.
+
+The tables hold a few thousand keys in two accounts, one project and one state being rare, and have fresh
+statistics (ANALYZE), so that the planner weighs real numbers: with the account index alone PostgreSQL
+reads a project's keys with a sequential scan and a sort.
+"""
+
+import json
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+from sqlalchemy import Engine, event, insert
+
+from apikeyd.domain.listing import Filter
+from apikeyd.domain.model import ApiKey, KeyState
+from apikeyd.store import migrate
+from apikeyd.store.models import ApiKeyRow
+from apikeyd.store.repository import Repository, create_db_engine
+from tests.conftest import POSTGRES_ADMIN_URL, _postgres_reachable
+
+ACCOUNT = "big"
+KEYS = 5000  # in ACCOUNT; another account holds 3000
+PAGE = 100
+START = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def _rows(account: str, count: int) -> list[dict[str, Any]]:
+    """Keys as the repository writes them; every 50th in project p1, every 40th DISABLED."""
+    rows = []
+    for i in range(count):
+        created = START + timedelta(seconds=i // 2)  # pairs share a create_time: key_id breaks the tie
+        rows.append(
+            {
+                "key_id": str(uuid.uuid4()),
+                "account_id": account,
+                "project_id": "p1" if i % 50 == 7 else "",
+                "display_name": f"key {i}",
+                "description": "",
+                "scopes": ["messages:send:all"],
+                "labels": {},
+                "state": KeyState.DISABLED.value if i % 40 == 7 else KeyState.ACTIVE.value,
+                "prefix": "AK_",
+                "lookup_id": uuid.uuid4().hex[:16],
+                "masked_key": "AK_xxxxxxxx...xxxx",
+                "secret_hash": "$argon2id$v=19$m=8192,t=1,p=1$not-a-real-hash",
+                "previous_secret_hash": None,
+                "previous_secret_expire_time": None,
+                "expire_time": None,
+                "rate_limits": [],
+                "create_time": created,
+                "update_time": created,
+                "last_used_time": None,
+                "revoke_time": None,
+                "revoke_reason": "",
+                "revision": 1,
+            }
+        )
+    return rows
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    """A database of its own, migrated to the latest schema and filled; dropped afterwards."""
+    admin_name = ""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('plan') / 'apikeyd.db'}"
+    else:
+        if not _postgres_reachable():
+            pytest.skip("skipped: no PostgreSQL at 127.0.0.1:5432")
+        admin_name = f"apikeyd_plan_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'CREATE DATABASE "{admin_name}"')
+        url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{admin_name}"
+    engine = create_db_engine(url)
+    try:
+        migrate.upgrade(engine)
+        with engine.begin() as connection:
+            connection.execute(insert(ApiKeyRow.__table__), _rows(ACCOUNT, KEYS))
+            connection.execute(insert(ApiKeyRow.__table__), _rows("other", 3000))
+        with engine.begin() as connection:
+            connection.exec_driver_sql("ANALYZE")
+        yield engine
+    finally:
+        engine.dispose()
+        if admin_name:
+            with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+                admin.execute(f'DROP DATABASE IF EXISTS "{admin_name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def everything(engine: Engine) -> list[ApiKey]:
+    """The account's keys in listing order, read in pages of the largest size."""
+    repository = Repository(engine)
+    keys: list[ApiKey] = []
+    after = None
+    for _ in range(KEYS // 1000 + 2):
+        page, more = repository.list_keys(ACCOUNT, Filter(), 1000, after)
+        keys += page
+        if not more:
+            break
+        after = (page[-1].create_time, page[-1].key_id)
+    assert len(keys) == KEYS
+    return keys
+
+
+def _list_and_explain(
+    engine: Engine, flt: Filter, after: tuple[datetime, str] | None
+) -> tuple[list[ApiKey], str, dict[str, Any] | list[str]]:
+    """One page through Repository.list_keys, the SQL it sent, and the database's plan for that SQL with
+    the same parameters: PostgreSQL's plan tree, or SQLite's plan lines."""
+    sent: list[tuple[str, Any]] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool) -> None:
+        if "FROM api_keys" in statement and "ORDER BY" in statement:
+            sent.append((statement, parameters))
+
+    event.listen(engine, "before_cursor_execute", capture)
+    try:
+        page, _ = Repository(engine).list_keys(ACCOUNT, flt, PAGE, after)
+    finally:
+        event.remove(engine, "before_cursor_execute", capture)
+    assert len(sent) == 1, sent
+    statement, parameters = sent[0]
+    with engine.connect() as connection:
+        if engine.dialect.name == "sqlite":
+            rows = connection.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters).all()
+            return page, statement, [row[-1] for row in rows]
+        plan = connection.exec_driver_sql("EXPLAIN (FORMAT JSON) " + statement, parameters).scalar_one()
+    plan = json.loads(plan) if isinstance(plan, str) else plan
+    return page, statement, plan[0]["Plan"]
+
+
+def _nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield node
+    for child in node.get("Plans", []):
+        yield from _nodes(child)
+
+
+def _matches(key: ApiKey, flt: Filter) -> bool:
+    return (flt.state is None or key.state == flt.state) and (
+        flt.project_id is None or key.project_id == flt.project_id
+    )
+
+
+CASES = [
+    # (filter, the index that must serve it, the columns it must seek on besides account_id)
+    pytest.param(Filter(), "ix_api_keys_account_page", (), id="account"),
+    pytest.param(Filter(project_id="p1"), "ix_api_keys_project_page", ("project_id",), id="project"),
+    pytest.param(Filter(state=KeyState.DISABLED), "ix_api_keys_state_page", ("state",), id="state"),
+    pytest.param(
+        Filter(state=KeyState.DISABLED, project_id="p1"),
+        "ix_api_keys_project_state_page",
+        ("project_id", "state"),
+        id="project-and-state",
+    ),
+]
+
+
+@pytest.mark.parametrize("deep", [False, True], ids=["first-page", "after-a-token"])
+@pytest.mark.parametrize(("flt", "index", "columns"), CASES)
+def test_a_page_is_read_through_the_filters_index_without_a_sort(
+    engine: Engine, everything: list[ApiKey], flt: Filter, index: str, columns: tuple[str, ...], deep: bool
+) -> None:
+    matching = [key for key in everything if _matches(key, flt)]
+    start = len(matching) // 2 if deep else 0
+    after = (matching[start - 1].create_time, matching[start - 1].key_id) if deep else None
+    page, _, plan = _list_and_explain(engine, flt, after)
+    assert [key.key_id for key in page] == [key.key_id for key in matching[start : start + PAGE]]
+
+    if isinstance(plan, list):  # SQLite
+        text = "\n".join(plan)
+        assert "TEMP B-TREE" not in text, text  # no sort of the matching rows
+        assert "SCAN api_keys" not in text, text  # no walk over the whole table or a whole index
+        seek = " AND ".join(["account_id=?", *(f"{column}=?" for column in columns)])
+        if deep:
+            seek += " AND (create_time,key_id)>(?,?)"
+        assert f"SEARCH api_keys USING INDEX {index} ({seek})" in text, text
+        return
+
+    kinds = [node["Node Type"] for node in _nodes(plan)]
+    assert not {"Sort", "Incremental Sort", "Seq Scan", "Bitmap Heap Scan"} & set(kinds), kinds
+    scans = [node for node in _nodes(plan) if node["Node Type"] in ("Index Scan", "Index Only Scan")]
+    assert len(scans) == 1 and scans[0]["Index Name"] == index, json.dumps(plan, indent=1)
+    condition = scans[0]["Index Cond"]
+    for column in ("account_id", *columns):
+        assert f"({column})::text = " in condition, condition
+    # The token's position is where the index scan starts, not a filter over the rows before it.
+    assert ("ROW(create_time, (key_id)::text) >" in condition) == deep, condition
+    assert "Filter" not in scans[0], scans[0]["Filter"]
+
+
+@pytest.mark.parametrize(
+    "flt", [Filter(state=KeyState.ACTIVE), Filter(project_id="")], ids=["active", "account-wide-keys"]
+)
+def test_a_common_value_still_pages_in_index_order(engine: Engine, everything: list[ApiKey], flt: Filter) -> None:
+    """`state = ACTIVE` or `project_id = ""` match most keys here, so the planner may walk the account index
+    in order and skip the few others rather than seek in the filter's index: as cheap for a page, but it
+    must still start at the token's position and never sort."""
+    matching = [key for key in everything if _matches(key, flt)]
+    start = len(matching) // 2
+    after = (matching[start - 1].create_time, matching[start - 1].key_id)
+    page, _, plan = _list_and_explain(engine, flt, after)
+    assert [key.key_id for key in page] == [key.key_id for key in matching[start : start + PAGE]]
+    if isinstance(plan, list):
+        text = "\n".join(plan)
+        assert "TEMP B-TREE" not in text and "SCAN api_keys" not in text, text
+        assert "SEARCH api_keys USING INDEX ix_api_keys_" in text and "(create_time,key_id)>(?,?)" in text, text
+        return
+    kinds = [node["Node Type"] for node in _nodes(plan)]
+    assert not {"Sort", "Incremental Sort", "Seq Scan", "Bitmap Heap Scan"} & set(kinds), kinds
+    scans = [node for node in _nodes(plan) if node["Node Type"] in ("Index Scan", "Index Only Scan")]
+    assert len(scans) == 1 and scans[0]["Index Name"].startswith("ix_api_keys_"), scans
+    assert "(account_id)::text = " in scans[0]["Index Cond"], scans
+    assert "ROW(create_time, (key_id)::text) >" in scans[0]["Index Cond"], scans
