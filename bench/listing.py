@@ -18,11 +18,9 @@ Returns the lines to print, as (label, text), or a reason to skip. The database 
 Everything connects to 127.0.0.1 only.
 """
 
-import contextlib
 import secrets
 import statistics
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,11 +33,11 @@ from apikeyd.domain.listing import MAX_PAGE_SIZE, decode_page_token, parse_filte
 from apikeyd.store.repository import Repository
 from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
+from bench.scaleout import POSTGRES_ADMIN_URL, postgres_database, postgres_problem
 from bench.server_process import ServerProcess, run_apikeyd, running_server
 
 Lines = list[tuple[str, str]]
 
-POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 SMALL_ACCOUNT, LARGE_ACCOUNT = "bench-small", "bench-large"
 SMALL, LARGE = 1_000, 1_000_000
 PROJECT = "web"  # every 5th key of each account
@@ -114,33 +112,6 @@ FROM (
     ) AS slots
 ) AS keys
 """
-
-
-def _postgres_problem() -> str:
-    try:
-        import psycopg
-
-        with psycopg.connect(POSTGRES_ADMIN_URL, connect_timeout=3) as probe:
-            probe.execute("SELECT 1")
-    except Exception as error:  # any failure means: skip, and say why
-        text = str(error).strip()
-        return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
-    return ""
-
-
-@contextlib.contextmanager
-def _postgres_database() -> Iterator[str]:
-    """A fresh database on the local PostgreSQL, dropped on the way out; its psycopg URL."""
-    import psycopg
-
-    name = f"apikeyd_bench_listing_{secrets.token_hex(4)}"
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3) as admin:
-            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def _load(url: str) -> tuple[float, dict[str, tuple[int, int]]]:
@@ -272,11 +243,11 @@ def _percentiles(times: list[float]) -> tuple[float, float]:
 
 
 def listing_at_scale(workdir: Path) -> Lines:
-    if problem := _postgres_problem():
+    if problem := postgres_problem():
         return [("ListApiKeys 1k/1M", f"skipped: PostgreSQL ({POSTGRES_ADMIN_URL}) does not answer: {problem}")]
     lines: Lines = []
     accounts = (SMALL_ACCOUNT, LARGE_ACCOUNT)
-    with _postgres_database() as url:
+    with postgres_database("apikeyd_bench_listing") as url:
         run_apikeyd("migrate", "--database-url", url)
         load_seconds, counts = _load(url)
         if counts.get(SMALL_ACCOUNT, (0, 0))[0] != SMALL or counts.get(LARGE_ACCOUNT, (0, 0))[0] != LARGE:

@@ -59,11 +59,11 @@ def _create(
 
 
 @contextlib.contextmanager
-def _postgres_database() -> Iterator[str]:
+def postgres_database(prefix: str = "apikeyd_bench") -> Iterator[str]:
     """A fresh database on the local PostgreSQL, dropped on the way out; its URL."""
     import psycopg
 
-    name = f"apikeyd_bench_{secrets.token_hex(4)}"
+    name = f"{prefix}_{secrets.token_hex(4)}"
     with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3) as admin:
         admin.execute(f"CREATE DATABASE {name}")
     try:
@@ -73,7 +73,7 @@ def _postgres_database() -> Iterator[str]:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-def _postgres_problem() -> str:
+def postgres_problem() -> str:
     try:
         import psycopg
 
@@ -87,11 +87,11 @@ def _postgres_problem() -> str:
 def revocation_propagation(workdir: Path) -> Lines:
     """Create on A, authorize on B (B caches it), revoke on A, poll B until REVOKED: the delay from A's
     RevokeApiKey returning to B's first REVOKED, for REVOKES keys."""
-    if problem := _postgres_problem():
+    if problem := postgres_problem():
         return [("revoke A -> B", f"skipped: PostgreSQL ({POSTGRES_ADMIN_URL}) does not answer: {problem}")]
     delays: list[float] = []
     polls: list[int] = []
-    with _postgres_database() as url:
+    with postgres_database() as url:
         run_apikeyd("migrate", "--database-url", url)
         with (
             running_server(workdir, url, name="replica-a") as a,
