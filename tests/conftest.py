@@ -51,16 +51,27 @@ def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
         _migrate(url)
         yield url
         return
+    with scratch_postgres_database("apikeyd_test") as (_, url):
+        yield url
+
+
+@contextlib.contextmanager
+def scratch_postgres_database(prefix: str) -> Iterator[tuple[str, str]]:
+    """A migrated PostgreSQL database of its own, (name, SQLAlchemy URL), dropped afterwards even if a test
+    closed it to connections; skips the test when PostgreSQL does not answer."""
     if not _postgres_reachable():
         pytest.skip("skipped: no PostgreSQL at 127.0.0.1:5432")
-    name = f"apikeyd_test_{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
-    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    _migrate(url)
-    yield url
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+        _migrate(url)
+        yield name, url
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _migrate(url: str) -> None:

@@ -7,13 +7,13 @@ statistics (ANALYZE), so that the planner weighs real numbers: with the account 
 reads a project's keys with a sequential scan and a sort.
 """
 
+import contextlib
 import json
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import psycopg
 import pytest
 from sqlalchemy import Engine, event, insert
 
@@ -22,7 +22,7 @@ from apikeyd.domain.model import ApiKey, KeyState
 from apikeyd.store import migrate
 from apikeyd.store.models import ApiKeyRow
 from apikeyd.store.repository import Repository, create_db_engine
-from tests.conftest import POSTGRES_ADMIN_URL, _postgres_reachable
+from tests.conftest import scratch_postgres_database
 
 ACCOUNT = "big"
 KEYS = 5000  # in ACCOUNT; another account holds 3000
@@ -67,18 +67,13 @@ def _rows(account: str, count: int) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     """A database of its own, migrated to the latest schema and filled; dropped afterwards."""
-    admin_name = ""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('plan') / 'apikeyd.db'}"
-    else:
-        if not _postgres_reachable():
-            pytest.skip("skipped: no PostgreSQL at 127.0.0.1:5432")
-        admin_name = f"apikeyd_plan_{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'CREATE DATABASE "{admin_name}"')
-        url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{admin_name}"
-    engine = create_db_engine(url)
-    try:
+    with contextlib.ExitStack() as stack:
+        if request.param == "sqlite":
+            url = f"sqlite:///{tmp_path_factory.mktemp('plan') / 'apikeyd.db'}"
+        else:
+            _, url = stack.enter_context(scratch_postgres_database("apikeyd_plan"))
+        engine = create_db_engine(url)
+        stack.callback(engine.dispose)
         migrate.upgrade(engine)
         with engine.begin() as connection:
             connection.execute(insert(ApiKeyRow.__table__), _rows(ACCOUNT, KEYS))
@@ -86,11 +81,6 @@ def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         with engine.begin() as connection:
             connection.exec_driver_sql("ANALYZE")
         yield engine
-    finally:
-        engine.dispose()
-        if admin_name:
-            with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-                admin.execute(f'DROP DATABASE IF EXISTS "{admin_name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="module")

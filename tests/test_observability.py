@@ -34,12 +34,12 @@ from tests.conftest import (
     ISSUED_SECRETS,
     POSTGRES_ADMIN_URL,
     RunningServer,
-    _postgres_reachable,
     authorize,
     count_keys,
     create_key,
     leaked_secrets,
     rpc_error,
+    scratch_postgres_database,
 )
 
 APIKEYD = str(Path(sys.executable).with_name("apikeyd"))
@@ -436,16 +436,7 @@ def test_health_never_returns_to_serving_once_the_drain_has_begun(tmp_path):
 
 @pytest.mark.postgres
 def test_health_is_not_serving_while_postgresql_refuses_connections():
-    if not _postgres_reachable():
-        pytest.skip("skipped: no PostgreSQL at 127.0.0.1:5432")
-    name = f"apikeyd_health_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-        engine = create_db_engine(url)
-        migrate.upgrade(engine)
-        engine.dispose()
+    with scratch_postgres_database("apikeyd_health") as (name, url):
         server = RunningServer(
             Settings.load(environ={}, database_url=url, health_check_interval=0.1, metrics_listen="")
         )
@@ -465,10 +456,6 @@ def test_health_is_not_serving_while_postgresql_refuses_connections():
             assert count_keys(server.stub, "a") == 0
         finally:
             server.stop()
-    finally:
-        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_a_zero_interval_turns_the_database_watch_off(tmp_path):

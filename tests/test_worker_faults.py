@@ -30,9 +30,9 @@ from sqlalchemy import text
 from apikeyd.store.repository import create_db_engine
 from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
-from tests.conftest import ISSUED_SECRETS, leaked_secrets
+from tests.conftest import ISSUED_SECRETS, leaked_secrets, scratch_postgres_database
 from tests.test_server import APIKEYD
-from tests.test_workers import _new_connection, postgres_database, supervisor
+from tests.test_workers import _new_connection, supervisor
 
 THREADS = 8  # creates in flight at once, about half of them on the worker that is killed
 KILLS = 3
@@ -45,7 +45,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/apikeyd.db"
         return
-    with postgres_database() as (_, url):
+    with scratch_postgres_database("apikeyd_faults") as (_, url):
         yield url
 
 

@@ -15,7 +15,6 @@ import subprocess
 import threading
 import time
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +22,6 @@ from typing import Any
 
 import grpc
 import psycopg
-import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from apikeyd.v1 import api_keys_pb2 as pb
@@ -31,11 +29,10 @@ from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
 from tests.conftest import (
     POSTGRES_ADMIN_URL,
     BearerCredentials,
-    _migrate,
-    _postgres_reachable,
     authorize,
     create_key,
     leaked_secrets,
+    scratch_postgres_database,
 )
 from tests.test_server import APIKEYD, _admin_key, _free_port
 
@@ -415,24 +412,6 @@ def test_a_killed_worker_does_not_turn_the_host_not_serving(tmp_path):
         assert running.stop() == 0, running.stderr
 
 
-@contextmanager
-def postgres_database() -> Iterator[tuple[str, str]]:
-    """A migrated PostgreSQL database of its own: (name, SQLAlchemy URL); dropped afterwards."""
-    if not _postgres_reachable():
-        pytest.skip("skipped: no PostgreSQL at 127.0.0.1:5432")
-    name = f"apikeyd_workers_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-        _migrate(url)
-        yield name, url
-    finally:
-        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 def _client_ports(pid: int, server_port: int) -> list[int]:
     """The local ports of process `pid`'s TCP connections to `server_port`: its sockets (/proc/pid/fd) looked
     up by inode in its network namespace's tables."""
@@ -472,7 +451,7 @@ def _allow_connections(database: str) -> None:
 
 
 def test_a_worker_that_loses_its_database_turns_the_host_not_serving_until_it_is_back(tmp_path):
-    with postgres_database() as (database, url), supervisor(
+    with scratch_postgres_database("apikeyd_workers") as (database, url), supervisor(
         tmp_path, "--health-check-interval", "0.2", database_url=url
     ) as running:
         workers = running.serving_workers()
