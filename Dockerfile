@@ -33,6 +33,7 @@ USER 10001:10001
 # gRPC, and the Prometheus metrics port.
 EXPOSE 50051 9464
 # `apikeyd health` asks grpc.health.v1 Check at APIKEYD_ADDRESS (default 127.0.0.1:50051): exit 0 when SERVING.
+# With TLS on, give it APIKEYD_CLIENT_TLS_CA (and _SERVER_NAME, and _CERT/_KEY for mTLS): README.md, "Container".
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 CMD ["apikeyd", "health"]
 # Exec form: apikeyd is PID 1 and gets SIGTERM itself (docker stop), drains and exits 0.
 ENTRYPOINT ["apikeyd"]
