@@ -20,21 +20,30 @@ branch_labels = None
 depends_on = None
 
 
+_INDEXES = (
+    ("ix_api_keys_project_page", ["account_id", "project_id", "create_time", "key_id"]),
+    ("ix_api_keys_state_page", ["account_id", "state", "create_time", "key_id"]),
+    ("ix_api_keys_project_state_page", ["account_id", "project_id", "state", "create_time", "key_id"]),
+)
+
+
 def upgrade() -> None:
+    context = op.get_context()
+    if context.dialect.name == "postgresql":
+        # CONCURRENTLY: a production table keeps taking writes while its indexes build (a plain CREATE INDEX
+        # blocks them for the whole build). It cannot run in a transaction. A build that failed half-way
+        # leaves an INVALID index and no alembic version, so a rerun drops what is there and builds again.
+        with context.autocommit_block():
+            for name, columns in _INDEXES:
+                op.drop_index(name, table_name="api_keys", postgresql_concurrently=True, if_exists=True)
+                op.create_index(name, "api_keys", columns, postgresql_concurrently=True)
+        return
     with op.batch_alter_table('api_keys', schema=None) as batch_op:
-        batch_op.create_index(
-            'ix_api_keys_project_page', ['account_id', 'project_id', 'create_time', 'key_id'], unique=False
-        )
-        batch_op.create_index('ix_api_keys_state_page', ['account_id', 'state', 'create_time', 'key_id'], unique=False)
-        batch_op.create_index(
-            'ix_api_keys_project_state_page',
-            ['account_id', 'project_id', 'state', 'create_time', 'key_id'],
-            unique=False,
-        )
+        for name, columns in _INDEXES:
+            batch_op.create_index(name, columns, unique=False)
 
 
 def downgrade() -> None:
     with op.batch_alter_table('api_keys', schema=None) as batch_op:
-        batch_op.drop_index('ix_api_keys_project_state_page')
-        batch_op.drop_index('ix_api_keys_state_page')
-        batch_op.drop_index('ix_api_keys_project_page')
+        for name, _ in reversed(_INDEXES):
+            batch_op.drop_index(name)
