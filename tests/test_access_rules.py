@@ -1,15 +1,32 @@
 """The rights rules without a server: which scopes a caller may hand out (ScopeSet.covers) and every check of
 Caller, against references written out from the contract rather than from the code."""
 
-from datetime import UTC, datetime
+import dataclasses
+import itertools
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
-from hypothesis import example, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
-from apikeyd.domain.access import AUTHORIZE, READ, WRITE, Actor, Caller
+from apikeyd.domain import ratelimit
+from apikeyd.domain.access import (
+    AUTHORIZE,
+    READ,
+    RULE_ACCOUNT,
+    RULE_GRANT,
+    RULE_MANAGE,
+    RULE_PROJECT,
+    RULE_RIGHT,
+    WRITE,
+    Actor,
+    Caller,
+    Refused,
+    update_losses,
+)
 from apikeyd.domain.errors import FailedPrecondition, InvalidArgument, PermissionDenied
-from apikeyd.domain.model import ApiKey, KeyState
+from apikeyd.domain.model import ApiKey, KeyState, RateLimit
 from apikeyd.domain.scopes import ScopeSet
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -292,3 +309,121 @@ def test_actor_is_the_calling_key_or_empty_for_the_admin_command() -> None:
     assert caller.account_id == "acct"
     assert ADMIN.actor == Actor(method="admin-key")
     assert ADMIN.account_id == "" and ADMIN.project_id == ""
+
+
+# --- refusal rules ----------------------------------------------------------------------------------
+
+
+def test_every_refusal_names_the_rule_that_refused() -> None:
+    """The audit log's DENIED throttle groups refusals by rule; each check raises its own."""
+    reader = _caller(("apikeys:read",))
+    project = _caller(("apikeys:write",), project_id="p1")
+    refusals = {
+        RULE_RIGHT: lambda: reader.require(WRITE),
+        RULE_ACCOUNT: lambda: reader.check_account("other"),
+        RULE_PROJECT: lambda: project.project_for_new_key("p2"),
+        RULE_GRANT: lambda: reader.check_grant(("billing:admin",)),
+        RULE_MANAGE: lambda: reader.check_manage(_key("t", scopes=("billing:admin",))),
+    }
+    for rule, refuse in refusals.items():
+        with pytest.raises(PermissionDenied) as denied:
+            refuse()
+        assert isinstance(denied.value, Refused) and denied.value.rule == rule
+
+
+# --- check_self_update --------------------------------------------------------------------------------
+
+DAY = timedelta(days=1)
+
+
+def _me(scopes: tuple[str, ...] = ("apikeys:write", "messages:send:all"), expire: datetime | None = NOW + DAY,
+        limits: tuple[RateLimit, ...] = (RateLimit(100, 60),)) -> ApiKey:
+    return dataclasses.replace(_key("me", scopes=scopes), expire_time=expire, rate_limits=limits)
+
+
+@pytest.mark.parametrize(
+    ("values", "losses"),
+    [
+        ({"display_name": "x", "description": "y", "labels": {"a": "b"}}, []),
+        ({"state": KeyState.ACTIVE}, []),
+        ({"state": KeyState.DISABLED}, ["disable it"]),
+        ({"scopes": ("apikeys:write", "messages:send:all")}, []),
+        ({"scopes": ("messages:send:all", "apikeys:write:all", "x:y")}, []),  # wider, said differently
+        ({"scopes": ("*",)}, []),
+        ({"scopes": ("apikeys:write",)}, ["narrow its scopes"]),
+        ({"scopes": ("apikeys:write", "messages:send:{a.com}")}, ["narrow its scopes"]),
+        ({"expire_time": None}, []),
+        ({"expire_time": NOW + 2 * DAY}, []),
+        ({"expire_time": NOW + DAY}, []),
+        ({"expire_time": NOW + DAY / 2}, ["bring its expire_time forward"]),
+        ({"rate_limits": ()}, []),
+        ({"rate_limits": (RateLimit(100, 60),)}, []),
+        ({"rate_limits": (RateLimit(200, 60),)}, []),
+        ({"rate_limits": (RateLimit(100, 30),)}, []),  # the same burst, a faster refill
+        ({"rate_limits": (RateLimit(99, 60),)}, ["tighten its rate limits"]),
+        ({"rate_limits": (RateLimit(100, 61),)}, ["tighten its rate limits"]),  # a slower refill
+        ({"rate_limits": (RateLimit(10, 6),)}, ["tighten its rate limits"]),  # the same rate, a smaller burst
+        ({"rate_limits": (RateLimit(100, 60), RateLimit(1000, 1))}, []),  # the new one is looser than the old
+        ({"rate_limits": (RateLimit(100, 60), RateLimit(5, 1))}, ["tighten its rate limits"]),
+        (
+            {"state": KeyState.DISABLED, "scopes": ("x:y",), "expire_time": NOW, "rate_limits": (RateLimit(1, 1),)},
+            ["disable it", "narrow its scopes", "bring its expire_time forward", "tighten its rate limits"],
+        ),
+    ],
+)
+def test_update_losses(values: dict[str, Any], losses: list[str]) -> None:
+    assert update_losses(_me(), values) == losses
+    caller = _caller(("*",), key_id="me")
+    if losses:
+        with pytest.raises(FailedPrecondition) as refused:
+            caller.check_self_update(_me(), values, False)
+        assert "allow_self: true" in str(refused.value)
+        assert all(loss in str(refused.value) for loss in losses)
+    else:
+        caller.check_self_update(_me(), values, False)
+    caller.check_self_update(_me(), values, True)
+    _caller(("*",), key_id="someone-else").check_self_update(_me(), values, False)
+    ADMIN.check_self_update(_me(), values, False)
+
+
+def test_a_key_without_expire_time_or_rate_limits_loses_by_getting_them() -> None:
+    bare = _me(expire=None, limits=())
+    assert update_losses(bare, {"expire_time": NOW + 1000 * DAY}) == ["give it an expire_time"]
+    assert update_losses(bare, {"rate_limits": (RateLimit(10**9, 1),)}) == ["tighten its rate limits"]
+    assert update_losses(bare, {"expire_time": None, "rate_limits": ()}) == []
+
+
+def _admitted(limits: tuple[RateLimit, ...], times_ms: list[int]) -> list[int]:
+    """The request times (ms) that `limits` admit, by the service's own GCRA."""
+    tats, admitted = [0] * len(limits), []
+    for ms in times_ms:
+        outcome, kept = ratelimit.check(limits, tats, ms * 1_000_000)
+        if outcome.allowed:
+            assert kept is not None
+            tats = kept
+            admitted.append(ms)
+    return admitted
+
+
+_rates = st.builds(RateLimit, st.integers(1, 6), st.integers(1, 8))
+
+
+@given(old=st.lists(_rates, min_size=1, max_size=2), new=_rates, gaps=st.lists(st.integers(0, 1500), max_size=60))
+def test_a_rate_limit_said_to_take_nothing_refuses_nothing_the_old_ones_admit(
+    old: list[RateLimit], new: RateLimit, gaps: list[int]
+) -> None:
+    """The claim behind "tighten its rate limits", checked against the limiter: when update_losses finds no
+    loss, every request stream the old limits admit, the new limit admits too."""
+    assume(not update_losses(_me(limits=tuple(old)), {"rate_limits": (new,)}))
+    times = list(itertools.accumulate(gaps))
+    stream = _admitted(tuple(old), times)
+    assert _admitted((new,), stream) == stream
+
+
+def test_a_tighter_rate_limit_does_refuse_what_the_old_one_admits() -> None:
+    """The other direction, for the shapes the rule calls a loss: a burst the old limit admits is cut."""
+    old = (RateLimit(4, 4),)
+    for new in (RateLimit(3, 4), RateLimit(4, 5), RateLimit(2, 2)):
+        assert update_losses(_me(limits=old), {"rate_limits": (new,)}) == ["tighten its rate limits"]
+        stream = _admitted(old, [0, 0, 0, 0, 1000, 2000, 3000, 4000, 5000])
+        assert _admitted((new,), stream) != stream, new

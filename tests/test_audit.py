@@ -1,6 +1,8 @@
 """ListAuditEvents: who did what to which key, when, from where and through which RPC; refusals; filters;
 keyset paging; what a project key and a read-only key may see. Never a secret or a hash."""
 
+import logging
+import time
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -11,6 +13,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.field_mask_pb2 import FieldMask
 
 from apikeyd.domain import keys
+from apikeyd.lifecycle import DENIAL_WINDOW_SECONDS, DenialThrottle
 from apikeyd.v1 import api_keys_pb2 as pb
 from tests.conftest import authorize, create_key, rpc_error
 
@@ -153,6 +156,149 @@ def test_a_denied_events_api_key_names_the_target(server, stub, account):
     [denied] = _events(stub, account, "kind = DENIED")
     assert denied.key_id == victim.key_id
     assert denied.api_key == victim.name
+
+
+# --- a flood of refusals ---------------------------------------------------------------------------
+
+
+class FakeClock:
+    """Monotonic seconds that move only when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_throttle_records_the_first_refusal_then_one_per_window_with_the_count() -> None:
+    clock = FakeClock()
+    throttle = DenialThrottle(window=10, clock=clock)
+    flood = ("k1", "CreateApiKey", "right")
+    assert throttle.admit(flood) == 0  # the first, at once
+    assert [throttle.admit(flood) for _ in range(49)] == [None] * 49
+    clock.now += 9.999
+    assert throttle.admit(flood) is None
+    clock.now += 0.001
+    assert throttle.admit(flood) == 50  # the window is over: recorded, with the 50 left out
+    assert throttle.admit(flood) is None
+    clock.now += 60
+    assert throttle.admit(flood) == 1
+    clock.now += 60
+    assert throttle.admit(flood) == 0  # nothing left out since the last one
+    assert throttle.suppressed_total == 51
+    # another key, method or rule has a window of its own
+    for other in (("k2", "CreateApiKey", "right"), ("k1", "ListApiKeys", "right"), ("k1", "CreateApiKey", "grant")):
+        assert throttle.admit(other) == 0, other
+        assert throttle.admit(other) is None, other
+
+
+def test_a_denied_event_that_could_not_be_written_hands_its_count_to_the_next() -> None:
+    clock = FakeClock()
+    throttle = DenialThrottle(window=10, clock=clock)
+    flood = ("k1", "GetApiKey", "account")
+    throttle.admit(flood)
+    for _ in range(3):
+        throttle.admit(flood)
+    clock.now += 10
+    assert throttle.admit(flood) == 3
+    throttle.unrecorded(flood, 3)  # the database did not answer
+    assert throttle.admit(flood) is None  # no second try within the window
+    clock.now += 10
+    assert throttle.admit(flood) == 5  # the 3, the one not written, and the one just left out
+    throttle.unrecorded(("k9", "GetApiKey", "account"), 0)  # a window dropped meanwhile
+    assert throttle.admit(("k9", "GetApiKey", "account")) is None
+    clock.now += 10
+    assert throttle.admit(("k9", "GetApiKey", "account")) == 2
+
+
+def test_the_throttle_keeps_a_bounded_number_of_windows_and_logs_a_dropped_count(caplog) -> None:
+    clock = FakeClock()
+    throttle = DenialThrottle(window=10, capacity=3, clock=clock)
+    for n in range(3):
+        throttle.admit((f"k{n}", "GetApiKey", "right"))
+    throttle.admit(("k0", "GetApiKey", "right"))  # k0 counted, and now the most recently refused
+    throttle.admit(("k1", "GetApiKey", "right"))
+    throttle.admit(("k1", "GetApiKey", "right"))
+    with caplog.at_level(logging.WARNING, logger="apikeyd.lifecycle"):
+        throttle.admit(("k3", "GetApiKey", "right"))  # drops k2 (nothing pending)
+        assert len(throttle) == 3 and not caplog.records
+        throttle.admit(("k4", "GetApiKey", "right"))  # drops k0, with 1 pending
+    assert len(throttle) == 3
+    [line] = caplog.records
+    assert "1 refusals" in line.getMessage() and "k0" in line.getMessage()
+    assert throttle.admit(("k0", "GetApiKey", "right")) == 0  # dropped, so recorded again at once
+    assert len(throttle) == 3
+
+
+def _throttle_with_a_fake_clock(server) -> FakeClock:
+    clock = FakeClock()
+    server.app.manager.denials = DenialThrottle(clock=clock)
+    return clock
+
+
+def test_a_flood_of_refusals_writes_one_denied_event_per_window_with_the_count(server, stub, account):
+    clock = _throttle_with_a_fake_clock(server)
+    reader = create_key(stub, account, scopes=("apikeys:read",), display_name="reader")
+    as_reader = server.stub_for(reader.secret)
+
+    assert rpc_error(lambda: create_key(as_reader, account)).code() == C.PERMISSION_DENIED
+    [first] = _events(stub, account, "kind = DENIED")  # recorded at once
+    assert (first.method, first.actor_key_id) == ("CreateApiKey", reader.api_key.key_id)
+    assert "apikeys:write" in first.reason and "suppressed" not in first.details
+    for _ in range(49):
+        assert rpc_error(lambda: create_key(as_reader, account)).code() == C.PERMISSION_DENIED
+    assert _events(stub, account, "kind = DENIED") == [first]  # 49 refusals, no row
+
+    clock.now += DENIAL_WINDOW_SECONDS
+    assert rpc_error(lambda: create_key(as_reader, account)).code() == C.PERMISSION_DENIED
+    latest, earlier = _events(stub, account, "kind = DENIED")
+    assert earlier == first
+    assert (latest.method, latest.actor_key_id, latest.reason) == ("CreateApiKey", reader.api_key.key_id, first.reason)
+    assert latest.details["suppressed"] == "49"
+    assert server.app.manager.denials.suppressed_total == 49
+
+    # the same key through another method, and another key through the same one: recorded at once
+    other = create_key(stub, account, scopes=("apikeys:read",), display_name="other reader")
+    as_other = server.stub_for(other.secret)
+    target = create_key(stub, account).api_key
+    assert rpc_error(lambda: as_reader.RevokeApiKey(pb.RevokeApiKeyRequest(name=target.name))).code() == C.PERMISSION_DENIED
+    assert rpc_error(lambda: create_key(as_other, account)).code() == C.PERMISSION_DENIED
+    denied = _events(stub, account, "kind = DENIED")
+    assert [(e.method, e.actor_key_id) for e in denied[:2]] == [
+        ("CreateApiKey", other.api_key.key_id),
+        ("RevokeApiKey", reader.api_key.key_id),
+    ]
+    assert all("suppressed" not in e.details for e in denied[:2])
+    assert len(denied) == 4
+    assert [e.kind for e in _events(stub, account)].count(E.CREATED) == 3  # the refused calls made nothing
+
+
+def test_refusals_of_one_rule_are_grouped_whatever_their_targets(server, stub, account):
+    _throttle_with_a_fake_clock(server)
+    writer = create_key(stub, account, scopes=WRITER)
+    as_writer = server.stub_for(writer.secret)
+    for n in range(20):  # another account each time: the same rule, so one row
+        victim = f"accounts/acct-probe-{n}/apiKeys/00000000-0000-4000-8000-000000000000"
+        assert rpc_error(lambda v=victim: as_writer.GetApiKey(pb.GetApiKeyRequest(name=v))).code() == C.PERMISSION_DENIED
+    # the same method refused by another rule is recorded on its own
+    assert rpc_error(lambda: create_key(as_writer, account, scopes=("billing:admin",))).code() == C.PERMISSION_DENIED
+    assert rpc_error(lambda: create_key(as_writer, f"acct-{uuid.uuid4().hex[:10]}")).code() == C.PERMISSION_DENIED
+    denied = _events(stub, account, "kind = DENIED")
+    assert [e.method for e in denied] == ["CreateApiKey", "CreateApiKey", "GetApiKey"]
+    assert "accounts/acct-" in denied[0].reason and "'billing:admin'" in denied[1].reason
+    assert denied[2].reason.endswith("accounts/acct-probe-0")
+
+
+def test_with_the_real_clock_a_burst_of_refusals_writes_at_most_one_row_per_window(server, stub, account):
+    reader = server.stub_for(create_key(stub, account, scopes=("apikeys:read",)).secret)
+    started = time.monotonic()
+    for _ in range(50):
+        assert rpc_error(lambda: create_key(reader, account)).code() == C.PERMISSION_DENIED
+    elapsed = time.monotonic() - started
+    rows = len(_events(stub, account, "kind = DENIED"))
+    assert 1 <= rows <= 1 + int(elapsed // DENIAL_WINDOW_SECONDS)
+    assert rows <= 5, f"{rows} rows for 50 refusals in {elapsed:.1f} s"
 
 
 # --- filters --------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.field_mask_pb2 import FieldMask
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from apikeyd.domain import keys
 from apikeyd.domain.access import Actor
@@ -370,6 +371,144 @@ def test_other_updates_of_the_callers_own_key_need_no_allow_self(server, stub, a
     assert _update(caller, me.api_key.name, display_name="renamed").display_name == "renamed"
     assert _update(caller, me.api_key.name, state=pb.ApiKey.ACTIVE).state == pb.ApiKey.ACTIVE  # not a disable
     assert count_keys(caller, account) == 1
+
+
+def _ts(moment):
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def _limit(limit, seconds):
+    return pb.RateLimit(limit=limit, period=Duration(seconds=seconds))
+
+
+IN_A_DAY = datetime.now(UTC).replace(microsecond=0) + timedelta(days=1)
+
+# Updates of the caller's own key (made with WRITER, IN_A_DAY and 100 per 60 s) that take something away:
+# (fields to send, the phrase the error must hold, how the key reads after the update with allow_self).
+SELF_LOSSES = {
+    "narrower scopes": (
+        {"scopes": ["apikeys:write", "apikeys:read", "messages:send:{a.com}"]},
+        "narrow its scopes",
+        lambda k: list(k.scopes) == ["apikeys:write", "apikeys:read", "messages:send:{a.com}"],
+    ),
+    "a scope removed": (
+        {"scopes": ["apikeys:write", "messages:send:all"]},
+        "narrow its scopes",
+        lambda k: list(k.scopes) == ["apikeys:write", "messages:send:all"],
+    ),
+    "an earlier expire_time": (
+        {"expire_time": _ts(IN_A_DAY - timedelta(hours=12))},
+        "bring its expire_time forward",
+        lambda k: k.expire_time.ToDatetime(tzinfo=UTC) == IN_A_DAY - timedelta(hours=12),
+    ),
+    "a lower rate limit": (
+        {"rate_limits": [_limit(10, 60)]},
+        "tighten its rate limits",
+        lambda k: [(r.limit, r.period.seconds) for r in k.rate_limits] == [(10, 60)],
+    ),
+    "a new rate limit beside the old": (
+        {"rate_limits": [_limit(100, 60), _limit(5, 1)]},
+        "tighten its rate limits",
+        lambda k: len(k.rate_limits) == 2,
+    ),
+    "the same number over a longer period": (
+        {"rate_limits": [_limit(100, 3600)]},
+        "tighten its rate limits",
+        lambda k: [(r.limit, r.period.seconds) for r in k.rate_limits] == [(100, 3600)],
+    ),
+}
+
+
+def _limited_self(server, stub, account, **fields):
+    fields.setdefault("expire_time", _ts(IN_A_DAY))
+    fields.setdefault("rate_limits", [_limit(100, 60)])
+    me = create_key(stub, account, scopes=WRITER, **fields)
+    return me, server.stub_for(me.secret)
+
+
+@pytest.mark.parametrize("loss", SELF_LOSSES)
+def test_an_update_that_takes_from_the_callers_own_key_needs_allow_self(server, stub, account, loss):
+    fields, phrase, applied = SELF_LOSSES[loss]
+    me, caller = _limited_self(server, stub, account)
+    error = rpc_error(lambda: _update(caller, me.api_key.name, **fields))
+    assert error.code() == C.FAILED_PRECONDITION
+    assert "allow_self: true" in error.details() and phrase in error.details()
+    assert _get(stub, me.api_key.name) == me.api_key  # nothing changed
+    assert [e.kind for e in _key_events(stub, account, me.api_key.key_id)] == [pb.AuditEvent.CREATED]
+
+    updated = _update(caller, me.api_key.name, allow_self=True, **fields)
+    assert applied(updated), updated
+    assert _get(stub, me.api_key.name) == updated
+
+
+def test_the_same_update_of_another_key_needs_no_allow_self(server, stub, account):
+    _, caller = _limited_self(server, stub, account)
+    for loss, (fields, _, applied) in SELF_LOSSES.items():
+        other = _limited_self(server, stub, account)[0].api_key
+        assert applied(_update(caller, other.name, **fields)), loss
+
+
+def test_a_self_update_with_several_losses_names_each(server, stub, account):
+    me, caller = _limited_self(server, stub, account, rate_limits=[])
+    error = rpc_error(
+        lambda: _update(
+            caller, me.api_key.name, scopes=["apikeys:write"], expire_time=_ts(IN_A_DAY - timedelta(hours=1)),
+            rate_limits=[_limit(1000, 1)], state=pb.ApiKey.DISABLED,
+        )
+    )
+    assert error.code() == C.FAILED_PRECONDITION
+    for phrase in ("disable it", "narrow its scopes", "bring its expire_time forward", "tighten its rate limits"):
+        assert phrase in error.details()
+    assert _get(stub, me.api_key.name) == me.api_key
+
+
+def test_a_key_without_an_expire_time_needs_allow_self_to_get_one(server, stub, account):
+    me = create_key(stub, account, scopes=WRITER)
+    caller = server.stub_for(me.secret)
+    later = _ts(IN_A_DAY + timedelta(days=365))
+    error = rpc_error(lambda: _update(caller, me.api_key.name, expire_time=later))
+    assert error.code() == C.FAILED_PRECONDITION and "give it an expire_time" in error.details()
+    assert not _get(stub, me.api_key.name).HasField("expire_time")
+    assert _update(caller, me.api_key.name, allow_self=True, expire_time=later).expire_time == later
+
+
+def test_updates_that_take_nothing_from_the_callers_own_key_need_no_allow_self(server, stub, account):
+    me, caller = _limited_self(server, stub, account)
+    name = me.api_key.name
+    assert _update(caller, name, description="mine").description == "mine"
+    assert _update(caller, name, labels={"team": "ops"}).labels == {"team": "ops"}
+    # the same rights, said differently: every scope it held is still covered
+    same = ["messages:send:{a.com}", "messages:send:all", "apikeys:read", "apikeys:write"]
+    assert list(_update(caller, name, scopes=same).scopes) == same
+    later = _ts(IN_A_DAY + timedelta(days=1))
+    assert _update(caller, name, expire_time=later).expire_time == later
+    looser = [_limit(200, 60)]  # a larger burst and a faster rate
+    assert [r.limit for r in _update(caller, name, rate_limits=looser).rate_limits] == [200]
+    assert [r.limit for r in _update(caller, name, rate_limits=[_limit(300, 60), _limit(300, 30)]).rate_limits] == [300, 300]
+    cleared = caller.UpdateApiKey(
+        pb.UpdateApiKeyRequest(api_key=pb.ApiKey(name=name), update_mask=FieldMask(paths=["expire_time", "rate_limits"]))
+    )
+    assert not cleared.HasField("expire_time") and not cleared.rate_limits
+    assert count_keys(caller, account) == 1  # still works, and nothing asked for allow_self
+
+
+def test_a_key_cannot_change_its_project(server, stub, account):
+    me = create_key(stub, account, scopes=WRITER, project_id="p1")
+    caller = server.stub_for(me.secret)
+    for allow in (False, True):
+        error = rpc_error(lambda allow=allow: _update(caller, me.api_key.name, allow_self=allow, project_id="p2"))
+        assert error.code() == C.INVALID_ARGUMENT and "project_id" in error.details()
+    assert _get(stub, me.api_key.name).project_id == "p1"
+
+
+def _key_events(stub, account, key_id):
+    return list(
+        stub.ListAuditEvents(
+            pb.ListAuditEventsRequest(parent=f"accounts/{account}", filter=f'key_id = "{key_id}"')
+        ).audit_events
+    )
 
 
 @contextlib.contextmanager

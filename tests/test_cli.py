@@ -528,6 +528,16 @@ def test_errors_are_one_line_with_the_grpc_code(server, account):
     assert "allow_self" in error_line(cli(server, "keys", "disable", mine), "FAILED_PRECONDITION").replace(
         "-", "_"
     )
+    # a key narrowing itself: refused without --allow-self, done with it
+    writer = create_key(server.stub, account, ("apikeys:read", "apikeys:write"), display_name="writer")
+    narrowed = error_line(
+        cli(server, "keys", "update", writer.api_key.name, "--expires", "90d", token=writer.secret),
+        "FAILED_PRECONDITION",
+    )
+    assert "allow_self" in narrowed
+    done = cli(server, "keys", "update", writer.api_key.name, "--expires", "90d", "--allow-self", "--json",
+               token=writer.secret)
+    assert done.exit_code == 0 and as_json(done)["expire_time"], done.output
     # an invalid token never reaches the wire, and is never echoed
     control = cli(server, "keys", "list", "--account", account, token="AK_bad\nvalue")
     assert control.exit_code == 2 and "AK_bad" not in control.output

@@ -70,6 +70,15 @@ def value(samples: dict[Any, float], name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def test_refusals_left_out_of_the_audit_log_are_counted(make_server, account):
+    server = make_server(metrics_listen="127.0.0.1:0")
+    reader = server.stub_for(create_key(server.stub, account, ("apikeys:read",), display_name="reader").secret)
+    for _ in range(3):  # one rule, one method, one key: the first is audited, the next two are counted
+        rpc_error(lambda: create_key(reader, account))
+    _, samples = scrape(server)
+    assert value(samples, "apikeyd_audit_denials_suppressed_total") == 2
+
+
 def test_metrics_count_decisions_calls_cache_and_verifications_with_safe_labels(make_server, account):
     server = make_server(metrics_listen="127.0.0.1:0")
     stub = server.stub
@@ -116,6 +125,8 @@ def test_metrics_count_decisions_calls_cache_and_verifications_with_safe_labels(
     assert value(samples, "apikeyd_argon2_verifications_total") == server.app.hasher.verifications >= 2
     assert value(samples, "apikeyd_verification_duration_seconds_count") >= 2
     assert value(samples, "apikeyd_verifications_in_flight") == 0
+    assert value(samples, "apikeyd_cache_stale_hits_total") == 0
+    assert value(samples, "apikeyd_audit_denials_suppressed_total") == 0
     assert value(samples, "process_cpu_seconds_total") > 0
 
     # Nothing of a tenant anywhere in the exposition: no key, key id, lookup id, account or name.

@@ -841,6 +841,7 @@ def keys_get(client: Client, key: str, account: str | None, as_json: bool) -> No
 @click.option("--rate-limit", "rate_limits", multiple=True, type=RATE_LIMIT, help="replacing all; repeatable")
 @click.option("--clear-rate-limits", is_flag=True, help="remove every rate limit")
 @_etag_option
+@_allow_self_option("narrow the scopes, expiry or rate limits of")
 @_json_option
 @_connection_options
 def keys_update(
@@ -856,6 +857,7 @@ def keys_update(
     rate_limits: tuple[tuple[int, int], ...],
     clear_rate_limits: bool,
     etag: str,
+    allow_self: bool,
     as_json: bool,
 ) -> None:
     """Change the fields given, and only those (the update_mask names exactly them)."""
@@ -889,7 +891,7 @@ def keys_update(
             "nothing to update: give --display-name, --description, --scope, --label, --clear-labels, "
             "--expires, --rate-limit or --clear-rate-limits"
         )
-    request = pb.UpdateApiKeyRequest(api_key=api_key, update_mask=FieldMask(paths=paths))
+    request = pb.UpdateApiKeyRequest(api_key=api_key, update_mask=FieldMask(paths=paths), allow_self=allow_self)
     _show_key(client.call("UpdateApiKey", request), as_json)
 
 

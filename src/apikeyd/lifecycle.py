@@ -9,7 +9,10 @@ import dataclasses
 import hashlib
 import json
 import logging
+import threading
+import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -60,6 +63,18 @@ T = TypeVar("T")
 
 UPDATABLE = ("display_name", "description", "scopes", "labels", "expire_time", "rate_limits", "state")
 _CONFLICT_RETRIES = 3
+
+# At most one DENIED audit event per (calling key, method, rule) in this many seconds; the refusals in
+# between are counted and the count goes into the next one recorded. A script refused in a loop then writes
+# one row per 10 s per (key, method, rule) instead of one per request, while the log still shows its first
+# refusal at once and, for as long as the refusals go on, a count at most one window old. Shorter windows
+# buy little for a reader (who needs "who, what, since when, how many") and multiply the rows.
+DENIAL_WINDOW_SECONDS = 10.0
+# Windows kept, least recently refused dropped first (a dropped window's pending count is logged): about
+# 200 bytes each, so at most a few MB. A key whose window was dropped is simply recorded again at once.
+DENIAL_WINDOWS_KEPT = 10_000
+
+DenialKey = tuple[str, str, str]  # (calling key id, method, rule)
 
 
 @dataclass(frozen=True)
@@ -126,6 +141,71 @@ def _log_change(what: str, key: ApiKey, actor: Actor, event: str, **details: Any
     )
 
 
+@dataclass
+class _DenialWindow:
+    opened: float  # the clock when the last DENIED event of this (key, method, rule) was recorded
+    suppressed: int = 0  # refusals since then, not recorded
+
+
+class DenialThrottle:
+    """Which refusals the audit log records: the first of each (calling key, method, rule) at once, then at
+    most one per `window` seconds, each carrying how many were left out since the previous one. Per process,
+    in memory: every server applies it on its own. `clock` is injectable for tests (monotonic seconds)."""
+
+    def __init__(
+        self,
+        window: float = DENIAL_WINDOW_SECONDS,
+        capacity: int = DENIAL_WINDOWS_KEPT,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.window = window
+        self.capacity = capacity
+        self.clock = clock
+        self.suppressed_total = 0  # refusals not written to the audit log, for a metric
+        self._windows: OrderedDict[DenialKey, _DenialWindow] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._windows)
+
+    def admit(self, key: DenialKey) -> int | None:
+        """None to leave this refusal out (it is counted); otherwise record it, with the returned number of
+        refusals left out since the previous recorded one."""
+        now = self.clock()
+        dropped: list[tuple[DenialKey, int]] = []
+        with self._lock:
+            window = self._windows.get(key)
+            if window is not None:
+                self._windows.move_to_end(key)
+                if now - window.opened < self.window:
+                    window.suppressed += 1
+                    self.suppressed_total += 1
+                    return None
+                suppressed, window.opened, window.suppressed = window.suppressed, now, 0
+            else:
+                suppressed = 0
+                self._windows[key] = _DenialWindow(now)
+                while len(self._windows) > self.capacity:
+                    old_key, old = self._windows.popitem(last=False)
+                    if old.suppressed:
+                        dropped.append((old_key, old.suppressed))
+        for (key_id, method, rule), count in dropped:
+            log.warning(
+                "%d refusals of %s to key %s (%s) were left out of the audit log and their count is dropped "
+                "with its window", count, method, key_id, rule or "-",
+                extra=fields(event="access.denials_dropped", actor_key_id=key_id, method=method, rule=rule, count=count),
+            )
+        return suppressed
+
+    def unrecorded(self, key: DenialKey, suppressed: int) -> None:
+        """The event `admit` let through could not be written (the database did not answer): it and the
+        refusals it would have counted are counted into the next one, which is tried after the window as
+        usual, so a flood during an outage costs one failed write per window, not one per refusal."""
+        with self._lock:
+            window = self._windows.setdefault(key, _DenialWindow(self.clock()))
+            window.suppressed += suppressed + 1
+
+
 def _validate_update(values: dict[str, Any], now: datetime) -> dict[str, Any]:
     checks: dict[str, Callable[[Any], Any]] = {
         "display_name": validate_display_name,
@@ -156,6 +236,7 @@ class KeyManager:
         prefixes: KeyPrefixes = KeyPrefixes(),
         operator_account: str = "system",
         max_live_keys: int = 1000,
+        denials: DenialThrottle | None = None,
     ) -> None:
         self._repository = repository
         self._hasher = hasher
@@ -164,6 +245,7 @@ class KeyManager:
         self._prefixes = prefixes
         self.operator_account = operator_account
         self._max_live_keys = max_live_keys
+        self.denials = denials if denials is not None else DenialThrottle()
 
     async def _run(self, call: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
@@ -193,12 +275,16 @@ class KeyManager:
 
     @contextlib.asynccontextmanager
     async def _denials(self, caller: Caller, target: str, key_id: str = "") -> AsyncIterator[None]:
-        """Record a refusal in the caller's own audit log, then let it reach the caller."""
+        """Record a refusal in the caller's own audit log (at most one per DenialThrottle window for the same
+        key, method and rule, with the count of those left out), then let it reach the caller."""
         try:
             yield
         except PermissionDenied as denied:
             if caller.key is not None:
                 reason = str(denied)
+                rule = getattr(denied, "rule", "")
+                throttled: DenialKey = (caller.key.key_id, caller.method, rule)
+                suppressed = self.denials.admit(throttled)
                 log.info(
                     "denied %s on %s to key %s: %s", caller.method, target, caller.key.key_id, reason,
                     extra=fields(
@@ -211,17 +297,24 @@ class KeyManager:
                         actor_key_id=caller.key.key_id,
                         peer=caller.peer,
                         method=caller.method,
+                        rule=rule,
+                        audited=suppressed is not None,
                     ),
                 )
-                actor = caller.actor
-                try:
-                    await self._run(
-                        lambda: self._repository.record_denial(
-                            caller.account_id, caller.project_id, actor, key_id, {"reason": reason, "target": target}, _now()
+                if suppressed is not None:
+                    actor = caller.actor
+                    details: dict[str, Any] = {"reason": reason, "target": target}
+                    if suppressed:
+                        details["suppressed"] = suppressed
+                    try:
+                        await self._run(
+                            lambda: self._repository.record_denial(
+                                caller.account_id, caller.project_id, actor, key_id, details, _now()
+                            )
                         )
-                    )
-                except Unavailable:
-                    log.warning("could not write the audit event of a denial: the database is unavailable")
+                    except Unavailable:
+                        self.denials.unrecorded(throttled, suppressed)
+                        log.warning("could not write the audit event of a denial: the database is unavailable")
             raise
 
     def _reached(self, caller: Caller, key: ApiKey) -> ApiKey:
@@ -341,8 +434,7 @@ class KeyManager:
             def decide(current: ApiKey, _: Credentials) -> Change:
                 self._reached(caller, current)
                 caller.check_manage(current)
-                if values.get("state") is KeyState.DISABLED:
-                    caller.check_self(current, allow_self, "disable")
+                caller.check_self_update(current, values, allow_self)  # on the row the write locks
                 if current.state is KeyState.REVOKED:
                     raise FailedPrecondition("the key is revoked; a revoked key cannot be changed")
                 changed = {name: v for name, v in values.items() if getattr(current, name) != v}

@@ -35,6 +35,7 @@ CACHE_HITS = "apikeyd_cache_hits_total"
 CACHE_MISSES = "apikeyd_cache_misses_total"
 CACHE_NEGATIVE_HITS = "apikeyd_cache_negative_hits_total"
 CACHE_STALE_HITS = "apikeyd_cache_stale_hits_total"
+AUDIT_DENIALS_SUPPRESSED = "apikeyd_audit_denials_suppressed_total"
 CACHE_EVICTIONS = "apikeyd_cache_evictions_total"
 CACHE_ENTRIES = "apikeyd_cache_entries"
 VERIFICATIONS_IN_FLIGHT = "apikeyd_verifications_in_flight"
@@ -110,16 +111,18 @@ class Metrics(Collector):
             SLOW_BUCKETS,
         )
         self._cache: Any = None
+        self._denials: Any = None
         self._hasher: Any = None
         self._in_flight: Callable[[], int] = lambda: 0
         self.registry.register(self)
         ProcessCollector(registry=self.registry)
         GCCollector(registry=self.registry)
 
-    def watch(self, *, cache: Any, hasher: Any, in_flight: Callable[[], int]) -> None:
+    def watch(self, *, cache: Any, hasher: Any, in_flight: Callable[[], int], denials: Any = None) -> None:
         """The objects read at scrape time: the VerifiedKeyCache (its CacheStats and size), the
-        SecretHasher (its verification count) and how many verifications are in flight."""
-        self._cache, self._hasher, self._in_flight = cache, hasher, in_flight
+        SecretHasher (its verification count), how many verifications are in flight, and the lifecycle's
+        DenialThrottle (refusals left out of the audit log)."""
+        self._cache, self._hasher, self._in_flight, self._denials = cache, hasher, in_flight, denials
 
     def collect(self) -> Iterator[Metric]:
         decisions = CounterMetricFamily(
@@ -163,6 +166,12 @@ class Metrics(Collector):
         if self._hasher is not None:
             yield CounterMetricFamily(
                 _base(ARGON2_VERIFICATIONS), "argon2 verifications run", value=self._hasher.verifications
+            )
+        if self._denials is not None:
+            yield CounterMetricFamily(
+                _base(AUDIT_DENIALS_SUPPRESSED),
+                "refused calls not written to the audit log (at most one per key, method and rule per window)",
+                value=self._denials.suppressed_total,
             )
         yield GaugeMetricFamily(
             VERIFICATIONS_IN_FLIGHT,

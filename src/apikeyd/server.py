@@ -108,7 +108,6 @@ class App:
             limiter=self.shared_limiter,  # None: the Authorizer keeps limits in process
             metrics=self.metrics,
         )
-        self.metrics.watch(cache=self.cache, hasher=self.hasher, in_flight=self.authorizer.verifications_in_flight)
         self.manager = KeyManager(
             self.repository,
             self.hasher,
@@ -117,6 +116,12 @@ class App:
             KeyPrefixes(settings.account_key_prefix, settings.project_key_prefix),
             settings.operator_account,
             settings.max_keys_per_account,
+        )
+        self.metrics.watch(
+            cache=self.cache,
+            hasher=self.hasher,
+            in_flight=self.authorizer.verifications_in_flight,
+            denials=self.manager.denials,
         )
 
     def close(self) -> None:
