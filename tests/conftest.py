@@ -247,7 +247,8 @@ def create_key(
 
 def count_keys(stub: pb_grpc.ApiKeyServiceStub, account: str, **fields: Any) -> int:
     """How many keys this caller can list in `account` (with `filter=...` if given): every page, followed to
-    the end, as ListApiKeys gives no total."""
+    the end, as ListApiKeys gives no total. It follows next_page_token, not the pages' contents: a page may be
+    short or empty while more follow (a `labels.` term reads a bounded number of keys a page)."""
     total, token = 0, ""
     for _ in range(1000):
         page = stub.ListApiKeys(pb.ListApiKeysRequest(parent=f"accounts/{account}", page_token=token, **fields))

@@ -8,6 +8,7 @@ reads a project's keys with a sequential scan and a sort.
 """
 
 import contextlib
+import dataclasses
 import json
 import uuid
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, event, insert
 
-from apikeyd.domain.listing import Filter
+from apikeyd.domain.listing import Filter, max_rows_examined
 from apikeyd.domain.model import ApiKey, KeyState
 from apikeyd.store import migrate
 from apikeyd.store.models import ApiKeyRow
@@ -90,11 +91,10 @@ def everything(engine: Engine) -> list[ApiKey]:
     keys: list[ApiKey] = []
     after = None
     for _ in range(KEYS // 1000 + 2):
-        page, more = repository.list_keys(ACCOUNT, Filter(), 1000, after)
+        page, after = repository.list_keys(ACCOUNT, Filter(), 1000, after)
         keys += page
-        if not more:
+        if after is None:
             break
-        after = (page[-1].create_time, page[-1].key_id)
     assert len(keys) == KEYS
     return keys
 
@@ -208,3 +208,58 @@ def test_a_common_value_still_pages_in_index_order(engine: Engine, everything: l
     assert len(scans) == 1 and scans[0]["Index Name"].startswith("ix_api_keys_"), scans
     assert "(account_id)::text = " in scans[0]["Index Cond"], scans
     assert "ROW(create_time, (key_id)::text) >" in scans[0]["Index Cond"], scans
+
+
+@pytest.mark.parametrize(("flt", "index", "columns"), CASES)
+def test_a_label_term_walks_at_most_the_bound_through_the_filters_index(
+    engine: Engine, everything: list[ApiKey], flt: Filter, index: str, columns: tuple[str, ...]
+) -> None:
+    """Labels are checked key by key, so a `labels.` term walks the filter's index from the token's position
+    and stops after max_rows_examined(PAGE) keys (and one more, to tell whether any follow): a label no key
+    has gives an empty page after the bound-th key, not a walk over the whole account. On PostgreSQL the rows
+    the index scan returned, as EXPLAIN ANALYZE counts them, are the bound and one."""
+    labelled = dataclasses.replace(flt, labels=(("env", "nowhere"),))
+    matching = [key for key in everything if _matches(key, flt)]
+    bound = max_rows_examined(PAGE)
+    assert bound == 1000
+    assert len(matching) > bound or flt != Filter()  # the account's walk is cut by the bound
+    page, resume, statement, parameters = _list_and_capture(engine, labelled, None)
+    assert page == []
+    if len(matching) > bound:
+        assert resume == (matching[bound - 1].create_time, matching[bound - 1].key_id)
+    else:
+        assert resume is None  # the walk reached the end of the matching keys within the bound
+
+    with engine.connect() as connection:
+        if engine.dialect.name == "sqlite":
+            plan = [row[-1] for row in connection.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters)]
+            text = "\n".join(plan)
+            assert "SCAN api_keys" not in text, text
+            assert f"SEARCH api_keys USING INDEX {index} (" in text, text
+            return
+        analyzed = connection.exec_driver_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + statement, parameters).scalar_one()
+    analyzed = json.loads(analyzed) if isinstance(analyzed, str) else analyzed
+    nodes = list(_nodes(analyzed[0]["Plan"]))
+    assert not {"Sort", "Incremental Sort", "Seq Scan", "Bitmap Heap Scan"} & {node["Node Type"] for node in nodes}
+    scans = [node for node in nodes if node["Node Type"] in ("Index Scan", "Index Only Scan")]
+    assert len(scans) == 1 and scans[0]["Index Name"] == index, json.dumps(analyzed, indent=1)
+    assert scans[0]["Actual Rows"] == min(bound + 1, len(matching)), scans[0]
+
+
+def _list_and_capture(
+    engine: Engine, flt: Filter, after: tuple[datetime, str] | None
+) -> tuple[list[ApiKey], tuple[datetime, str] | None, str, Any]:
+    """One page through Repository.list_keys, where the next starts after, and the one statement it sent."""
+    sent: list[tuple[str, Any]] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool) -> None:
+        if "FROM api_keys" in statement and "ORDER BY" in statement:
+            sent.append((statement, parameters))
+
+    event.listen(engine, "before_cursor_execute", capture)
+    try:
+        page, resume = Repository(engine).list_keys(ACCOUNT, flt, PAGE, after)
+    finally:
+        event.remove(engine, "before_cursor_execute", capture)
+    assert len(sent) == 1, sent
+    return page, resume, *sent[0]

@@ -22,8 +22,17 @@ def _timestamp(value: datetime) -> Timestamp:
     return stamp
 
 
+def _key_events(server, key_id):
+    """Every event of one key, oldest first, however many the session's database holds (events() pages)."""
+    found, after = [], 0
+    while batch := server.app.repository.events(after):
+        found += [e for e in batch if e.key_id == key_id]
+        after = batch[-1].event_id
+    return found
+
+
 def _events(server, key_id):
-    return [(e.kind, list(e.changed_fields), e.details) for e in server.app.repository.events() if e.key_id == key_id]
+    return [(e.kind, list(e.changed_fields), e.details) for e in _key_events(server, key_id)]
 
 
 # --- create ---------------------------------------------------------------------------------------
@@ -326,7 +335,7 @@ def test_every_mutation_writes_one_event_without_secrets(server, stub, account):
     rotated = stub.RotateApiKey(pb.RotateApiKeyRequest(name=name))
     stub.RevokeApiKey(pb.RevokeApiKeyRequest(name=name, reason="done"))
     stub.DeleteApiKey(pb.DeleteApiKeyRequest(name=name))
-    events = [e for e in server.app.repository.events() if e.key_id == created.api_key.key_id]
+    events = _key_events(server, created.api_key.key_id)
     assert [e.kind for e in events] == ["created", "updated", "rotated", "revoked", "deleted"]
     assert [e.event_id for e in events] == sorted(e.event_id for e in events)
     assert all(e.account_id == account for e in events)

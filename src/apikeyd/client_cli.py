@@ -803,12 +803,16 @@ def keys_list(
     summary = f"{shown} {'key' if shown == 1 else 'keys'} shown from {request.parent}"
     if result.next_page_token:
         summary += f"; more follow, next page: --page-token {result.next_page_token} (or --all)"
+        if not shown:  # a labels. term is checked on a bounded number of keys a page (AIP-158)
+            summary += "; none matched among the keys this page read, which is not the end"
     else:
         summary += "; no more pages"
     click.echo(summary, err=True)
 
 
 def _pages(client: Client, method: str, request: Any, all_pages: bool) -> Iterable[Any]:
+    """The first page, and with `all_pages` every next one: it follows next_page_token until there is none,
+    whatever the pages hold, since a page may be short or empty while more follow (AIP-158)."""
     seen = set()
     while True:
         page = client.call(method, request)
@@ -1112,6 +1116,8 @@ def audit(
     summary = f"{len(result.audit_events)} events in {request.parent}"
     if result.next_page_token:
         summary += f"; more with --page-token {result.next_page_token} (or --all)"
+        if not result.audit_events:  # terms checked event by event read a bounded number a page (AIP-158)
+            summary += "; none matched among the events this page read, which is not the end"
     click.echo(summary, err=True)
 
 

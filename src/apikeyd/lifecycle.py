@@ -348,12 +348,10 @@ class KeyManager:
                 return [], ""  # another project's keys are out of reach: as if there were none
             flt = dataclasses.replace(flt, project_id=caller.project_id)
 
-        page, more = await self._run(lambda: self._repository.list_keys(account_id, flt, size, after))
-        token = (
-            listing.encode_page_token(account_id, filter_text, (page[-1].create_time, page[-1].key_id))
-            if more
-            else ""
-        )
+        # `resume` is the last key the page examined: its last key, or with a `labels.` term that stopped at
+        # the bound on keys examined, a later one; the page may then be short, even empty (AIP-158).
+        page, resume = await self._run(lambda: self._repository.list_keys(account_id, flt, size, after))
+        token = listing.encode_page_token(account_id, filter_text, resume) if resume is not None else ""
         return page, token
 
     async def list_events(
@@ -365,10 +363,12 @@ class KeyManager:
         flt = listing.parse_event_filter(filter_text)
         size = listing.validate_page_size(page_size)
         before = listing.decode_event_page_token(page_token, account_id, filter_text) if page_token else None
-        events, more = await self._run(
+        # `resume` is the last event the page examined; with a term checked row by row that stopped at the
+        # bound on events examined, the page may be short, even empty (AIP-158).
+        events, resume = await self._run(
             lambda: self._repository.list_events(account_id, caller.project_id, flt, size, before)
         )
-        token = listing.encode_event_page_token(account_id, filter_text, events[-1].event_id) if more else ""
+        token = listing.encode_event_page_token(account_id, filter_text, resume) if resume is not None else ""
         return events, token
 
     # --- writes -----------------------------------------------------------------------------------

@@ -15,6 +15,22 @@ from apikeyd.domain.model import EventKind, KeyState, validate_project_id
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 
+# The most rows one page may examine: ROWS_EXAMINED_PER_RESULT per result asked for, and never fewer than
+# MIN_ROWS_EXAMINED. A term no index serves (`labels.` for keys; project, kind, actor_key_id and event_time
+# for audit events) is checked row by row as the page walks the account in listing order, so without a bound
+# a rare or absent value would walk the whole account for one page (448 ms at 1M keys on PostgreSQL) and a
+# page's cost would grow with the account. With it, a page that reaches the bound before it is full ends
+# there, with what matched so far (possibly nothing) and a next_page_token after the last row examined, as
+# AIP-158 allows (page_size is a maximum). Ten per result keeps the pages of any value matching one row in
+# ten full; the floor keeps small pages from turning a sparse match into a long chain of near-empty calls.
+ROWS_EXAMINED_PER_RESULT = 10
+MIN_ROWS_EXAMINED = 1000
+
+
+def max_rows_examined(page_size: int) -> int:
+    """The most rows a page of `page_size` results examines (see ROWS_EXAMINED_PER_RESULT)."""
+    return max(ROWS_EXAMINED_PER_RESULT * page_size, MIN_ROWS_EXAMINED)
+
 _TERM = re.compile(
     r'\s*([a-z_]+(?:\.[a-z][a-z0-9_-]{0,62})?)\s*(>=|<=|=|<|>)\s*(?:"((?:[^"\\]|\\.)*)"|([A-Za-z0-9._:+-]+))\s*'
 )
@@ -150,6 +166,10 @@ def _decode(kind: str, token: str, account_id: str, filter_text: str) -> list[An
 
 
 def encode_page_token(account_id: str, filter_text: str, after: tuple[datetime, str]) -> str:
+    """The token of the ListApiKeys page after the key at `after` (create_time, key_id): the last key the page
+    examined, which is its last key unless a `labels.` term stopped the walk at max_rows_examined first. The
+    position is readable by whoever holds the token; it is always a key the caller may list (see
+    Repository.list_keys), so it says nothing the caller could not read."""
     return _encode("keys", account_id, filter_text, [after[0].isoformat(), after[1]])
 
 
@@ -165,6 +185,8 @@ def decode_page_token(token: str, account_id: str, filter_text: str) -> tuple[da
 
 
 def encode_event_page_token(account_id: str, filter_text: str, before_id: int) -> str:
+    """The token of the ListAuditEvents page below the event `before_id`: the last event the page examined,
+    its last event unless a term checked row by row stopped the walk at max_rows_examined first."""
     return _encode("events", account_id, filter_text, [before_id])
 
 

@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, delete, event, func, select, text, tuple_, update
+from sqlalchemy import Engine, and_, create_engine, delete, event, func, or_, select, text, tuple_, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from apikeyd.domain.access import Actor
 from apikeyd.domain.errors import (
@@ -20,7 +20,7 @@ from apikeyd.domain.errors import (
     Unavailable,
     key_not_found,
 )
-from apikeyd.domain.listing import EventFilter, Filter
+from apikeyd.domain.listing import EventFilter, Filter, max_rows_examined
 from apikeyd.domain.model import (
     REQUEST_ID_LIFETIME,
     ApiKey,
@@ -148,6 +148,21 @@ def _actor_columns(actor: Actor) -> dict[str, str]:
     }
 
 
+def _event_checks(events: Any, project_id: str, flt: EventFilter) -> list[Any]:
+    """The conditions of an audit-event listing that no index serves, on `events` (the table or a subquery
+    of it): checked row by row, so list_events bounds the rows it walks when there are any."""
+    checks: list[Any] = []
+    if project_id:
+        checks.append(events.project_id == project_id)
+    if flt.kind is not None:
+        checks.append(events.kind == flt.kind.value)
+    if flt.actor_key_id is not None:
+        checks.append(events.actor_key_id == flt.actor_key_id)
+    for operator, when in flt.times:
+        checks.append(_COMPARE[operator](events.time, when))
+    return checks
+
+
 def _event_to_domain(row: KeyEventRow) -> AuditEvent:
     return AuditEvent(
         event_id=row.id,
@@ -210,15 +225,55 @@ class Repository:
 
     def list_keys(
         self, account_id: str, flt: Filter, page_size: int, after: tuple[datetime, str] | None
-    ) -> tuple[list[ApiKey], bool]:
-        """One page in (create_time, key_id) order, and whether more follow; keyset, never OFFSET."""
+    ) -> tuple[list[ApiKey], tuple[datetime, str] | None]:
+        """One page in (create_time, key_id) order, keyset on the indexes, never OFFSET; and the position the
+        next page starts after, None when no more follow.
+
+        Without a `labels.` term every row the index yields matches, and the position is the page's last key.
+        With one, labels are checked key by key, so the walk stops after max_rows_examined(page_size) keys
+        (listing.ROWS_EXAMINED_PER_RESULT): a page that reaches the bound before it is full holds what matched
+        so far, possibly nothing, and the position is the last key examined, so the next page resumes the walk
+        there. That key is one the caller may list anyway: only labels are checked outside the index, and a
+        project key's project is part of the filter's index."""
+        order = (ApiKeyRow.create_time, ApiKeyRow.key_id)
         query = self._filtered(select(ApiKeyRow), account_id, flt)
         if after is not None:
-            query = query.where(tuple_(ApiKeyRow.create_time, ApiKeyRow.key_id) > tuple_(*after))
-        query = query.order_by(ApiKeyRow.create_time, ApiKeyRow.key_id).limit(page_size + 1)
+            query = query.where(tuple_(*order) > tuple_(*after))
+        if not flt.labels:
+            query = query.order_by(*order).limit(page_size + 1)
+            with self._transaction(write=False) as session:
+                rows = session.scalars(query).all()
+            page = [_to_domain(row) for row in rows[:page_size]]
+            return page, (page[-1].create_time, page[-1].key_id) if len(rows) > page_size else None
+
+        # The walk: the next `bound` keys in order (and one more, to tell whether any follow), numbered; then
+        # only the ones whose labels match, and the last one examined, in the same single statement (one
+        # snapshot). The ROWS frame lets PostgreSQL number a row without reading ahead for its peers, so the
+        # index yields exactly bound + 1 rows; neither backend sorts more than those.
+        bound = max_rows_examined(page_size)
+        scanned = (
+            query.add_columns(func.row_number().over(order_by=order, rows=(None, 0)).label("n"))
+            .order_by(*order)
+            .limit(bound + 1)
+            .subquery("scanned")
+        )
+        key = aliased(ApiKeyRow, scanned)
+        matched = and_(*(key.labels[label].as_string() == value for label, value in flt.labels))
+        outer = (
+            select(key, scanned.c.n, matched.label("matched"))
+            .where(or_(matched, scanned.c.n >= bound))
+            .order_by(key.create_time, key.key_id)
+            .limit(page_size + 2)
+        )
         with self._transaction(write=False) as session:
-            rows = session.scalars(query).all()
-        return [_to_domain(row) for row in rows[:page_size]], len(rows) > page_size
+            walked = session.execute(outer).all()
+        hits = [_to_domain(row) for row, n, hit in walked if hit and n <= bound]
+        if len(hits) > page_size:  # the page filled before the bound: the next starts after its last key
+            page = hits[:page_size]
+            return page, (page[-1].create_time, page[-1].key_id)
+        last = next((row for row, n, _ in walked if n == bound), None)
+        more = any(n > bound for _, n, _ in walked)
+        return hits, (last.create_time, last.key_id) if more and last is not None else None
 
     def events(self, after_id: int = 0, limit: int = 1000) -> list[AuditEvent]:
         """Every event after `after_id`, oldest first: the change feed."""
@@ -228,25 +283,53 @@ class Repository:
 
     def list_events(
         self, account_id: str, project_id: str, flt: EventFilter, page_size: int, before_id: int | None
-    ) -> tuple[list[AuditEvent], bool]:
-        """One page of an account's events, newest first (keyset on the id); only one project's when given."""
+    ) -> tuple[list[AuditEvent], int | None]:
+        """One page of an account's events, newest first (keyset on the id); only one project's when given;
+        and the id the next page starts below, None when no more follow.
+
+        Only the account, the key_id and the position are served by indexes. The project, kind, actor_key_id
+        and event_time terms are checked row by row, so with any of them the walk stops after
+        max_rows_examined(page_size) events (listing.ROWS_EXAMINED_PER_RESULT): a page that reaches the bound
+        before it is full holds what matched so far, possibly nothing, and the next page starts below the last
+        event examined."""
         query = select(KeyEventRow).where(KeyEventRow.account_id == account_id)
-        if project_id:
-            query = query.where(KeyEventRow.project_id == project_id)
         if flt.key_id is not None:
             query = query.where(KeyEventRow.key_id == flt.key_id)
-        if flt.kind is not None:
-            query = query.where(KeyEventRow.kind == flt.kind.value)
-        if flt.actor_key_id is not None:
-            query = query.where(KeyEventRow.actor_key_id == flt.actor_key_id)
-        for operator, when in flt.times:
-            query = query.where(_COMPARE[operator](KeyEventRow.time, when))
         if before_id is not None:
             query = query.where(KeyEventRow.id < before_id)
-        query = query.order_by(KeyEventRow.id.desc()).limit(page_size + 1)
+        if not _event_checks(KeyEventRow, project_id, flt):
+            query = query.order_by(KeyEventRow.id.desc()).limit(page_size + 1)
+            with self._transaction(write=False) as session:
+                rows = session.scalars(query).all()
+            page = [_event_to_domain(row) for row in rows[:page_size]]
+            return page, page[-1].event_id if len(rows) > page_size else None
+
+        # The walk, as in list_keys: the next `bound` events (and one more, to tell whether any follow),
+        # numbered; then the ones that pass the checks, and the last one examined, in one statement.
+        bound = max_rows_examined(page_size)
+        scanned = (
+            query.add_columns(func.row_number().over(order_by=KeyEventRow.id.desc(), rows=(None, 0)).label("n"))
+            .order_by(KeyEventRow.id.desc())
+            .limit(bound + 1)
+            .subquery("scanned")
+        )
+        row_in_scan = aliased(KeyEventRow, scanned)
+        matched = and_(*_event_checks(row_in_scan, project_id, flt))
+        outer = (
+            select(row_in_scan, scanned.c.n, matched.label("matched"))
+            .where(or_(matched, scanned.c.n >= bound))
+            .order_by(row_in_scan.id.desc())
+            .limit(page_size + 2)
+        )
         with self._transaction(write=False) as session:
-            rows = session.scalars(query).all()
-        return [_event_to_domain(row) for row in rows[:page_size]], len(rows) > page_size
+            walked = session.execute(outer).all()
+        hits = [_event_to_domain(row) for row, n, hit in walked if hit and n <= bound]
+        if len(hits) > page_size:  # the page filled before the bound: the next starts below its last event
+            page = hits[:page_size]
+            return page, page[-1].event_id
+        last = next((row for row, n, _ in walked if n == bound), None)
+        more = any(n > bound for _, n, _ in walked)
+        return hits, last.id if more and last is not None else None
 
     # --- writes -----------------------------------------------------------------------------------
 
@@ -465,9 +548,7 @@ class Repository:
             query = query.where(ApiKeyRow.state == flt.state.value)
         if flt.project_id is not None:
             query = query.where(ApiKeyRow.project_id == flt.project_id)
-        for label, value in flt.labels:
-            query = query.where(ApiKeyRow.labels[label].as_string() == value)
-        return query
+        return query  # labels: list_keys checks them on the rows it walks
 
     @staticmethod
     def _add_event(
