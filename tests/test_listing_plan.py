@@ -31,38 +31,49 @@ PAGE = 100
 START = datetime(2026, 1, 1, tzinfo=UTC)
 
 
+def key_row(account: str, created: datetime, **fields: Any) -> dict[str, Any]:
+    """One api_keys row as the repository writes it (a fake hash: nothing here verifies), with `fields`
+    replacing the defaults."""
+    row = {
+        "key_id": str(uuid.uuid4()),
+        "account_id": account,
+        "project_id": "",
+        "display_name": "key",
+        "description": "",
+        "scopes": ["messages:send:all"],
+        "labels": {},
+        "state": KeyState.ACTIVE.value,
+        "prefix": "AK_",
+        "lookup_id": uuid.uuid4().hex[:16],
+        "masked_key": "AK_xxxxxxxx...xxxx",
+        "secret_hash": "$argon2id$v=19$m=8192,t=1,p=1$not-a-real-hash",
+        "previous_secret_hash": None,
+        "previous_secret_expire_time": None,
+        "expire_time": None,
+        "rate_limits": [],
+        "create_time": created,
+        "update_time": created,
+        "last_used_time": None,
+        "revoke_time": None,
+        "revoke_reason": "",
+        "revision": 1,
+    }
+    row.update(fields)
+    return row
+
+
 def _rows(account: str, count: int) -> list[dict[str, Any]]:
-    """Keys as the repository writes them; every 50th in project p1, every 40th DISABLED."""
-    rows = []
-    for i in range(count):
-        created = START + timedelta(seconds=i // 2)  # pairs share a create_time: key_id breaks the tie
-        rows.append(
-            {
-                "key_id": str(uuid.uuid4()),
-                "account_id": account,
-                "project_id": "p1" if i % 50 == 7 else "",
-                "display_name": f"key {i}",
-                "description": "",
-                "scopes": ["messages:send:all"],
-                "labels": {},
-                "state": KeyState.DISABLED.value if i % 40 == 7 else KeyState.ACTIVE.value,
-                "prefix": "AK_",
-                "lookup_id": uuid.uuid4().hex[:16],
-                "masked_key": "AK_xxxxxxxx...xxxx",
-                "secret_hash": "$argon2id$v=19$m=8192,t=1,p=1$not-a-real-hash",
-                "previous_secret_hash": None,
-                "previous_secret_expire_time": None,
-                "expire_time": None,
-                "rate_limits": [],
-                "create_time": created,
-                "update_time": created,
-                "last_used_time": None,
-                "revoke_time": None,
-                "revoke_reason": "",
-                "revision": 1,
-            }
+    """Keys; every 50th in project p1, every 40th DISABLED; pairs share a create_time: key_id breaks the tie."""
+    return [
+        key_row(
+            account,
+            START + timedelta(seconds=i // 2),
+            display_name=f"key {i}",
+            project_id="p1" if i % 50 == 7 else "",
+            state=KeyState.DISABLED.value if i % 40 == 7 else KeyState.ACTIVE.value,
         )
-    return rows
+        for i in range(count)
+    ]
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -104,19 +115,7 @@ def _list_and_explain(
 ) -> tuple[list[ApiKey], str, dict[str, Any] | list[str]]:
     """One page through Repository.list_keys, the SQL it sent, and the database's plan for that SQL with
     the same parameters: PostgreSQL's plan tree, or SQLite's plan lines."""
-    sent: list[tuple[str, Any]] = []
-
-    def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool) -> None:
-        if "FROM api_keys" in statement and "ORDER BY" in statement:
-            sent.append((statement, parameters))
-
-    event.listen(engine, "before_cursor_execute", capture)
-    try:
-        page, _ = Repository(engine).list_keys(ACCOUNT, flt, PAGE, after)
-    finally:
-        event.remove(engine, "before_cursor_execute", capture)
-    assert len(sent) == 1, sent
-    statement, parameters = sent[0]
+    page, _, statement, parameters = _list_and_capture(engine, flt, after)
     with engine.connect() as connection:
         if engine.dialect.name == "sqlite":
             rows = connection.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters).all()

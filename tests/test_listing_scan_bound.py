@@ -28,6 +28,7 @@ from apikeyd.store.repository import create_db_engine
 from apikeyd.v1 import api_keys_pb2 as pb
 from tests.conftest import count_keys, create_key
 from tests.test_cli import as_json, cli, ok
+from tests.test_listing_plan import key_row
 
 KEYS = 2500  # more than the bound for any page size up to 100 (max_rows_examined(100) == 1000)
 EVENTS = 2500
@@ -47,31 +48,13 @@ def _labels(i: int) -> dict[str, str]:
 
 
 def _key_row(account: str, i: int) -> dict[str, Any]:
-    created = START + timedelta(seconds=i // 2)  # pairs share a create_time: key_id breaks the tie
-    return {
-        "key_id": str(uuid.uuid4()),
-        "account_id": account,
-        "project_id": "",
-        "display_name": f"key {i}",
-        "description": "",
-        "scopes": ["messages:send:all"],
-        "labels": _labels(i),
-        "state": KeyState.DISABLED.value if i % 7 == 5 else KeyState.ACTIVE.value,
-        "prefix": "AK_",
-        "lookup_id": uuid.uuid4().hex[:16],
-        "masked_key": "AK_xxxxxxxx...xxxx",
-        "secret_hash": "$argon2id$v=19$m=8192,t=1,p=1$not-a-real-hash",
-        "previous_secret_hash": None,
-        "previous_secret_expire_time": None,
-        "expire_time": None,
-        "rate_limits": [],
-        "create_time": created,
-        "update_time": created,
-        "last_used_time": None,
-        "revoke_time": None,
-        "revoke_reason": "",
-        "revision": 1,
-    }
+    return key_row(
+        account,
+        START + timedelta(seconds=i // 2),  # pairs share a create_time: key_id breaks the tie
+        display_name=f"key {i}",
+        labels=_labels(i),
+        state=KeyState.DISABLED.value if i % 7 == 5 else KeyState.ACTIVE.value,
+    )
 
 
 def _event_row(account: str, i: int) -> dict[str, Any]:
