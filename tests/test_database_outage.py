@@ -182,9 +182,12 @@ def test_verified_keys_outlive_the_database_for_stale_if_error_and_everything_re
         synced_at = server.app.cache.synced_at
         assert lost_at - synced_at < settings.feed_lease + 0.5
 
+        # Not trusted (the feed is lost), so an OK now can only come from the stale entry. (The create load's
+        # bearer key is served stale too, so the counter only has to move.)
+        assert not server.app.cache.trusted
         stale_hits = server.app.cache.stats.stale_hits
         assert authorize(stub, cached.secret).code == R.OK  # verified here before: still authorized
-        assert server.app.cache.stats.stale_hits == stale_hits + 1
+        assert server.app.cache.stats.stale_hits > stale_hits
         for issued in (revoked_here, revoked_there, never_seen):
             assert _code(lambda issued=issued: authorize(stub, issued.secret)) == grpc.StatusCode.UNAVAILABLE
         # A database that is down is not asked again by every check: about once a second.
