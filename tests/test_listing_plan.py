@@ -11,21 +11,22 @@ import contextlib
 import dataclasses
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from sqlalchemy import Engine, event, insert
 from sqlalchemy.orm import Session
 
-from apikeyd.domain.listing import Filter, max_rows_examined
+from apikeyd.domain.listing import EventFilter, Filter, max_rows_examined
 from apikeyd.domain.model import ApiKey, KeyState
 from apikeyd.store import migrate
-from apikeyd.store.models import ApiKeyRow
+from apikeyd.store.models import ApiKeyRow, KeyEventRow
 from apikeyd.store.repository import Repository, create_db_engine
 from tests.conftest import scratch_postgres_database
 
+T = TypeVar("T")
 ACCOUNT = "big"
 KEYS = 5000  # in ACCOUNT; another account holds 3000
 PAGE = 100
@@ -250,19 +251,41 @@ def _list_and_capture(
     engine: Engine, flt: Filter, after: tuple[datetime, str] | None
 ) -> tuple[list[ApiKey], tuple[datetime, str] | None, str, Any]:
     """One page through Repository.list_keys, where the next starts after, and the one statement it sent."""
+    (page, resume), statement, parameters = _one_statement(
+        engine, "FROM api_keys", lambda: Repository(engine).list_keys(ACCOUNT, flt, PAGE, after)
+    )
+    return page, resume, statement, parameters
+
+
+def _one_statement(engine: Engine, needle: str, call: Callable[[], T]) -> tuple[T, str, Any]:
+    """What `call` returns, and the one statement containing `needle` it sent, with its parameters."""
     sent: list[tuple[str, Any]] = []
 
     def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool) -> None:
-        if "FROM api_keys" in statement and "ORDER BY" in statement:
+        if needle in statement:
             sent.append((statement, parameters))
 
     event.listen(engine, "before_cursor_execute", capture)
     try:
-        page, resume = Repository(engine).list_keys(ACCOUNT, flt, PAGE, after)
+        result = call()
     finally:
         event.remove(engine, "before_cursor_execute", capture)
     assert len(sent) == 1, sent
-    return page, resume, *sent[0]
+    return result, *sent[0]
+
+
+def _index_reads(engine: Engine, statement: str, parameters: Any) -> str | list[dict[str, Any]]:
+    """SQLite: its plan text. PostgreSQL: the index nodes of the executed plan, with sequential scans off:
+    on tables this small the planner may rightly prefer one; what a test asks is whether an index can serve
+    the predicate, and how many rows it then reads."""
+    with engine.connect() as connection:
+        if engine.dialect.name == "sqlite":
+            rows = connection.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters).all()
+            return " ".join(row[-1] for row in rows)
+        connection.exec_driver_sql("SET enable_seqscan = off")
+        tree = connection.exec_driver_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + statement, parameters).scalar_one()
+    tree = json.loads(tree) if isinstance(tree, str) else tree
+    return [node for node in _nodes(tree[0]["Plan"]) if "Index" in node["Node Type"]]
 
 
 def test_the_live_key_count_of_a_create_reads_only_live_keys(engine: Engine) -> None:
@@ -276,29 +299,41 @@ def test_the_live_key_count_of_a_create_reads_only_live_keys(engine: Engine) -> 
     with engine.begin() as connection:
         connection.execute(insert(ApiKeyRow.__table__), rows)
         connection.exec_driver_sql("ANALYZE")
-    sent: list[tuple[str, Any]] = []
 
-    def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool) -> None:
-        if "count(" in statement:
-            sent.append((statement, parameters))
-
-    event.listen(engine, "before_cursor_execute", capture)
-    try:
+    def count() -> None:
         with Session(engine) as session:
             Repository._check_live_keys(session, account, 1000)
-    finally:
-        event.remove(engine, "before_cursor_execute", capture)
-    (statement, parameters), = sent
-    with engine.connect() as connection:
-        if engine.dialect.name == "sqlite":
-            plan = " ".join(row[-1] for row in connection.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters))
-            assert "ix_api_keys_state_page (account_id=? AND state=?)" in plan, plan
-            return
-        # On a table this small the planner may rightly prefer a sequential scan; what matters is that the
-        # predicate can be served by two ranges of the (account, state) index, so take that choice away.
-        connection.exec_driver_sql("SET enable_seqscan = off")
-        tree = connection.exec_driver_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + statement, parameters).scalar_one()
-    tree = json.loads(tree) if isinstance(tree, str) else tree
-    scans = [node for node in _nodes(tree[0]["Plan"]) if "Index" in node["Node Type"]]  # the leaves that read
-    assert scans, tree
-    assert sum(node["Actual Rows"] * node.get("Actual Loops", 1) for node in scans) == 10
+
+    _, statement, parameters = _one_statement(engine, "count(", count)
+    reads = _index_reads(engine, statement, parameters)
+    if isinstance(reads, str):
+        assert "ix_api_keys_state_page (account_id=? AND state=?)" in reads, reads
+    else:
+        assert sum(node["Actual Rows"] * node.get("Actual Loops", 1) for node in reads) == 10, reads
+
+
+def test_a_project_keys_audit_page_is_read_through_the_project_index(engine: Engine) -> None:
+    """ListAuditEvents as a project key: the project is served by ix_key_events_project (migration 0004),
+    not checked row by row along the account's whole log."""
+    account = "audited"
+    rows = [
+        {
+            "key_id": str(uuid.uuid4()), "account_id": account, "project_id": "p1" if i % 100 == 0 else "",
+            "kind": "updated", "time": START + timedelta(seconds=i), "changed_fields": [], "details": {},
+            "actor_key_id": "", "actor_name": "", "actor_display_name": "", "peer": "", "method": "UpdateApiKey",
+        }
+        for i in range(3000)
+    ]
+    with engine.begin() as connection:
+        connection.execute(insert(KeyEventRow.__table__), rows)
+        connection.exec_driver_sql("ANALYZE")
+    (page, _), statement, parameters = _one_statement(
+        engine, "FROM key_events", lambda: Repository(engine).list_events(account, "p1", EventFilter(), PAGE, None)
+    )
+    assert len(page) == 30 and {e.project_id for e in page} == {"p1"}
+    reads = _index_reads(engine, statement, parameters)
+    if isinstance(reads, str):
+        assert "ix_key_events_project (account_id=? AND project_id=?)" in reads, reads
+    else:
+        assert [node["Index Name"] for node in reads] == ["ix_key_events_project"], reads
+        assert reads[0]["Actual Rows"] == 30

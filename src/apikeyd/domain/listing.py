@@ -16,8 +16,8 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 
 # The most rows one page may examine: ROWS_EXAMINED_PER_RESULT per result asked for, and never fewer than
-# MIN_ROWS_EXAMINED. A term no index serves (`labels.` for keys; project, kind, actor_key_id and event_time
-# for audit events) is checked row by row as the page walks the account in listing order, so without a bound
+# MIN_ROWS_EXAMINED. A term no index serves (`labels.` for keys; kind, actor_key_id and event_time for
+# audit events) is checked row by row as the page walks the account in listing order, so without a bound
 # a rare or absent value would walk the whole account for one page (448 ms at 1M keys on PostgreSQL) and a
 # page's cost would grow with the account. With it, a page that reaches the bound before it is full ends
 # there, with what matched so far (possibly nothing) and a next_page_token after the last row examined, as

@@ -91,7 +91,11 @@ class KeyEventRow(Base):
     peer: Mapped[str] = mapped_column(String(128), default="")
     method: Mapped[str] = mapped_column(String(64), default="")
 
-    __table_args__ = (Index("ix_key_events_account", "account_id", "id"),)
+    # ListAuditEvents pages: keyset on the id within the account, or within a project key's project (0004).
+    __table_args__ = (
+        Index("ix_key_events_account", "account_id", "id"),
+        Index("ix_key_events_project", "account_id", "project_id", "id"),
+    )
 
 
 class RequestIdRow(Base):

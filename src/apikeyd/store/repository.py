@@ -148,12 +148,10 @@ def _actor_columns(actor: Actor) -> dict[str, str]:
     }
 
 
-def _event_checks(events: Any, project_id: str, flt: EventFilter) -> list[Any]:
+def _event_checks(events: Any, flt: EventFilter) -> list[Any]:
     """The conditions of an audit-event listing that no index serves, on `events` (the table or a subquery
     of it): checked row by row, so list_events bounds the rows it walks when there are any."""
     checks: list[Any] = []
-    if project_id:
-        checks.append(events.project_id == project_id)
     if flt.kind is not None:
         checks.append(events.kind == flt.kind.value)
     if flt.actor_key_id is not None:
@@ -287,17 +285,19 @@ class Repository:
         """One page of an account's events, newest first (keyset on the id); only one project's when given;
         and the id the next page starts below, None when no more follow.
 
-        Only the account, the key_id and the position are served by indexes. The project, kind, actor_key_id
-        and event_time terms are checked row by row, so with any of them the walk stops after
+        Only the account, a project key's project, the key_id and the position are served by indexes. The
+        kind, actor_key_id and event_time terms are checked row by row, so with any of them the walk stops after
         max_rows_examined(page_size) events (listing.ROWS_EXAMINED_PER_RESULT): a page that reaches the bound
         before it is full holds what matched so far, possibly nothing, and the next page starts below the last
         event examined."""
         query = select(KeyEventRow).where(KeyEventRow.account_id == account_id)
+        if project_id:
+            query = query.where(KeyEventRow.project_id == project_id)
         if flt.key_id is not None:
             query = query.where(KeyEventRow.key_id == flt.key_id)
         if before_id is not None:
             query = query.where(KeyEventRow.id < before_id)
-        if not _event_checks(KeyEventRow, project_id, flt):
+        if not _event_checks(KeyEventRow, flt):
             query = query.order_by(KeyEventRow.id.desc()).limit(page_size + 1)
             with self._transaction(write=False) as session:
                 rows = session.scalars(query).all()
@@ -314,7 +314,7 @@ class Repository:
             .subquery("scanned")
         )
         row_in_scan = aliased(KeyEventRow, scanned)
-        matched = and_(*_event_checks(row_in_scan, project_id, flt))
+        matched = and_(*_event_checks(row_in_scan, flt))
         outer = (
             select(row_in_scan, scanned.c.n, matched.label("matched"))
             .where(or_(matched, scanned.c.n >= bound))

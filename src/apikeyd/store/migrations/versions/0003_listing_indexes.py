@@ -12,7 +12,7 @@ of these indexes has the filter's columns first, so a page starts at its place i
 only its own rows.
 """
 
-from alembic import op
+from apikeyd.store.migrate import create_indexes, drop_indexes
 
 revision = '0003'
 down_revision = '0002'
@@ -28,22 +28,8 @@ _INDEXES = (
 
 
 def upgrade() -> None:
-    context = op.get_context()
-    if context.dialect.name == "postgresql":
-        # CONCURRENTLY: a production table keeps taking writes while its indexes build (a plain CREATE INDEX
-        # blocks them for the whole build). It cannot run in a transaction. A build that failed half-way
-        # leaves an INVALID index and no alembic version, so a rerun drops what is there and builds again.
-        with context.autocommit_block():
-            for name, columns in _INDEXES:
-                op.drop_index(name, table_name="api_keys", postgresql_concurrently=True, if_exists=True)
-                op.create_index(name, "api_keys", columns, postgresql_concurrently=True)
-        return
-    with op.batch_alter_table('api_keys', schema=None) as batch_op:
-        for name, columns in _INDEXES:
-            batch_op.create_index(name, columns, unique=False)
+    create_indexes("api_keys", _INDEXES)
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('api_keys', schema=None) as batch_op:
-        for name, _ in reversed(_INDEXES):
-            batch_op.drop_index(name)
+    drop_indexes("api_keys", _INDEXES)
