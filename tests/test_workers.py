@@ -469,3 +469,83 @@ def test_a_worker_that_loses_its_database_turns_the_host_not_serving_until_it_is
         _wait_answers(running, mark, {0: SERVING, 1: SERVING})
         assert set(_checks_answered_by_all(running.port, workers, 30)) == {SERVING}
         assert running.stop() == 0, running.stderr
+
+
+# --- a worker that is alive but stuck ---------------------------------------------------------------
+
+
+def test_the_heartbeats_share_the_health_board_without_touching_its_bytes():
+    from apikeyd.workers import HealthBoard
+
+    board, fd = HealthBoard.create(3)
+    try:
+        other = HealthBoard(fd, 3)  # as a worker maps it
+        assert os.fstat(fd).st_size == HealthBoard.length(3) == 8 + 3 * 8
+        assert [board.last_beat(i) for i in range(3)] == [0.0] * 3 and board.states() == bytes(3)
+        board[0], board[2] = HealthBoard.SERVING, HealthBoard.NOT_SERVING
+        before = time.monotonic()
+        other.beat(1)
+        other.beat(2)
+        assert before <= board.last_beat(1) <= board.last_beat(2) <= time.monotonic() and board.last_beat(0) == 0.0
+        assert other.states() == bytes([HealthBoard.SERVING, 0, HealthBoard.NOT_SERVING])
+        other.close()
+    finally:
+        board.close()
+        os.close(fd)
+
+
+def test_a_stopped_worker_is_killed_as_hung_and_restarted_and_the_service_keeps_answering(tmp_path):
+    """A worker stopped with SIGSTOP keeps its place in the port's group and its SERVING byte; its event loop no
+    longer beats its heartbeat, so the supervisor kills it after --worker-hang-timeout and starts another."""
+    token = _admin_key(tmp_path)
+    with supervisor(tmp_path, "--worker-hang-timeout", "1") as running:
+        workers = running.serving_workers()
+        _wait_answers(running, 0, {0: SERVING, 1: SERVING})
+        channel = _new_connection(running.port, token)
+        created = create_key(pb_grpc.ApiKeyServiceStub(channel), "acme")
+        channel.close()
+
+        mark = len(running.lines)
+        stopped = workers[1]["pid"]
+        stopped_at = time.monotonic()
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            hung = running.wait_for(lambda: running.events("worker.hung", mark), timeout=10)
+        finally:
+            if not running.events("worker.hung", mark) and _alive(stopped):
+                os.kill(stopped, signal.SIGKILL)  # only on a failed test: no stopped process left behind
+        assert time.monotonic() - stopped_at < 5
+        assert hung[0]["worker"] == 1 and hung[0]["pid"] == stopped and 1 < hung[0]["stale"] < 3, hung
+        died = running.wait_for(lambda: running.events("worker.died", mark))
+        assert died[0]["pid"] == stopped and died[0]["worker"] == 1 and "SIGKILL" in died[0]["message"]
+        restarted = running.wait_for(
+            lambda: [e for e in running.events("worker.serving", mark) if e["worker"] == 1]
+        )[0]
+        assert restarted["pid"] != stopped and not _alive(stopped) and _alive(restarted["pid"])
+        _wait_answers(running, mark, {1: SERVING})
+
+        assert set(_checks_answered_by_all(running.port, {0: workers[0], 1: restarted})) == {SERVING}
+        codes = _authorize_on_new_connections(running.port, created.secret, 20)
+        assert codes == [pb.AuthorizeResponse.OK] * 20
+        assert len(running.events("worker.hung")) == 1  # the others beat on; so does the new worker 1
+        assert running.stop() == 0, running.stderr
+    assert not _alive(restarted["pid"]) and not _alive(workers[0]["pid"])
+
+
+def test_a_drain_longer_than_the_hang_timeout_is_not_taken_for_a_hang(tmp_path):
+    """A draining worker's event loop runs, and beats, until it exits: neither a worker drained alone nor a
+    drain of the whole, each longer than the hang timeout, gets a worker killed."""
+    with supervisor(tmp_path, "--worker-hang-timeout", "1", "--drain-delay", "2") as running:
+        workers = running.serving_workers()
+        mark = len(running.lines)
+        os.kill(workers[0]["pid"], signal.SIGTERM)  # worker 0 alone drains, watched by the supervisor
+        died = running.wait_for(lambda: running.events("worker.died", mark))
+        assert died[0]["pid"] == workers[0]["pid"] and died[0]["status"] == 0, died  # drained, exited 0
+        running.wait_for(lambda: [e for e in running.events("worker.serving", mark) if e["worker"] == 0])
+
+        stopping = time.monotonic()
+        assert running.stop() == 0, running.stderr
+        assert time.monotonic() - stopping >= 2
+    assert running.stderr.count("draining: NOT_SERVING for 2.0 s") == 3
+    assert not running.events("worker.hung")
+    assert not running.events("worker.killed")

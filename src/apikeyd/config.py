@@ -78,6 +78,10 @@ class Settings:
     workers: int = _setting(
         1, "server processes sharing the listen port (SO_REUSEPORT when more than 1), each with its own cache"
     )
+    worker_hang_timeout: float = _setting(
+        10.0, "seconds without a heartbeat from a serving worker's event loop after which the supervisor of "
+        "--workers N kills it (SIGKILL) and starts another; 0 disables"
+    )
 
     @staticmethod
     def env_name(name: str) -> str:

@@ -10,7 +10,9 @@ The supervisor (the process `apikeyd serve` started as) serves nothing itself. I
    threads, rate-limit counters and health;
 4. restarts a worker that dies, after a short backoff (0.5 s, doubling up to 30 s while it keeps dying
    within 30 s of starting), logging why it died;
-5. on SIGTERM or SIGINT sends SIGTERM to every worker, waits while each drains as a single server does
+5. kills (SIGKILL) a worker that serves but whose event loop has stopped beating its heartbeat for
+   worker_hang_timeout seconds (below), logging `worker.hung`; step 4 then restarts it;
+6. on SIGTERM or SIGINT sends SIGTERM to every worker, waits while each drains as a single server does
    (drain delay, then shutdown grace), and exits 0.
 
 Metrics: worker i (from 0) serves them on the metrics port + i (`127.0.0.1:9464` gives 9464, 9465, ...),
@@ -28,8 +30,23 @@ health changes (Server.report_health: set at start, by the database watcher, and
 and, as the listener closes, 0); the supervisor zeroes the byte of a worker it reaps, so a worker killed
 while NOT_SERVING does not hold the rest down. Every worker reads all the bytes every 0.1 s (and at once on
 its own change) and answers "" and apikeyd.v1.ApiKeyService with the result. A single byte written is seen
-whole, so no lock is needed. What the rule cannot see: a worker that is alive but stuck (SIGSTOP, a hung
-event loop) still holds its byte and its place in the port's group.
+whole, so no lock is needed.
+
+What the bytes cannot show is a worker that is alive but stuck (SIGSTOP, an event loop blocked by a bug): it
+keeps its SERVING byte and its place in the port's group, and the connections the kernel hands it hang. So
+the same mapping holds, after the bytes (from the next multiple of 8), one heartbeat per worker: an 8-byte
+time.monotonic() that the worker's HostHealth follower task writes every 0.1 s, from its first health
+report until the process exits, through a drain too (the follower stops reading the board when the listener
+closes, but beats on). CLOCK_MONOTONIC is one clock for the whole host, so the supervisor compares the beat
+with its own time. In its poll loop (every 0.2 s) it kills with SIGKILL a worker that has said it serves and
+whose last beat (or, if later, the moment it said so: the beat may be its predecessor's) is older than
+worker_hang_timeout (default 10 s, 0 disables), logs `worker.hung` with the worker, pid and staleness, and
+reaps and restarts it as any dead worker, zeroing its byte. A worker still starting is not watched (its
+start-up may block the loop: database pool, metrics port), nor one the supervisor has sent SIGTERM to (it
+no longer polls then; _stop_all has its own deadline). A beat is an aligned 8-byte double, which struct
+copies with an 8-byte memcpy, in practice one load or store, and x86-64 and arm64 do not tear an aligned
+8-byte access; no lock, then. (A torn read would be a wrong time, not a crash: the supervisor reads a stale
+looking beat twice and takes the later.)
 
 A worker is a new interpreter running `python -m apikeyd.workers`, given its settings as JSON in
 APIKEYD_WORKER_SETTINGS (the marker that makes it a worker). Not fork: grpc's threads do not survive a fork,
@@ -42,6 +59,7 @@ resolved values, not flags, so that a worker gets exactly the supervisor's setti
 """
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import json
@@ -51,6 +69,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -86,15 +105,22 @@ _HEALTH_REFRESH = 0.1  # seconds between a worker's reads of the health board
 
 
 class HealthBoard:
-    """One byte per worker in a file mapping the supervisor and its workers share: NOT_LISTENING, SERVING or
-    NOT_SERVING. The file has no name (a memfd, or an unlinked temporary file where there is none): it goes
-    away with the last process that maps it."""
+    """A file mapping the supervisor and its workers share: one byte per worker, NOT_LISTENING, SERVING or
+    NOT_SERVING, then (from the next multiple of 8) one heartbeat per worker, the time.monotonic() of its event
+    loop's last beat as an 8-byte double. The file has no name (a memfd, or an unlinked temporary file where
+    there is none): it goes away with the last process that maps it."""
 
     NOT_LISTENING, SERVING, NOT_SERVING = 0, 1, 2
+    _BEAT = struct.Struct("d")  # native: aligned, written by one 8-byte store
 
     def __init__(self, fd: int, size: int) -> None:
         self.size = size
-        self._map = mmap.mmap(fd, size)  # MAP_SHARED, read and write
+        self._beats_at = -(-size // 8) * 8
+        self._map = mmap.mmap(fd, self.length(size))  # MAP_SHARED, read and write
+
+    @staticmethod
+    def length(size: int) -> int:
+        return -(-size // 8) * 8 + size * HealthBoard._BEAT.size
 
     @classmethod
     def create(cls, size: int) -> tuple["HealthBoard", int]:
@@ -104,7 +130,7 @@ class HealthBoard:
         else:  # pragma: no cover - not Linux
             with tempfile.TemporaryFile(prefix="apikeyd-health-") as file:
                 fd = os.dup(file.fileno())
-        os.ftruncate(fd, size)
+        os.ftruncate(fd, cls.length(size))
         return cls(fd, size), fd
 
     def __setitem__(self, index: int, state: int) -> None:
@@ -113,13 +139,23 @@ class HealthBoard:
     def states(self) -> bytes:
         return self._map[: self.size]
 
+    def beat(self, index: int) -> None:
+        """Worker `index`'s event loop is alive now. CLOCK_MONOTONIC is one clock for every process on the
+        host, so the supervisor can compare it with its own time.monotonic()."""
+        self._BEAT.pack_into(self._map, self._beats_at + index * self._BEAT.size, time.monotonic())
+
+    def last_beat(self, index: int) -> float:
+        """The time of worker `index`'s last beat; 0.0 if none yet."""
+        return float(self._BEAT.unpack_from(self._map, self._beats_at + index * self._BEAT.size)[0])
+
     def close(self) -> None:
         self._map.close()
 
 
 class HostHealth:
     """A worker's health service answers for the host (module docstring): its own health goes on the board,
-    the board's verdict goes to the health service."""
+    the board's verdict goes to the health service. Its follower task also beats the worker's heartbeat on the
+    board, every 0.1 s from the worker's first report until the process exits (through a drain too)."""
 
     _SERVING, _NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -128,6 +164,7 @@ class HostHealth:
         self.index = index
         self._answer: int | None = None
         self._follower: asyncio.Task[None] | None = None
+        self._listening = True
 
     async def report(self, server: "Server", status: int) -> None:
         """Server.report_health: this worker's own health changed to `status` (a health_pb2 ServingStatus)."""
@@ -137,9 +174,9 @@ class HostHealth:
             self.board[self.index] = HealthBoard.NOT_SERVING
         else:  # UNKNOWN: the listener is closing; this worker drains and answers NOT_SERVING to the end
             self.board[self.index] = HealthBoard.NOT_LISTENING
-            if self._follower is not None:
-                self._follower.cancel()
+            self._listening = False  # the follower stops reading the board, and beats on until the exit
             return
+        self.board.beat(self.index)
         if self._follower is None:
             self._follower = asyncio.get_running_loop().create_task(self._follow(server))
         await self._refresh(server)
@@ -166,7 +203,9 @@ class HostHealth:
     async def _follow(self, server: "Server") -> None:
         while True:
             await asyncio.sleep(_HEALTH_REFRESH)
-            await self._refresh(server)
+            self.board.beat(self.index)
+            if self._listening:
+                await self._refresh(server)
 
 
 # --- the supervisor -------------------------------------------------------------------------------
@@ -268,6 +307,8 @@ class _Slot:
     process: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     ready: bool = False
+    ready_at: float = 0.0  # when the supervisor heard that it serves: its heartbeat is watched from then on
+    hung: bool = False  # killed for a stale heartbeat, not reaped yet
     crashes: int = 0  # deaths in a row, each within _STABLE_AFTER of its start
     restart_at: float | None = None
 
@@ -304,6 +345,7 @@ class Supervisor:
         )
         slot.started_at = time.monotonic()
         slot.ready = False
+        slot.hung = False
         slot.restart_at = None
         log.info(
             "started worker %d (pid %d)", slot.index, slot.process.pid,
@@ -327,6 +369,7 @@ class Supervisor:
             slot = self.slots[index]
             if slot.process is not None and slot.process.pid == pid and slot.process.poll() is None:
                 slot.ready = True
+                slot.ready_at = time.monotonic()
 
     def _reap(self, starting: bool) -> int | None:
         """Notes dead workers and schedules their restart. While starting, a worker that dies before it
@@ -353,6 +396,32 @@ class Supervisor:
             )
         return None
 
+    def _kill_hung(self) -> None:
+        """SIGKILL for a worker that serves (has said so) but whose event loop has not beaten its heartbeat for
+        worker_hang_timeout seconds: stopped, or its loop blocked. _reap then restarts it as any dead worker.
+        Not called once the supervisor stops: a worker it has sent SIGTERM to is left to drain."""
+        timeout = self.settings.worker_hang_timeout
+        if timeout <= 0:
+            return
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.process is None or not slot.ready or slot.hung:
+                continue
+            # Read twice (see the module docstring on torn reads); a beat of its predecessor is older than ready_at.
+            beat = max(self.health.last_beat(slot.index), self.health.last_beat(slot.index))
+            stale = now - max(beat, slot.ready_at)
+            if stale <= timeout:
+                continue
+            pid = slot.process.pid
+            log.error(
+                "worker %d (pid %d) is hung: no heartbeat from its event loop for %.1f s; killing it",
+                slot.index, pid, stale,
+                extra=fields(event="worker.hung", worker=slot.index, pid=pid, stale=round(stale, 3)),
+            )
+            slot.hung = True
+            with contextlib.suppress(ProcessLookupError):
+                slot.process.kill()
+
     def run(self) -> int:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
@@ -376,6 +445,7 @@ class Supervisor:
             if failed is not None:
                 self._stop_all(signal.SIGTERM)
                 return failed
+            self._kill_hung()
             if starting and all(slot.ready for slot in self.slots):
                 starting = False
                 log.info(
