@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, and_, create_engine, delete, event, func, or_, select, text, tuple_, update
+from sqlalchemy import Engine, Select, and_, create_engine, delete, event, func, or_, select, text, tuple_, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -225,53 +225,20 @@ class Repository:
         self, account_id: str, flt: Filter, page_size: int, after: tuple[datetime, str] | None
     ) -> tuple[list[ApiKey], tuple[datetime, str] | None]:
         """One page in (create_time, key_id) order, keyset on the indexes, never OFFSET; and the position the
-        next page starts after, None when no more follow.
-
-        Without a `labels.` term every row the index yields matches, and the position is the page's last key.
-        With one, labels are checked key by key, so the walk stops after max_rows_examined(page_size) keys
-        (listing.ROWS_EXAMINED_PER_RESULT): a page that reaches the bound before it is full holds what matched
-        so far, possibly nothing, and the position is the last key examined, so the next page resumes the walk
-        there. That key is one the caller may list anyway: only labels are checked outside the index, and a
-        project key's project is part of the filter's index."""
-        order = (ApiKeyRow.create_time, ApiKeyRow.key_id)
+        next page starts after, None when no more follow. Only `labels.` terms are checked key by key, so
+        only they bound the walk (_walk_page); the key a position may then name is one the caller may list
+        anyway, since a project key's project is part of the filter's index."""
         query = self._filtered(select(ApiKeyRow), account_id, flt)
         if after is not None:
-            query = query.where(tuple_(*order) > tuple_(*after))
-        if not flt.labels:
-            query = query.order_by(*order).limit(page_size + 1)
-            with self._transaction(write=False) as session:
-                rows = session.scalars(query).all()
-            page = [_to_domain(row) for row in rows[:page_size]]
-            return page, (page[-1].create_time, page[-1].key_id) if len(rows) > page_size else None
-
-        # The walk: the next `bound` keys in order (and one more, to tell whether any follow), numbered; then
-        # only the ones whose labels match, and the last one examined, in the same single statement (one
-        # snapshot). The ROWS frame lets PostgreSQL number a row without reading ahead for its peers, so the
-        # index yields exactly bound + 1 rows; neither backend sorts more than those.
-        bound = max_rows_examined(page_size)
-        scanned = (
-            query.add_columns(func.row_number().over(order_by=order, rows=(None, 0)).label("n"))
-            .order_by(*order)
-            .limit(bound + 1)
-            .subquery("scanned")
+            query = query.where(tuple_(ApiKeyRow.create_time, ApiKeyRow.key_id) > tuple_(*after))
+        rows, resume = self._walk_page(
+            query,
+            ApiKeyRow,
+            lambda key: (key.create_time, key.key_id),
+            lambda key: [key.labels[label].as_string() == value for label, value in flt.labels],
+            page_size,
         )
-        key = aliased(ApiKeyRow, scanned)
-        matched = and_(*(key.labels[label].as_string() == value for label, value in flt.labels))
-        outer = (
-            select(key, scanned.c.n, matched.label("matched"))
-            .where(or_(matched, scanned.c.n >= bound))
-            .order_by(key.create_time, key.key_id)
-            .limit(page_size + 2)
-        )
-        with self._transaction(write=False) as session:
-            walked = session.execute(outer).all()
-        hits = [_to_domain(row) for row, n, hit in walked if hit and n <= bound]
-        if len(hits) > page_size:  # the page filled before the bound: the next starts after its last key
-            page = hits[:page_size]
-            return page, (page[-1].create_time, page[-1].key_id)
-        last = next((row for row, n, _ in walked if n == bound), None)
-        more = any(n > bound for _, n, _ in walked)
-        return hits, (last.create_time, last.key_id) if more and last is not None else None
+        return [_to_domain(row) for row in rows], None if resume is None else (resume.create_time, resume.key_id)
 
     def events(self, after_id: int = 0, limit: int = 1000) -> list[AuditEvent]:
         """Every event after `after_id`, oldest first: the change feed."""
@@ -283,13 +250,9 @@ class Repository:
         self, account_id: str, project_id: str, flt: EventFilter, page_size: int, before_id: int | None
     ) -> tuple[list[AuditEvent], int | None]:
         """One page of an account's events, newest first (keyset on the id); only one project's when given;
-        and the id the next page starts below, None when no more follow.
-
-        Only the account, a project key's project, the key_id and the position are served by indexes. The
-        kind, actor_key_id and event_time terms are checked row by row, so with any of them the walk stops after
-        max_rows_examined(page_size) events (listing.ROWS_EXAMINED_PER_RESULT): a page that reaches the bound
-        before it is full holds what matched so far, possibly nothing, and the next page starts below the last
-        event examined."""
+        and the id the next page starts below, None when no more follow. The account, a project key's
+        project, the key_id and the position are served by indexes; kind, actor_key_id and event_time terms
+        are checked row by row and bound the walk (_walk_page)."""
         query = select(KeyEventRow).where(KeyEventRow.account_id == account_id)
         if project_id:
             query = query.where(KeyEventRow.project_id == project_id)
@@ -297,39 +260,60 @@ class Repository:
             query = query.where(KeyEventRow.key_id == flt.key_id)
         if before_id is not None:
             query = query.where(KeyEventRow.id < before_id)
-        if not _event_checks(KeyEventRow, flt):
-            query = query.order_by(KeyEventRow.id.desc()).limit(page_size + 1)
-            with self._transaction(write=False) as session:
-                rows = session.scalars(query).all()
-            page = [_event_to_domain(row) for row in rows[:page_size]]
-            return page, page[-1].event_id if len(rows) > page_size else None
+        rows, resume = self._walk_page(
+            query, KeyEventRow, lambda event: (event.id.desc(),), lambda event: _event_checks(event, flt), page_size
+        )
+        return [_event_to_domain(row) for row in rows], None if resume is None else resume.id
 
-        # The walk, as in list_keys: the next `bound` events (and one more, to tell whether any follow),
-        # numbered; then the ones that pass the checks, and the last one examined, in one statement.
+    def _walk_page(
+        self,
+        query: Select[Any],
+        entity: Any,
+        order: Callable[[Any], tuple[Any, ...]],
+        checks: Callable[[Any], list[Any]],
+        page_size: int,
+    ) -> tuple[list[Any], Any]:
+        """One page of `query` (rows of `entity`, already narrowed by what the indexes serve and the page
+        token's position) in `order`, with the row the next page starts after, None when no more follow.
+
+        With no `checks` every row the index yields matches. With some, they are checked row by row, so the
+        walk stops after max_rows_examined(page_size) rows (listing.ROWS_EXAMINED_PER_RESULT): the next `bound`
+        rows in order (and one more, to tell whether any follow) are numbered, and only the ones that pass the
+        checks, and the last one examined, come back, in one statement (one snapshot). A page that reaches the
+        bound before it is full holds what matched so far, possibly nothing, and the next page resumes the
+        walk after the last row examined. The ROWS frame lets PostgreSQL number a row without reading ahead for
+        its peers, so the index yields exactly bound + 1 rows; neither backend sorts more than those.
+        `order` and `checks` take the entity or its alias in the walk's subquery."""
+        if not checks(entity):
+            with self._transaction(write=False) as session:
+                rows = session.scalars(query.order_by(*order(entity)).limit(page_size + 1)).all()
+            page = list(rows[:page_size])
+            return page, page[-1] if len(rows) > page_size else None
+
         bound = max_rows_examined(page_size)
         scanned = (
-            query.add_columns(func.row_number().over(order_by=KeyEventRow.id.desc(), rows=(None, 0)).label("n"))
-            .order_by(KeyEventRow.id.desc())
+            query.add_columns(func.row_number().over(order_by=order(entity), rows=(None, 0)).label("n"))
+            .order_by(*order(entity))
             .limit(bound + 1)
             .subquery("scanned")
         )
-        row_in_scan = aliased(KeyEventRow, scanned)
-        matched = and_(*_event_checks(row_in_scan, flt))
+        row_in_scan = aliased(entity, scanned)
+        matched = and_(*checks(row_in_scan))
         outer = (
             select(row_in_scan, scanned.c.n, matched.label("matched"))
             .where(or_(matched, scanned.c.n >= bound))
-            .order_by(row_in_scan.id.desc())
+            .order_by(*order(row_in_scan))
             .limit(page_size + 2)
         )
         with self._transaction(write=False) as session:
             walked = session.execute(outer).all()
-        hits = [_event_to_domain(row) for row, n, hit in walked if hit and n <= bound]
-        if len(hits) > page_size:  # the page filled before the bound: the next starts below its last event
+        hits = [row for row, n, hit in walked if hit and n <= bound]
+        if len(hits) > page_size:  # the page filled before the bound: the next starts after its last row
             page = hits[:page_size]
-            return page, page[-1].event_id
+            return page, page[-1]
         last = next((row for row, n, _ in walked if n == bound), None)
         more = any(n > bound for _, n, _ in walked)
-        return hits, last.id if more and last is not None else None
+        return hits, last if more else None
 
     # --- writes -----------------------------------------------------------------------------------
 
