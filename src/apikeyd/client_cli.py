@@ -789,22 +789,38 @@ def keys_list(
     request = pb.ListApiKeysRequest(
         parent=account_parent(account), filter=filter_, page_size=page_size or 0, page_token=page_token
     )
-    result = pb.ListApiKeysResponse()
-    for page in _pages(client, "ListApiKeys", request, all_pages):
-        result.api_keys.extend(page.api_keys)
+    _list(client, "ListApiKeys", request, all_pages, as_json, "api_keys", KEY_COLUMNS, _key_row, "key")
+
+
+def _list(
+    client: Client,
+    method: str,
+    request: Any,
+    all_pages: bool,
+    as_json: bool,
+    field: str,
+    columns: Sequence[str],
+    row: Callable[[Any], Sequence[str]],
+    noun: str,
+) -> None:
+    """A List call's pages as one response (`field` holds the resources): proto3 JSON, or a table on stdout
+    and on stderr how many were shown and whether more follow. No total: counting every match would cost
+    as much as reading them all."""
+    result = getattr(pb, f"{method}Response")()
+    items = getattr(result, field)
+    for page in _pages(client, method, request, all_pages):
+        items.extend(getattr(page, field))
         result.next_page_token = page.next_page_token
     if as_json:
         _print_json(result)
         return
-    if result.api_keys:
-        click.echo(render_table(KEY_COLUMNS, [_key_row(k) for k in result.api_keys]))
-    # No total: counting every match would cost as much as reading them all (see ListApiKeysResponse).
-    shown = len(result.api_keys)
-    summary = f"{shown} {'key' if shown == 1 else 'keys'} shown from {request.parent}"
+    if items:
+        click.echo(render_table(columns, [row(item) for item in items]))
+    summary = f"{len(items)} {noun if len(items) == 1 else noun + 's'} shown from {request.parent}"
     if result.next_page_token:
         summary += f"; more follow, next page: --page-token {result.next_page_token} (or --all)"
-        if not shown:  # a labels. term is checked on a bounded number of keys a page (AIP-158)
-            summary += "; none matched among the keys this page read, which is not the end"
+        if not items:  # terms checked row by row read a bounded number a page (AIP-158)
+            summary += f"; none matched among the {noun}s this page read, which is not the end"
     else:
         summary += "; no more pages"
     click.echo(summary, err=True)
@@ -1104,21 +1120,7 @@ def audit(
     request = pb.ListAuditEventsRequest(
         parent=account_parent(account), filter=filter_, page_size=page_size or 0, page_token=page_token
     )
-    result = pb.ListAuditEventsResponse()
-    for page in _pages(client, "ListAuditEvents", request, all_pages):
-        result.audit_events.extend(page.audit_events)
-        result.next_page_token = page.next_page_token
-    if as_json:
-        _print_json(result)
-        return
-    if result.audit_events:
-        click.echo(render_table(AUDIT_COLUMNS, [_audit_row(e) for e in result.audit_events]))
-    summary = f"{len(result.audit_events)} events in {request.parent}"
-    if result.next_page_token:
-        summary += f"; more with --page-token {result.next_page_token} (or --all)"
-        if not result.audit_events:  # terms checked event by event read a bounded number a page (AIP-158)
-            summary += "; none matched among the events this page read, which is not the end"
-    click.echo(summary, err=True)
+    _list(client, "ListAuditEvents", request, all_pages, as_json, "audit_events", AUDIT_COLUMNS, _audit_row, "event")
 
 
 @click.command("health")
