@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import socket
 import threading
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
@@ -259,29 +260,37 @@ def count_keys(stub: pb_grpc.ApiKeyServiceStub, account: str, **fields: Any) -> 
     raise AssertionError(f"accounts/{account}: still more pages after 1000")
 
 
+def free_port() -> int:
+    """A loopback port nobody listens on right now (closed again at once)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def authorize(stub: pb_grpc.ApiKeyServiceStub, key: str, *scopes: str, **fields: Any) -> pb.AuthorizeResponse:
     return stub.Authorize(pb.AuthorizeRequest(key=key, required_scopes=list(scopes), **fields))
 
 
 @contextlib.contextmanager
-def held_verifications(server: RunningServer) -> Iterator[tuple[threading.Event, threading.Event]]:
-    """Hold every argon2 verification after its database read until `release` is set, so a test can force
-    an interleaving (a change, a drain) instead of hoping for it. `reached` is set once one is held."""
+def held_hasher(server: RunningServer, method: str) -> Iterator[tuple[threading.Event, threading.Event]]:
+    """Hold every call of the server's SecretHasher `method` ("verify": a verification after its database
+    read; "hash": the hash of a Create or Rotate) until `release` is set, so a test can force an
+    interleaving (a change, a drain) instead of hoping for it. `reached` is set once one is held."""
     hasher = server.app.hasher
-    real_verify = hasher.verify
+    real = getattr(hasher, method)
     reached, release = threading.Event(), threading.Event()
 
-    def held_verify(secret_hash: str, secret: str) -> bool:
+    def held(*args: Any) -> Any:
         reached.set()
         assert release.wait(30)
-        return real_verify(secret_hash, secret)
+        return real(*args)
 
-    hasher.verify = held_verify  # type: ignore[method-assign]
+    setattr(hasher, method, held)
     try:
         yield reached, release
     finally:
         release.set()
-        hasher.verify = real_verify  # type: ignore[method-assign]
+        setattr(hasher, method, real)
 
 
 def rpc_error(call: Callable[[], Any]) -> grpc.RpcError:

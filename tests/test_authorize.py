@@ -13,7 +13,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from apikeyd.domain import keys
 from apikeyd.v1 import api_keys_pb2 as pb
-from tests.conftest import authorize, create_key, held_verifications, rpc_error
+from tests.conftest import authorize, create_key, held_hasher, rpc_error
 
 R = pb.AuthorizeResponse
 
@@ -241,7 +241,7 @@ def test_wrong_secrets_are_remembered_briefly(server, stub, account):
 
 def test_a_verification_in_flight_during_a_revoke_does_not_cache_the_old_state(server, stub, account):
     created = create_key(stub, account)
-    with held_verifications(server) as (reached, release):
+    with held_hasher(server, "verify") as (reached, release):
         in_flight = stub.Authorize.future(pb.AuthorizeRequest(key=created.secret))
         assert reached.wait(30)  # it has read the key as ACTIVE and waits before argon2
         stub.RevokeApiKey(pb.RevokeApiKeyRequest(name=created.api_key.name))

@@ -2,10 +2,7 @@
 operator keys, no escalation, self-protection, tenant isolation, rights lost mid-session, and Authorize
 with authorize_requires_key. Real channels and a real database; callers are keys made by the operator."""
 
-import contextlib
-import threading
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -19,7 +16,7 @@ from apikeyd.domain.access import Actor
 from apikeyd.domain.model import EventKind
 from apikeyd.store.repository import Change
 from apikeyd.v1 import api_keys_pb2 as pb
-from tests.conftest import authorize, count_keys, create_key, rpc_error
+from tests.conftest import authorize, count_keys, create_key, held_hasher, rpc_error
 
 C = grpc.StatusCode
 R = pb.AuthorizeResponse
@@ -511,30 +508,10 @@ def _key_events(stub, account, key_id):
     )
 
 
-@contextlib.contextmanager
-def _held_hashing(server) -> Iterator[tuple[threading.Event, threading.Event]]:
-    """Hold every argon2 hash (made by Create and Rotate) until `release` is set."""
-    hasher = server.app.hasher
-    real_hash = hasher.hash
-    reached, release = threading.Event(), threading.Event()
-
-    def held_hash(secret: str) -> str:
-        reached.set()
-        assert release.wait(30)
-        return real_hash(secret)
-
-    hasher.hash = held_hash  # type: ignore[method-assign]
-    try:
-        yield reached, release
-    finally:
-        release.set()
-        hasher.hash = real_hash  # type: ignore[method-assign]
-
-
 def test_rotate_rechecks_the_keys_scopes_in_its_write(server, stub, account):
     caller = server.stub_for(create_key(stub, account, scopes=WRITER).secret)
     target = create_key(stub, account, scopes=("messages:send:all",)).api_key
-    with _held_hashing(server) as (reached, release):
+    with held_hasher(server, "hash") as (reached, release):
         rotation = caller.RotateApiKey.future(pb.RotateApiKeyRequest(name=target.name))
         assert reached.wait(10)  # the caller's rights were checked; its new secret is being hashed
         _update(stub, target.name, scopes=["messages:send:all", "billing:admin"])

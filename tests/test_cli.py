@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2
 from apikeyd import client_cli
 from apikeyd.cli import main
 from apikeyd.v1 import api_keys_pb2 as pb
-from tests.conftest import ISSUED_SECRETS, RunningServer, count_keys, create_key, leaked_secrets
+from tests.conftest import ISSUED_SECRETS, RunningServer, count_keys, create_key, free_port, leaked_secrets
 
 
 def cli(
@@ -544,9 +544,7 @@ def test_errors_are_one_line_with_the_grpc_code(server, account):
 
 
 def free_address() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{probe.getsockname()[1]}"  # closed again: nothing listens there
+    return f"127.0.0.1:{free_port()}"  # nothing listens there
 
 
 def test_unreachable_server_is_one_line_and_fast():

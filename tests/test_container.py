@@ -8,7 +8,6 @@ import logging
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import ISSUED_SECRETS, leaked_secrets
+from tests.conftest import ISSUED_SECRETS, free_port, leaked_secrets
 
 log = logging.getLogger("apikeyd.container")  # the server's own lines, re-logged for the suite's secret check
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,11 +112,6 @@ def image() -> Image:
     command = _exec_form(final.last("ENTRYPOINT")) + _exec_form(final.last("CMD"))
     return Image(stages, final, _env(final), volumes, command)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_image_is_built_in_a_builder_stage_and_runs_on_python_3_11_slim(image):
@@ -220,7 +214,7 @@ def _local(image: Image, volume_dir: Path) -> tuple[dict[str, str], Path, str]:
     # every listener on a free loopback port: tests run side by side, and 0.0.0.0 is for containers
     for name, value in list(env.items()):
         if name.startswith("APIKEYD_") and name.endswith("LISTEN") and value:
-            env[name] = f"127.0.0.1:{_free_port()}"
+            env[name] = f"127.0.0.1:{free_port()}"
     address = env["APIKEYD_LISTEN"]
     workdir = image.final.all("WORKDIR")[-1] if image.final.all("WORKDIR") else "/"
     cwd = Path(workdir.replace(image.volumes[0], str(volume_dir)))

@@ -9,7 +9,6 @@ health says NOT_SERVING; no create is half-written. When it is back, everything 
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -28,17 +27,12 @@ from apikeyd.config import Settings
 from apikeyd.store import migrate
 from apikeyd.store.repository import create_db_engine
 from apikeyd.v1 import api_keys_pb2 as pb
-from tests.conftest import RunningServer, authorize, create_key
+from tests.conftest import RunningServer, authorize, create_key, free_port
 
 R = pb.AuthorizeResponse
 STALE = 3.0  # APIKEYD_STALE_IF_ERROR for this test: long enough to look at, short enough to wait out
 _BINARIES = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
 
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class PrivatePostgres:
@@ -49,7 +43,7 @@ class PrivatePostgres:
         self.bin = Path(_BINARIES[-1]).parent
         self.dir = Path(tempfile.mkdtemp(prefix="apikeyd-pg-"))  # not under pytest's root-only tmp_path
         self.data = self.dir / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
         self._as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
         if self._as:

@@ -19,7 +19,7 @@ from apikeyd.authorizer.feed import ChangeFeed, FeedEvent
 from apikeyd.domain import keys
 from apikeyd.store.models import KeyEventRow
 from apikeyd.v1 import api_keys_pb2 as pb
-from tests.conftest import POSTGRES_ADMIN_URL, RunningServer, authorize, create_key, held_verifications
+from tests.conftest import POSTGRES_ADMIN_URL, RunningServer, authorize, create_key, held_hasher
 
 R = pb.AuthorizeResponse
 BOUND = 1.0  # seconds: a change acknowledged by one process is in force on every process by then
@@ -124,7 +124,7 @@ def test_a_verification_in_flight_on_b_during_a_revoke_on_a_does_not_cache_the_o
     a, b = _pair(make_server)
     created = create_key(a.stub, account)
     _caught_up(b)  # B has seen the create: nothing pending
-    with held_verifications(b) as (reached, release):
+    with held_hasher(b, "verify") as (reached, release):
         in_flight = b.stub.Authorize.future(pb.AuthorizeRequest(key=created.secret))
         assert reached.wait(30)  # B has read the key as ACTIVE and waits before argon2
         applied = b.app.feed.applied

@@ -8,7 +8,6 @@ import os
 import re
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -41,8 +40,8 @@ from tests.conftest import (
     rpc_error,
     scratch_postgres_database,
 )
+from tests.test_server import APIKEYD
 
-APIKEYD = str(Path(sys.executable).with_name("apikeyd"))
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 UUID_SHAPE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")

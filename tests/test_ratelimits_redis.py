@@ -8,9 +8,7 @@ about an unreachable Redis use a port where nothing listens, or a redis-server o
 import logging
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,11 +27,11 @@ from apikeyd.domain.model import RateLimit
 from apikeyd.server import App, StartupError
 from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
-from tests.conftest import BearerCredentials, authorize, create_key
+from tests.conftest import BearerCredentials, authorize, create_key, free_port
+from tests.test_server import APIKEYD, _admin_key
 
 R = pb.AuthorizeResponse
 SHARED_REDIS = "redis://127.0.0.1:6379/0"
-APIKEYD = str(Path(sys.executable).parent / "apikeyd")
 
 
 def _redis_answers(url: str = SHARED_REDIS) -> bool:
@@ -66,11 +64,6 @@ def _limits(*pairs: tuple[int, int]) -> list[pb.RateLimit]:
     return [pb.RateLimit(limit=limit, period=Duration(seconds=period)) for limit, period in pairs]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 # --- the same GCRA as in-process limits ------------------------------------------------------------
 
@@ -100,7 +93,7 @@ def test_shared_limits_all_hold_and_denials_spend_no_budget(make_server, account
 
 def test_a_key_without_rate_limits_never_touches_redis(make_server, account):
     """The cached no-rate-limit path is unchanged: with Redis unreachable, such keys see nothing of it."""
-    server = make_server(rate_limit_url=f"redis://127.0.0.1:{_free_port()}/0", rate_limit_failure="deny")
+    server = make_server(rate_limit_url=f"redis://127.0.0.1:{free_port()}/0", rate_limit_failure="deny")
     secret = create_key(server.stub, account).secret
     for _ in range(3):
         assert authorize(server.stub, secret).code == R.OK
@@ -168,15 +161,8 @@ def _serve(db: Path, port: int, prefix: str) -> subprocess.Popen[str]:
 def test_two_server_processes_give_a_key_its_limit_in_total(tmp_path, redis_prefix):
     """The issue's case: 50 per minute, 80 calls split across two `apikeyd serve` processes: 50 allowed."""
     db = tmp_path / "apikeyd.db"
-    made = subprocess.run(
-        [APIKEYD, "admin-key", "create", "--display-name", "tests", "--database-url", f"sqlite:///{db}"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert made.returncode == 0, made.stderr
-    token = made.stdout.strip()
-    ports = [_free_port(), _free_port()]
+    token = _admin_key(tmp_path)  # in that file
+    ports = [free_port(), free_port()]
     processes = [_serve(db, port, redis_prefix) for port in ports]
     channels: list[grpc.Channel] = []
     try:
@@ -226,7 +212,7 @@ def _errors_metric(server) -> float:
 
 
 def test_unreachable_redis_allows_by_default_counts_and_warns_once(make_server, account, caplog):
-    server = make_server(rate_limit_url=f"redis://127.0.0.1:{_free_port()}/0")
+    server = make_server(rate_limit_url=f"redis://127.0.0.1:{free_port()}/0")
     secret = create_key(server.stub, account, rate_limits=_limits((1, 3600))).secret
     with caplog.at_level(logging.WARNING, logger="apikeyd"):
         answers = [authorize(server.stub, secret, "messages:send") for _ in range(5)]
@@ -237,7 +223,7 @@ def test_unreachable_redis_allows_by_default_counts_and_warns_once(make_server, 
 
 
 def test_unreachable_redis_denies_with_the_deny_policy(make_server, account):
-    server = make_server(rate_limit_url=f"redis://127.0.0.1:{_free_port()}/0", rate_limit_failure="deny")
+    server = make_server(rate_limit_url=f"redis://127.0.0.1:{free_port()}/0", rate_limit_failure="deny")
     secret = create_key(server.stub, account, rate_limits=_limits((10, 60), (100, 3600))).secret
     answer = authorize(server.stub, secret, "messages:send")
     assert answer.code == R.RATE_LIMITED and not answer.allowed and answer.limit == 10 and answer.remaining == 0
@@ -277,7 +263,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="skipped: no redis-server binary")
 def test_authorize_recovers_by_itself_when_redis_returns(make_server, account, caplog):
-    port = _free_port()
+    port = free_port()
     own_redis = _start_redis(port)
     try:
         server = make_server(rate_limit_url=f"redis://127.0.0.1:{port}/0")

@@ -5,7 +5,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -29,7 +28,8 @@ from tests.conftest import (
     authorize,
     count_keys,
     create_key,
-    held_verifications,
+    free_port,
+    held_hasher,
     leaked_secrets,
     rpc_error,
 )
@@ -80,11 +80,6 @@ def test_a_feed_poll_that_is_not_shorter_than_the_lease_is_refused_at_start(data
         App(Settings.load(environ={}, database_url=database_url, feed_lease=0.2))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _serve(tmp_path: Path, port: int, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
@@ -117,7 +112,7 @@ def _wait_serving(port: int) -> grpc.Channel:
 
 
 def test_the_cli_refuses_a_taken_port_with_a_clear_message(tmp_path):
-    port = _free_port()
+    port = free_port()
     first = _serve(tmp_path, port)
     try:
         _wait_serving(port).close()
@@ -131,7 +126,7 @@ def test_the_cli_refuses_a_taken_port_with_a_clear_message(tmp_path):
 
 
 def test_sigterm_drains_flushes_last_used_times_and_exits_0(tmp_path):
-    port = _free_port()
+    port = free_port()
     token = _admin_key(tmp_path)
     process = _serve(tmp_path, port, "--last-used-flush-interval", "3600")
     channel = grpc.intercept_channel(_wait_serving(port), BearerCredentials(token))
@@ -198,7 +193,7 @@ def test_no_secret_reaches_a_log_line_or_an_error(make_server, account, caplog):
 def test_drain_says_not_serving_and_lets_in_flight_calls_finish(make_server, account):
     server = make_server()
     created = create_key(server.stub, account)
-    with held_verifications(server) as (reached, release):
+    with held_hasher(server, "verify") as (reached, release):
         # an Authorize that is still running when SIGTERM's drain begins
         in_flight = server.stub.Authorize.future(pb.AuthorizeRequest(key=created.secret))
         assert reached.wait(30)

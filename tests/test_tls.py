@@ -6,9 +6,7 @@ import ipaddress
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,9 +29,9 @@ from apikeyd.store import migrate
 from apikeyd.store.repository import create_db_engine
 from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
-from tests.conftest import ISSUED_SECRETS, BearerCredentials, RunningServer, create_key
+from tests.conftest import ISSUED_SECRETS, BearerCredentials, RunningServer, create_key, free_port
+from tests.test_server import APIKEYD
 
-APIKEYD = str(Path(sys.executable).with_name("apikeyd"))
 CALL_TIMEOUT = 10
 ELSEWHERE = "apikeyd.example.internal"
 
@@ -350,11 +348,6 @@ def test_tls_settings_that_cannot_work_stop_the_start(database_file, pki, tmp_pa
 # The same through `apikeyd serve`: the flags and variables exist and behave.
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _serve(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
@@ -375,7 +368,7 @@ def _ready(channel: grpc.Channel) -> grpc.Channel:
 
 
 def test_serve_flags_turn_on_mtls_and_sigterm_still_exits_0(tmp_path, pki):
-    port = _free_port()
+    port = free_port()
     process = _serve(
         tmp_path,
         "--listen", f"127.0.0.1:{port}",
@@ -398,7 +391,7 @@ def test_serve_flags_turn_on_mtls_and_sigterm_still_exits_0(tmp_path, pki):
 
 
 def test_serve_reads_the_tls_variables(tmp_path, pki):
-    port = _free_port()
+    port = free_port()
     process = _serve(
         tmp_path,
         env={
@@ -422,7 +415,7 @@ def test_serve_reads_the_tls_variables(tmp_path, pki):
 def test_serve_exits_2_with_a_clear_message_for_tls_settings_that_cannot_work(tmp_path, pki, case):
     settings, message = _bad_settings(pki, tmp_path)[case]
     flags = [arg for name, value in settings.items() for arg in ("--" + name.replace("_", "-"), value)]
-    process = _serve(tmp_path, "--listen", f"127.0.0.1:{_free_port()}", *flags)
+    process = _serve(tmp_path, "--listen", f"127.0.0.1:{free_port()}", *flags)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 2, stderr
     [line] = [line for line in stderr.splitlines() if line.startswith("apikeyd: ")]

@@ -31,10 +31,11 @@ from tests.conftest import (
     BearerCredentials,
     authorize,
     create_key,
+    free_port,
     leaked_secrets,
     scratch_postgres_database,
 )
-from tests.test_server import APIKEYD, _admin_key, _free_port
+from tests.test_server import APIKEYD, _admin_key
 
 
 class Supervisor:
@@ -101,7 +102,7 @@ class Supervisor:
 
 @contextmanager
 def supervisor(tmp_path: Path, *extra: str, workers: int = 2, database_url: str = "") -> Iterator[Supervisor]:
-    running = Supervisor(tmp_path, _free_port(), *extra, workers=workers, database_url=database_url)
+    running = Supervisor(tmp_path, free_port(), *extra, workers=workers, database_url=database_url)
     try:
         yield running
     finally:
@@ -240,7 +241,7 @@ def test_a_port_taken_by_another_program_is_a_clear_error_with_workers(tmp_path)
 def _two_free_ports() -> int:
     """A port that is free and whose successor is free too (worker i takes the metrics port + i)."""
     for _ in range(50):
-        base = _free_port()
+        base = free_port()
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", base + 1))
@@ -257,7 +258,7 @@ def test_a_taken_metrics_port_of_a_worker_is_a_clear_error(tmp_path):
         other.listen()
         taken = base + 1
         # worker 0 uses `base`, worker 1 `taken`
-        running = Supervisor(tmp_path, _free_port(), "--metrics-listen", f"127.0.0.1:{base}")
+        running = Supervisor(tmp_path, free_port(), "--metrics-listen", f"127.0.0.1:{base}")
         assert running.wait() == 2
     assert f"cannot serve metrics of worker 1 on 127.0.0.1:{taken}" in running.stderr
     assert not running.events("worker.started")
@@ -265,7 +266,7 @@ def test_a_taken_metrics_port_of_a_worker_is_a_clear_error(tmp_path):
 
 def test_workers_0_is_a_usage_error(tmp_path):
     result = subprocess.run(
-        [APIKEYD, "serve", "--workers", "0", "--listen", f"127.0.0.1:{_free_port()}",
+        [APIKEYD, "serve", "--workers", "0", "--listen", f"127.0.0.1:{free_port()}",
          "--database-url", f"sqlite:///{tmp_path}/apikeyd.db"],
         capture_output=True, text=True, timeout=60,
     )
