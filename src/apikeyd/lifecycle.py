@@ -9,7 +9,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -150,7 +149,8 @@ class _DenialWindow:
 class DenialThrottle:
     """Which refusals the audit log records: the first of each (calling key, method, rule) at once, then at
     most one per `window` seconds, each carrying how many were left out since the previous one. Per process,
-    in memory: every server applies it on its own. `clock` is injectable for tests (monotonic seconds)."""
+    in memory: every server applies it on its own. Used on the event loop only (KeyManager._denials), so it
+    needs no lock. `clock` is injectable for tests (monotonic seconds)."""
 
     def __init__(
         self,
@@ -163,7 +163,6 @@ class DenialThrottle:
         self.clock = clock
         self.suppressed_total = 0  # refusals not written to the audit log, for a metric
         self._windows: OrderedDict[DenialKey, _DenialWindow] = OrderedDict()
-        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._windows)
@@ -172,38 +171,35 @@ class DenialThrottle:
         """None to leave this refusal out (it is counted); otherwise record it, with the returned number of
         refusals left out since the previous recorded one."""
         now = self.clock()
-        dropped: list[tuple[DenialKey, int]] = []
-        with self._lock:
-            window = self._windows.get(key)
-            if window is not None:
-                self._windows.move_to_end(key)
-                if now - window.opened < self.window:
-                    window.suppressed += 1
-                    self.suppressed_total += 1
-                    return None
-                suppressed, window.opened, window.suppressed = window.suppressed, now, 0
-            else:
-                suppressed = 0
-                self._windows[key] = _DenialWindow(now)
-                while len(self._windows) > self.capacity:
-                    old_key, old = self._windows.popitem(last=False)
-                    if old.suppressed:
-                        dropped.append((old_key, old.suppressed))
-        for (key_id, method, rule), count in dropped:
-            log.warning(
-                "%d refusals of %s to key %s (%s) were left out of the audit log and their count is dropped "
-                "with its window", count, method, key_id, rule or "-",
-                extra=fields(event="access.denials_dropped", actor_key_id=key_id, method=method, rule=rule, count=count),
-            )
-        return suppressed
+        window = self._windows.get(key)
+        if window is not None:
+            self._windows.move_to_end(key)
+            if now - window.opened < self.window:
+                window.suppressed += 1
+                self.suppressed_total += 1
+                return None
+            suppressed, window.opened, window.suppressed = window.suppressed, now, 0
+            return suppressed
+        self._windows[key] = _DenialWindow(now)
+        while len(self._windows) > self.capacity:
+            (key_id, method, rule), old = self._windows.popitem(last=False)
+            if old.suppressed:
+                log.warning(
+                    "%d refusals of %s to key %s (%s) were left out of the audit log and their count is "
+                    "dropped with its window", old.suppressed, method, key_id, rule or "-",
+                    extra=fields(
+                        event="access.denials_dropped", actor_key_id=key_id, method=method, rule=rule,
+                        count=old.suppressed,
+                    ),
+                )
+        return 0
 
     def unrecorded(self, key: DenialKey, suppressed: int) -> None:
         """The event `admit` let through could not be written (the database did not answer): it and the
         refusals it would have counted are counted into the next one, which is tried after the window as
         usual, so a flood during an outage costs one failed write per window, not one per refusal."""
-        with self._lock:
-            window = self._windows.setdefault(key, _DenialWindow(self.clock()))
-            window.suppressed += suppressed + 1
+        window = self._windows.setdefault(key, _DenialWindow(self.clock()))
+        window.suppressed += suppressed + 1
 
 
 def _validate_update(values: dict[str, Any], now: datetime) -> dict[str, Any]:
