@@ -77,6 +77,16 @@ def parse(key: str) -> ParsedKey | None:
     return ParsedKey(prefix, lookup_id, secret)
 
 
+def find(text: str) -> bool:
+    """Whether a well-formed key string (checksum included) starts anywhere in `text`. Meant for short
+    texts: it tries each position."""
+    for start in range(len(text)):
+        match = _KEY.match(text, start)
+        if match is not None and parse(match.group()) is not None:
+            return True
+    return False
+
+
 def mask(key: str) -> str:
     """Prefix, the start of the lookup id and the last four characters: recognisable, never usable."""
     parsed = _KEY.fullmatch(key)
