@@ -32,6 +32,14 @@ class Settings:
     cache_ttl: float = _setting(60.0, "seconds a verified key is trusted before it is read again")
     negative_cache_ttl: float = _setting(10.0, "seconds an unknown key or wrong secret is remembered")
     max_verifications: int = _setting(4, "argon2 verifications (with their database read) run at once")
+    verification_queue: int = _setting(
+        256, "cold checks that may wait for a verification thread (taken in turn by lookup id); more get UNAVAILABLE"
+    )
+    failure_budget: int = _setting(
+        5, "wrong secrets for one lookup id per failure_window before its unverified strings are refused as "
+        "NOT_FOUND without a database read or argon2 (0 disables)"
+    )
+    failure_window: float = _setting(60.0, "seconds of the failure_budget window, from its first failure")
     argon2_time_cost: int = _setting(1, "argon2id iterations")
     argon2_memory_kib: int = _setting(8192, "argon2id memory per hash, KiB")
     argon2_parallelism: int = _setting(1, "argon2id lanes")

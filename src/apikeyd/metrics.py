@@ -41,6 +41,9 @@ CACHE_ENTRIES = "apikeyd_cache_entries"
 VERIFICATIONS_IN_FLIGHT = "apikeyd_verifications_in_flight"
 VERIFICATION_SECONDS = "apikeyd_verification_duration_seconds"
 ARGON2_VERIFICATIONS = "apikeyd_argon2_verifications_total"
+FAILURE_BUDGET_REFUSALS = "apikeyd_failure_budget_refusals_total"
+VERIFICATION_QUEUE_REFUSALS = "apikeyd_verification_queue_refusals_total"
+VERIFICATIONS_QUEUED = "apikeyd_verifications_queued"
 
 # From 50 us (a cached check) to 2.5 s (a miss queued behind busy verifications).
 FAST_BUCKETS = (
@@ -114,15 +117,28 @@ class Metrics(Collector):
         self._denials: Any = None
         self._hasher: Any = None
         self._in_flight: Callable[[], int] = lambda: 0
+        self._budget: Any = None
+        self._queue: Any = None
         self.registry.register(self)
         ProcessCollector(registry=self.registry)
         GCCollector(registry=self.registry)
 
-    def watch(self, *, cache: Any, hasher: Any, in_flight: Callable[[], int], denials: Any = None) -> None:
+    def watch(
+        self,
+        *,
+        cache: Any,
+        hasher: Any,
+        in_flight: Callable[[], int],
+        denials: Any = None,
+        budget: Any = None,
+        queue: Any = None,
+    ) -> None:
         """The objects read at scrape time: the VerifiedKeyCache (its CacheStats and size), the
-        SecretHasher (its verification count), how many verifications are in flight, and the lifecycle's
-        DenialThrottle (refusals left out of the audit log)."""
+        SecretHasher (its verification count), how many verifications are in flight, the lifecycle's
+        DenialThrottle (refusals left out of the audit log), the FailureBudget and the FairQueue (their
+        refusals; the queue's length)."""
         self._cache, self._hasher, self._in_flight, self._denials = cache, hasher, in_flight, denials
+        self._budget, self._queue = budget, queue
 
     def collect(self) -> Iterator[Metric]:
         decisions = CounterMetricFamily(
@@ -172,6 +188,22 @@ class Metrics(Collector):
                 _base(AUDIT_DENIALS_SUPPRESSED),
                 "refused calls not written to the audit log (at most one per key, method and rule per window)",
                 value=self._denials.suppressed_total,
+            )
+        if self._budget is not None:
+            yield CounterMetricFamily(
+                _base(FAILURE_BUDGET_REFUSALS),
+                "cold checks refused as NOT_FOUND without a database read or argon2: their lookup id had used up "
+                "its wrong secrets for the window (APIKEYD_FAILURE_BUDGET)",
+                value=self._budget.refusals,
+            )
+        if self._queue is not None:
+            yield CounterMetricFamily(
+                _base(VERIFICATION_QUEUE_REFUSALS),
+                "cold checks answered UNAVAILABLE because APIKEYD_VERIFICATION_QUEUE of them were already waiting",
+                value=self._queue.refusals,
+            )
+            yield GaugeMetricFamily(
+                VERIFICATIONS_QUEUED, "cold checks waiting for a verification thread", value=self._queue.queued()
             )
         yield GaugeMetricFamily(
             VERIFICATIONS_IN_FLIGHT,

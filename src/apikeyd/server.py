@@ -17,7 +17,9 @@ from sqlalchemy import Engine, make_url
 
 from apikeyd import tls
 from apikeyd.authorizer.authorizer import Authorizer
+from apikeyd.authorizer.budget import FailureBudget
 from apikeyd.authorizer.cache import VerifiedKeyCache
+from apikeyd.authorizer.fairqueue import FairQueue
 from apikeyd.authorizer.feed import ChangeFeed, effective_poll_interval
 from apikeyd.authorizer.hashing import Argon2Parameters, SecretHasher
 from apikeyd.authorizer.redis_ratelimits import FAILURE_POLICIES, RedisRateLimiter
@@ -97,6 +99,8 @@ class App:
         )
         self.verify_executor = ThreadPoolExecutor(settings.max_verifications, thread_name_prefix="verify")
         self.store_executor = ThreadPoolExecutor(settings.db_pool_size, thread_name_prefix="store")
+        self.verify_queue = FairQueue(self.verify_executor, settings.max_verifications, settings.verification_queue)
+        self.failure_budget = FailureBudget(settings.failure_budget, settings.failure_window)
         self.metrics = Metrics()  # a registry of this App's own: servers in one process never clash
         if self.shared_limiter is not None:
             self.metrics.registry.register(self.shared_limiter)
@@ -107,6 +111,8 @@ class App:
             self.verify_executor,
             limiter=self.shared_limiter,  # None: the Authorizer keeps limits in process
             metrics=self.metrics,
+            budget=self.failure_budget,
+            queue=self.verify_queue,
         )
         self.manager = KeyManager(
             self.repository,
@@ -122,6 +128,8 @@ class App:
             hasher=self.hasher,
             in_flight=self.authorizer.verifications_in_flight,
             denials=self.manager.denials,
+            budget=self.failure_budget,
+            queue=self.verify_queue,
         )
 
     def close(self) -> None:

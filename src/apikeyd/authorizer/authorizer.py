@@ -15,7 +15,9 @@ from concurrent.futures import Executor
 from datetime import UTC, datetime
 from typing import Literal
 
+from apikeyd.authorizer.budget import FailureBudget
 from apikeyd.authorizer.cache import CachedKey, VerifiedKeyCache
+from apikeyd.authorizer.fairqueue import FairQueue, QueueFull
 from apikeyd.authorizer.hashing import SecretHasher
 from apikeyd.authorizer.ratelimits import LocalRateLimiter
 from apikeyd.authorizer.redis_ratelimits import RateLimitUnavailable, RedisRateLimiter
@@ -80,11 +82,16 @@ class Authorizer:
         verify_executor: Executor,
         limiter: LocalRateLimiter | RedisRateLimiter | None = None,
         metrics: Metrics | None = None,
+        *,
+        budget: FailureBudget,
+        queue: FairQueue,
     ) -> None:
         self._repository = repository
         self._hasher = hasher
         self.cache = cache
         self._executor = verify_executor
+        self._budget = budget  # wrong secrets per lookup id (budget.py)
+        self._queue = queue  # the verification pool's turns, by lookup id (fairqueue.py)
         # A shared limiter is awaited in `authorize`; the local one is called in `_decide`, without an await.
         self._shared_limiter: RedisRateLimiter | None = None
         self._local_limiter = LocalRateLimiter()
@@ -142,6 +149,10 @@ class Authorizer:
             if parsed is None:
                 return MALFORMED
             if self.cache.is_known_bad(digest):
+                return NOT_FOUND
+            # A lookup id alone never equals a key string, so its digest is an entry of its own: an unknown
+            # lookup id, remembered by `_checked`.
+            if self.cache.is_known_bad(self.cache.digest(parsed.lookup_id)) or self._budget.exhausted(parsed.lookup_id):
                 return NOT_FOUND
             try:
                 entry = await self._verify(digest, parsed)
@@ -245,10 +256,11 @@ class Authorizer:
 
     async def _verification(self, digest: bytes, parsed: keys.ParsedKey) -> CachedKey | None:
         generation = self.cache.generation(parsed.lookup_id)
-        loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
-            key, match = await loop.run_in_executor(self._executor, self._load_and_verify, parsed)
+            checked = await self._checked(parsed)
+        except QueueFull:
+            raise  # the pool is busy, not the database
         except Unavailable:
             if time.monotonic() - self._database_failed_at > _DATABASE_RETRY * 2:  # once per outage, roughly
                 log.warning(
@@ -260,6 +272,9 @@ class Authorizer:
             raise
         finally:
             self._verification_seconds.observe(time.perf_counter() - started)
+        if checked is None:  # refused by the failure budget: never verified, so not remembered as bad either
+            return None
+        key, match = checked
         log.debug("verified lookup id %s: %s", parsed.lookup_id, match if key is not None else "unknown")
         if key is None or match == "none":
             self.cache.remember_bad(digest, parsed.lookup_id, generation)
@@ -274,6 +289,24 @@ class Authorizer:
         )
         self.cache.put(digest, entry, generation)
         return entry
+
+    async def _checked(self, parsed: keys.ParsedKey) -> tuple[ApiKey | None, Match] | None:
+        """`_load_and_verify` within the lookup id's failure budget, in the lookup id's turn on the pool; None
+        when the budget refuses it."""
+        lookup_id = parsed.lookup_id
+        if not self._budget.admit(lookup_id):
+            return None
+        generation = self.cache.generation(lookup_id)
+        wrong_secret_of: ApiKey | None = None
+        try:
+            key, match = await self._queue.run(lookup_id, self._load_and_verify, parsed)
+            if key is None:  # distinct secrets with this lookup id now cost no read until the entry expires
+                self.cache.remember_bad(self.cache.digest(lookup_id), lookup_id, generation)
+            elif match == "none":
+                wrong_secret_of = key
+            return key, match
+        finally:
+            self._budget.settle(lookup_id, wrong_secret_of)
 
     def _load_and_verify(self, parsed: keys.ParsedKey) -> tuple[ApiKey | None, Match]:
         """On the verification pool: the one indexed read and the one argon2 check of a miss."""
