@@ -297,13 +297,13 @@ class Authorizer:
         if not self._budget.admit(lookup_id):
             return None
         generation = self.cache.generation(lookup_id)
-        wrong_secret_of: ApiKey | None = None
+        wrong_secret_of: str | None = None
         try:
             key, match = await self._queue.run(lookup_id, self._load_and_verify, parsed)
             if key is None:  # distinct secrets with this lookup id now cost no read until the entry expires
                 self.cache.remember_bad(self.cache.digest(lookup_id), lookup_id, generation)
             elif match == "none":
-                wrong_secret_of = key
+                wrong_secret_of = key.name
             return key, match
         finally:
             self._budget.settle(lookup_id, wrong_secret_of)

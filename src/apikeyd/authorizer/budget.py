@@ -29,7 +29,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from apikeyd.domain.model import ApiKey
 from apikeyd.logs import fields
 
 log = logging.getLogger(__name__)
@@ -102,9 +101,10 @@ class FailureBudget:
         entry.pending += 1
         return True
 
-    def settle(self, lookup_id: str, wrong_secret_of: ApiKey | None) -> None:
-        """The verification reserved by `admit` is over: `wrong_secret_of` is the key whose secret did not
-        match, None for a match, an unknown lookup id or an error (only a wrong secret of a real key counts)."""
+    def settle(self, lookup_id: str, wrong_secret_of: str | None) -> None:
+        """The verification reserved by `admit` is over: `wrong_secret_of` is the name of the key whose secret
+        did not match, None for a match, an unknown lookup id or an error (only a real key's wrong secret
+        counts)."""
         if self.budget <= 0:
             return
         entry = self._entries.get(lookup_id)
@@ -120,7 +120,7 @@ class FailureBudget:
         if entry.failures == self.budget:
             self._warn(wrong_secret_of)
 
-    def _warn(self, key: ApiKey) -> None:
+    def _warn(self, key_name: str) -> None:
         """At most one line per _WARN_INTERVAL for the whole process, however many keys are attacked. It
         names the key by its resource name, not by its lookup id: with the lookup id, anyone who reads the
         log could lock the key out themselves."""
@@ -133,7 +133,7 @@ class FailureBudget:
         log.warning(
             "key %s: %d wrong secrets in %.0f s; strings for it that are not already verified here are "
             "refused as NOT_FOUND until the window passes (APIKEYD_FAILURE_BUDGET)%s",
-            key.name, self.budget, self.window,
+            key_name, self.budget, self.window,
             f"; {others} other key{'s' if others != 1 else ''} locked since the last such line" if others else "",
-            extra=fields(event="authorize.failure_budget_exhausted", key=key.name, others=others),
+            extra=fields(event="authorize.failure_budget_exhausted", key=key_name, others=others),
         )

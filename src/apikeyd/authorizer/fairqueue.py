@@ -85,6 +85,8 @@ class FairQueue:
     def _finish(self, lane: str) -> None:
         self._running -= 1
         self._busy.discard(lane)
+        if lane in self._lanes:  # it has had its turn: the lanes that waited meanwhile go first
+            self._lanes.move_to_end(lane)
         self._hand_out()
 
     def _hand_out(self) -> None:
