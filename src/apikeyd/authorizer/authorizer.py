@@ -8,10 +8,12 @@ entry within the cache's stale-if-error window (cache.py); any other miss is UNA
 succeeds), misses do not try the database again: a database that hangs must not make every check wait for its timeout."""
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -73,6 +75,14 @@ def _rate_decision(key: ApiKey, rate: RateOutcome) -> Decision:
     return Decision(AuthCode.OK, "", key, rate)
 
 
+@dataclass(slots=True)
+class _Flight:
+    """A verification in flight, and the generation of its key when it began."""
+
+    generation: int
+    task: "asyncio.Task[CachedKey | None]"
+
+
 class Authorizer:
     def __init__(
         self,
@@ -83,15 +93,17 @@ class Authorizer:
         limiter: LocalRateLimiter | RedisRateLimiter | None = None,
         metrics: Metrics | None = None,
         *,
-        budget: FailureBudget,
-        queue: FairQueue,
+        budget: FailureBudget | None = None,
+        queue: FairQueue | None = None,
     ) -> None:
         self._repository = repository
         self._hasher = hasher
         self.cache = cache
         self._executor = verify_executor
-        self._budget = budget  # wrong secrets per lookup id (budget.py)
-        self._queue = queue  # the verification pool's turns, by lookup id (fairqueue.py)
+        # Wrong secrets per lookup id (budget.py); without one, none are refused.
+        self._budget = budget if budget is not None else FailureBudget(budget=0)
+        # The verification pool's turns, by lookup id (fairqueue.py).
+        self._queue = queue if queue is not None else FairQueue(verify_executor)
         # A shared limiter is awaited in `authorize`; the local one is called in `_decide`, without an await.
         self._shared_limiter: RedisRateLimiter | None = None
         self._local_limiter = LocalRateLimiter()
@@ -99,7 +111,7 @@ class Authorizer:
             self._shared_limiter = limiter
         elif limiter is not None:
             self._local_limiter = limiter
-        self._inflight: dict[bytes, asyncio.Task[CachedKey | None]] = {}
+        self._inflight: dict[bytes, _Flight] = {}
         self._database_failed_at = float("-inf")  # monotonic time of the last verification read that failed
         self._database_answered_at = float("-inf")  # start of the last health ping that succeeded
         self._last_used: dict[str, float] = {}
@@ -108,7 +120,7 @@ class Authorizer:
         self._verification_seconds = metrics.verification_seconds
 
     def verifications_in_flight(self) -> int:
-        """Misses being verified now, including those waiting for a thread of the verification pool."""
+        """Strings being verified now, including those waiting for a thread of the verification pool."""
         return len(self._inflight)
 
     async def authorize(
@@ -235,30 +247,36 @@ class Authorizer:
     # --- misses -----------------------------------------------------------------------------------
 
     async def _verify(self, digest: bytes, parsed: keys.ParsedKey) -> CachedKey | None:
-        """One verification per presented string at a time; a caller that goes away does not cancel it."""
-        task = self._inflight.get(digest)
-        if task is None:
+        """One verification per presented string at a time; a caller that goes away does not cancel it.
+
+        A check joins a verification in flight only if the key has not changed since that verification
+        began: one that began before a change may have read the old row, and a change that has returned
+        must be in force for every check that arrives after it. A late check starts a fresh one instead."""
+        generation = self.cache.generation(parsed.lookup_id)
+        flight = self._inflight.get(digest)
+        if flight is None or flight.generation != generation:
             failed_at = self._database_failed_at
             # A health ping or a read of the change feed that began after the failure and succeeded says the
             # database is back.
             answered_at = max(self._database_answered_at, self.cache.synced_at)
             if failed_at > answered_at and time.monotonic() - failed_at < _DATABASE_RETRY:
                 raise Unavailable("the database is unavailable; retry later")
-            task = asyncio.ensure_future(self._verification(digest, parsed))
-            self._inflight[digest] = task
-            task.add_done_callback(lambda done: self._verification_done(digest, done))
-        return await asyncio.shield(task)
+            flight = _Flight(generation, asyncio.ensure_future(self._verification(digest, parsed, generation)))
+            self._inflight[digest] = flight
+            flight.task.add_done_callback(functools.partial(self._verification_done, digest, flight))
+        return await asyncio.shield(flight.task)
 
-    def _verification_done(self, digest: bytes, task: "asyncio.Task[CachedKey | None]") -> None:
-        self._inflight.pop(digest, None)
-        if not task.cancelled():
-            task.exception()  # the waiters re-raise it; without waiters it must not be logged as lost
+    def _verification_done(self, digest: bytes, flight: "_Flight", _: object) -> None:
+        if self._inflight.get(digest) is flight:  # a later verification of the same string may have replaced it
+            del self._inflight[digest]
+        if not flight.task.cancelled():
+            flight.task.exception()  # the waiters re-raise it; without waiters it must not be logged as lost
 
-    async def _verification(self, digest: bytes, parsed: keys.ParsedKey) -> CachedKey | None:
-        generation = self.cache.generation(parsed.lookup_id)
+    async def _verification(self, digest: bytes, parsed: keys.ParsedKey, generation: int) -> CachedKey | None:
+        """`generation`: the key's generation when the verification began, before its database read."""
         started = time.perf_counter()
         try:
-            checked = await self._checked(parsed)
+            checked = await self._checked(parsed, generation)
         except QueueFull:
             raise  # the pool is busy, not the database
         except Unavailable:
@@ -290,13 +308,12 @@ class Authorizer:
         self.cache.put(digest, entry, generation)
         return entry
 
-    async def _checked(self, parsed: keys.ParsedKey) -> tuple[ApiKey | None, Match] | None:
+    async def _checked(self, parsed: keys.ParsedKey, generation: int) -> tuple[ApiKey | None, Match] | None:
         """`_load_and_verify` within the lookup id's failure budget, in the lookup id's turn on the pool; None
         when the budget refuses it."""
         lookup_id = parsed.lookup_id
         if not self._budget.admit(lookup_id):
             return None
-        generation = self.cache.generation(lookup_id)
         wrong_secret_of: str | None = None
         try:
             key, match = await self._queue.run(lookup_id, self._load_and_verify, parsed)

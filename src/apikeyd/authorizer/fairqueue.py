@@ -27,7 +27,7 @@ class QueueFull(Unavailable):
 
 
 class FairQueue:
-    def __init__(self, executor: Executor, threads: int, max_queued: int) -> None:
+    def __init__(self, executor: Executor, threads: int = 4, max_queued: int = 256) -> None:
         self._executor = executor
         self._threads = threads  # the pool's size: no more run at once, so none waits in the pool's FIFO
         self.max_queued = max_queued
