@@ -1,6 +1,8 @@
 """The Authorize decision. A cache hit is plain Python on the event loop: no database, no argon2, no
 await. A miss does one indexed read and one argon2 verification on a small thread pool, shared by every
-concurrent miss of the same string, so cached checks keep flowing while it runs.
+concurrent miss of the same string, so cached checks keep flowing while it runs. Misses are admitted by the
+failure budget of their lookup id (budget.py) and take turns on the pool by lookup id (fairqueue.py), so a
+flood of guesses for one key costs a few verifications and never holds every thread.
 
 When the database does not answer, a miss of a key this process verified before is answered from its
 entry within the cache's stale-if-error window (cache.py); any other miss is UNAVAILABLE. For
