@@ -3,8 +3,9 @@
 A JSON line has `time` (UTC, ISO 8601), `level`, `logger` and `message`, then the fields the call site
 gave with `extra=fields(...)` (`event`, `key`, `account`, `actor`, ...), and, for a line logged while a gRPC
 call is served, that call's `method`, `peer` and `request_id`. The request id is the call's `x-request-id`
-metadata when it has a usable one, else one made up for the call; it is worked out only when the call logs
-something, so a call that logs nothing (a cached Authorize) pays one small tuple and a context variable.
+metadata when it has a usable one (a short, plain token that holds no key string), else one made up for
+the call; it is worked out only when the call logs something, so a call that logs nothing (a cached
+Authorize) pays one small tuple and a context variable.
 
 What goes into a line is chosen by its call site: never a presented key, a secret or a hash.
 """
@@ -17,6 +18,8 @@ import re
 import secrets
 from datetime import UTC, datetime
 from typing import Any, TextIO
+
+from apikeyd.domain import keys
 
 FORMATS = ("json", "text")
 REQUEST_ID_METADATA = "x-request-id"
@@ -53,8 +56,9 @@ def request_id(call: Call) -> str:
     for name, value in context.invocation_metadata() or ():
         if name == REQUEST_ID_METADATA:
             text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
-            # A client's id goes into every line of its call: only a short, plain token is taken.
-            if _USABLE_REQUEST_ID.fullmatch(text):
+            # A client's id goes into every line of its call: only a short, plain token is taken, and never a
+            # key a client put there by mistake (its call goes on, logged under a made-up id).
+            if _USABLE_REQUEST_ID.fullmatch(text) and not keys.find(text):
                 return text
             break
     return f"{_PROCESS_PART}{number & 0xFFFFFFFFFFFF:012x}"

@@ -10,6 +10,7 @@ a key string only as such.
 import re
 
 from apikeyd.domain import keys
+from apikeyd.domain.errors import InvalidArgument
 
 ECHO_LIMIT = 32  # characters of a caller's value a message may repeat
 # A secret and its checksum are one run of 39 base62 characters; a lookup id is 16. Anything longer than a
@@ -29,3 +30,15 @@ def quote(value: str) -> str:
     if len(value) > ECHO_LIMIT:
         return f"{shown!r}… ({len(value)} characters)"
     return repr(shown)
+
+
+def refuse_key(field: str, value: str) -> str:
+    """`value` unchanged, or InvalidArgument when it holds a key string: a key pasted into an id, a name or
+    a free-text field would be stored, listed and logged as plain text. Cheap for anything shorter than a
+    key, as ids and names mostly are."""
+    if keys.find(value):
+        raise InvalidArgument(
+            field, "holds an API key string; a key goes only where a credential is asked for, never in "
+            f"{field} (if it was shared by mistake, rotate it)"
+        )
+    return value

@@ -21,6 +21,7 @@ _KEY = re.compile(
     rf"([0-9A-Za-z]{{{SECRET_LENGTH}}})([0-9A-Za-z]{{{CHECKSUM_LENGTH}}})"
 )
 _PREFIX = re.compile(PREFIX_PATTERN)
+_SHORTEST_KEY = 2 + LOOKUP_ID_LENGTH + 1 + SECRET_LENGTH + CHECKSUM_LENGTH  # with a one-letter prefix
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,8 +80,8 @@ def parse(key: str) -> ParsedKey | None:
 
 def find(text: str) -> bool:
     """Whether a well-formed key string (checksum included) starts anywhere in `text`. Meant for short
-    texts: it tries each position."""
-    for start in range(len(text)):
+    texts: it tries each position where a key would still fit, so a text shorter than any key costs nothing."""
+    for start in range(len(text) - _SHORTEST_KEY + 1):
         match = _KEY.match(text, start)
         if match is not None and parse(match.group()) is not None:
             return True

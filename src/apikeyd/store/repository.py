@@ -13,6 +13,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from apikeyd.domain.access import Actor
+from apikeyd.domain.echo import quote
 from apikeyd.domain.errors import (
     Aborted,
     FailedPrecondition,
@@ -521,7 +522,7 @@ class Repository:
     def _check_etag(current: ApiKey, expected_etag: str) -> None:
         if expected_etag and expected_etag != current.etag:
             raise Aborted(
-                f"etag {expected_etag} does not match the key's current etag {current.etag}; "
+                f"etag {quote(expected_etag)} does not match the key's current etag {current.etag}; "
                 "get the key again and retry"
             )
 

@@ -1,0 +1,248 @@
+"""A key string sent where no key belongs never comes back, nor reaches a log line.
+
+Every string (and bytes) field of every request of apikeyd.v1.ApiKeyService and of Envoy's Check, found
+through the descriptors so that a new field is covered without touching this file, gets a real key, alone
+and inside a scope-shaped value, in an otherwise valid request made by a tenant key. Neither the key, nor
+any stretch of its secret part long enough to matter, may appear in the response, the error (details and
+trailing metadata) or any log line written meanwhile. Also: a failing INSERT on PostgreSQL logs neither the
+argon2 hash nor the row's values.
+"""
+
+import logging
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
+from google.protobuf import field_mask_pb2, text_format
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
+
+from apikeyd.domain import keys
+from apikeyd.logs import JsonFormatter
+from apikeyd.v1 import api_keys_pb2 as pb
+from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
+from tests.conftest import RunningServer, create_key
+
+WINDOW = 10  # characters: a stretch of a secret this long in a message or a log line counts as a leak
+_MAX_DEPTH = 8  # nested messages followed; no message here is deeper, and it stops any recursive type
+# Free-form JSON and packed messages that apikeyd never reads: their strings stay inside them.
+_OPAQUE = {"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue", "google.protobuf.Any"}
+
+
+# --- the fields ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Field:
+    """One string or bytes field, reached from the request by `path` (names; a repeated message gets one
+    element); `kind` is "scalar", "repeated", "map_key" or "map_value"."""
+
+    path: tuple[str, ...]
+    kind: str
+    descriptor: FieldDescriptor
+
+
+def text_fields(descriptor: Descriptor, path: tuple[str, ...] = (), depth: int = 0) -> Iterator[Field]:
+    for field in descriptor.fields:
+        here = (*path, field.name)
+        message = field.message_type
+        if message is not None and message.GetOptions().map_entry:
+            key, value = message.fields_by_name["key"], message.fields_by_name["value"]
+            if key.type == FieldDescriptor.TYPE_STRING:
+                yield Field(here, "map_key", field)
+            if value.type == FieldDescriptor.TYPE_STRING:
+                yield Field(here, "map_value", field)
+        elif field.type in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES):
+            yield Field(here, "repeated" if field.is_repeated else "scalar", field)
+        elif message is not None and message.full_name not in _OPAQUE and depth < _MAX_DEPTH:
+            yield from text_fields(message, here, depth + 1)
+
+
+def planted(request: Message, field: Field, value: str) -> list[Message]:
+    """Copies of `request` with `value` in `field`: for a map, as a new key, or as the value of each key the
+    request already has and of a new one."""
+    variants = []
+    targets: list[Any] = [None]
+    if field.kind == "map_value":
+        targets = [*_container(request, field), "x-planted"]
+    for target in targets:
+        copy = type(request)()
+        copy.CopyFrom(request)
+        container = _container(copy, field)
+        data: Any = value.encode() if field.descriptor.type == FieldDescriptor.TYPE_BYTES else value
+        if field.kind == "scalar":
+            setattr(container, field.path[-1], data)
+        elif field.kind == "repeated":
+            getattr(container, field.path[-1]).append(data)
+        elif field.kind == "map_key":
+            if field.descriptor.message_type.fields_by_name["value"].message_type is None:
+                container[value] = "v"
+            else:
+                container[value].SetInParent()
+        else:
+            container[target] = value
+        variants.append(copy)
+    return variants
+
+
+def _container(message: Message, field: Field) -> Any:
+    """The message that holds `field` (map fields: the map itself), created on the way if need be."""
+    node: Any = message
+    for name in field.path[:-1]:
+        child = getattr(node, name)
+        if node.DESCRIPTOR.fields_by_name[name].is_repeated:
+            child = child[0] if len(child) else child.add()
+        node = child
+    if field.kind in ("map_key", "map_value"):
+        return getattr(node, field.path[-1])
+    return node
+
+
+def test_the_field_walk_finds_nested_repeated_and_map_fields():
+    found = {(".".join(f.path), f.kind) for f in text_fields(external_auth_pb2.CheckRequest.DESCRIPTOR)}
+    assert ("attributes.request.http.headers", "map_value") in found
+    assert ("attributes.context_extensions", "map_key") in found
+    assert ("attributes.request.http.header_map.headers.raw_value", "scalar") in found
+    found = {(".".join(f.path), f.kind) for f in text_fields(pb.UpdateApiKeyRequest.DESCRIPTOR)}
+    assert {("api_key.scopes", "repeated"), ("update_mask.paths", "repeated"), ("api_key.labels", "map_value")} <= found
+
+
+# --- what a call leaves behind --------------------------------------------------------------------------
+
+
+class Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(JsonFormatter())
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture
+def log_lines() -> Iterator[Lines]:
+    handler = Lines()
+    logging.getLogger().addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logging.getLogger().removeHandler(handler)
+
+
+def traces(key: str) -> list[str]:
+    """The stretches of `key` that must not show: the key without its checksum, and every WINDOW-character
+    stretch of its secret part (secret and checksum), which `quote` never keeps together."""
+    parsed = keys.parse(key)
+    assert parsed is not None
+    secret_part = key[len(parsed.prefix) + keys.LOOKUP_ID_LENGTH + 1 :]
+    return [key[: -keys.CHECKSUM_LENGTH]] + [secret_part[i : i + WINDOW] for i in range(len(secret_part) - WINDOW + 1)]
+
+
+def outcome(call: Callable[[Message], Any], request: Message, metadata: list[tuple[str, str]]) -> str:
+    """Everything the caller gets back: the response in text form, or the error's code, details and
+    trailing metadata."""
+    try:
+        return text_format.MessageToString(call(request, metadata=metadata), as_utf8=True)
+    except grpc.RpcError as error:
+        trailing = [f"{name}={value!r}" for name, value in error.trailing_metadata() or ()]
+        return f"{error.code()} {error.details()} {' '.join(trailing)}"
+
+
+# --- the calls --------------------------------------------------------------------------------------------
+
+
+class Calls:
+    """Valid requests for every RPC, made by a tenant key of `account` that may read, write and hand out
+    `messages:send:{example.com}` (so a scope holding a key is refused as a grant it cannot make)."""
+
+    def __init__(self, server: RunningServer, account: str) -> None:
+        self.server = server
+        self.account = account
+        tenant = create_key(server.stub, account, ("apikeys:read", "apikeys:write", "messages:send:{example.com}"))
+        self.metadata = [("authorization", f"Bearer {tenant.secret}")]
+        # Authorize and Check ask about a project key, so a project_id that does not match is answered with
+        # a message about it, and a resource without the right scope with one about that.
+        self.checked = create_key(server.stub, account, ("messages:send:{example.com}",), project_id="p1").secret
+
+    def target(self) -> str:
+        """A fresh key to act on: Revoke and Delete use theirs up."""
+        return create_key(self.server.stub, self.account, ("messages:send:{example.com}",)).api_key.name
+
+    def baseline(self, method: str) -> Message:
+        parent = f"accounts/{self.account}"
+        new_key = pb.ApiKey(display_name="planted", scopes=["messages:send:{example.com}"], labels={"env": "test"})
+        mask = field_mask_pb2.FieldMask(paths=["display_name"])
+        request_id = str(uuid.uuid4())
+        requests: dict[str, Callable[[], Message]] = {
+            "CreateApiKey": lambda: pb.CreateApiKeyRequest(parent=parent, api_key=new_key, request_id=request_id),
+            "GetApiKey": lambda: pb.GetApiKeyRequest(name=self.target()),
+            "ListApiKeys": lambda: pb.ListApiKeysRequest(parent=parent, filter='labels.env = "test"'),
+            "UpdateApiKey": lambda: pb.UpdateApiKeyRequest(
+                api_key=pb.ApiKey(name=self.target(), display_name="renamed"), update_mask=mask
+            ),
+            "RevokeApiKey": lambda: pb.RevokeApiKeyRequest(name=self.target(), reason="planted"),
+            "DeleteApiKey": lambda: pb.DeleteApiKeyRequest(name=self.target()),
+            "RotateApiKey": lambda: pb.RotateApiKeyRequest(name=self.target(), request_id=request_id),
+            "ListAuditEvents": lambda: pb.ListAuditEventsRequest(parent=parent, filter="kind = CREATED"),
+            "Authorize": lambda: pb.AuthorizeRequest(
+                key=self.checked, required_scopes=["messages:send"], resource="example.com", project_id="p1"
+            ),
+        }
+        return requests[method]()
+
+    def check_baseline(self) -> Message:
+        http = attribute_context_pb2.AttributeContext.HttpRequest(
+            method="GET",
+            path="/",
+            headers={"authorization": f"Bearer {self.checked}", "x-project-id": "p1", "x-sender-domain": "example.com"},
+        )
+        return external_auth_pb2.CheckRequest(
+            attributes=attribute_context_pb2.AttributeContext(
+                request=attribute_context_pb2.AttributeContext.Request(http=http),
+                context_extensions={"required_scopes": "messages:send", "resource_header": "x-sender-domain"},
+            )
+        )
+
+
+def planted_values(key: str) -> list[str]:
+    return [key, f"messages:send:{{{key}}}"]
+
+
+def test_a_key_in_any_field_of_any_request_is_never_echoed_nor_logged(make_server, account, log_lines):
+    server = make_server()
+    calls = Calls(server, account)
+    key = create_key(server.stub, account, ("messages:send:all",)).secret
+    leaks: list[str] = []
+
+    def attempt(label: str, call: Callable[[Message], Any], request: Message, metadata: list[tuple[str, str]]) -> None:
+        before = len(log_lines.lines)
+        answer = outcome(call, request, metadata)
+        seen = "\n".join([answer, *log_lines.lines[before:]])
+        if any(trace in seen for trace in traces(key)):
+            leaks.append(label)
+
+    stub = pb_grpc.ApiKeyServiceStub(server.channel)
+    service = pb.DESCRIPTOR.services_by_name["ApiKeyService"]
+    for method in service.methods:
+        call = getattr(stub, method.name)
+        fields = list(text_fields(method.input_type))
+        assert fields, method.name
+        for field in fields:
+            for value in planted_values(key):
+                for request in planted(calls.baseline(method.name), field, value):
+                    attempt(f"{method.name} {'.'.join(field.path)} ({field.kind})", call, request, calls.metadata)
+        for value in planted_values(key):  # and as the call's x-request-id
+            attempt(f"{method.name} x-request-id", call, calls.baseline(method.name), [*calls.metadata, ("x-request-id", value)])
+
+    check = external_auth_pb2_grpc.AuthorizationStub(server.channel).Check
+    assert check(calls.check_baseline()).status.code == 0, "the Check baseline must be allowed"
+    for field in text_fields(external_auth_pb2.CheckRequest.DESCRIPTOR):
+        for value in planted_values(key):
+            for request in planted(calls.check_baseline(), field, value):
+                attempt(f"Check {'.'.join(field.path)} ({field.kind})", check, request, [])
+    assert not leaks, f"the key came back or was logged after planting it in: {sorted(set(leaks))}"
