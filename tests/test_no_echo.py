@@ -9,23 +9,30 @@ argon2 hash nor the row's values.
 """
 
 import logging
+import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import psycopg
 import pytest
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 from google.protobuf import field_mask_pb2, text_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from apikeyd.config import Settings
 from apikeyd.domain import keys
+from apikeyd.exception_text import format_exception
 from apikeyd.logs import JsonFormatter
+from apikeyd.store.repository import create_db_engine
 from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
-from tests.conftest import RunningServer, create_key
+from tests.conftest import RunningServer, create_key, rpc_error, scratch_postgres_database
 
 WINDOW = 10  # characters: a stretch of a secret this long in a message or a log line counts as a leak
 _MAX_DEPTH = 8  # nested messages followed; no message here is deeper, and it stops any recursive type
@@ -246,3 +253,64 @@ def test_a_key_in_any_field_of_any_request_is_never_echoed_nor_logged(make_serve
             for request in planted(calls.check_baseline(), field, value):
                 attempt(f"Check {'.'.join(field.path)} ({field.kind})", check, request, [])
     assert not leaks, f"the key came back or was logged after planting it in: {sorted(set(leaks))}"
+
+
+# --- database errors --------------------------------------------------------------------------------------
+
+
+def test_a_failing_insert_logs_neither_the_hash_nor_the_rows_values(log_lines):
+    """PostgreSQL refuses the row (a CHECK constraint added for the test makes a sure failure of an INSERT
+    that apikeyd cannot foresee): the call fails, and its log lines name the statement and the error but hold
+    no parameter, no argon2 hash and none of the values of the row (psycopg's DETAIL lists them all)."""
+    with scratch_postgres_database("apikeyd_no_echo") as (_, url):
+        engine = create_engine(url)
+        with engine.begin() as connection:
+            connection.execute(text("ALTER TABLE api_keys ADD CONSTRAINT refused CHECK (display_name <> 'refused')"))
+        engine.dispose()
+        server = RunningServer(Settings.load(environ={}, database_url=url))
+        try:
+            before = len(log_lines.lines)
+            error = rpc_error(
+                lambda: create_key(
+                    server.stub, "acct-refused", display_name="refused", description="description-3f1d9a", labels={"tag": "label-77c2e0"}
+                )
+            )
+        finally:
+            server.stop()
+    assert error.code() == grpc.StatusCode.INTERNAL
+    logged = "\n".join(log_lines.lines[before:])
+    assert "violates check constraint" in logged or "CheckViolation" in logged, "the failure must still be logged"
+    for value in ("$argon2", "description-3f1d9a", "label-77c2e0", "acct-refused"):
+        assert value not in logged, value
+
+
+def test_an_engine_never_puts_parameters_into_an_error(database_url):
+    engine = create_db_engine(database_url)
+    try:
+        with pytest.raises(DBAPIError) as caught, engine.connect() as connection:
+            connection.execute(text("INSERT INTO no_such_table VALUES (:value)"), {"value": "parameter-5e0c1b"})
+    finally:
+        engine.dispose()
+    assert "parameter-5e0c1b" not in str(caught.value)
+    assert "hide_parameters" in str(caught.value)
+
+
+def test_a_traceback_reads_as_python_prints_it_but_for_database_messages():
+    def raised(make: Callable[[], BaseException]) -> BaseException:
+        try:
+            try:
+                raise KeyError("inner")
+            except KeyError as inner:
+                raise make() from inner
+        except BaseException as error:  # any exception, as a log handler gets it
+            return error
+
+    plain = raised(lambda: ValueError("outer"))
+    assert format_exception(plain) == "".join(traceback.format_exception(plain)).rstrip("\n")
+    unique = psycopg.errors.UniqueViolation("duplicate key\nDETAIL:  Key (lookup_id)=(value-0c9e) already exists.")
+    wrapped = raised(lambda: IntegrityError("INSERT INTO api_keys VALUES (%(lookup_id)s)", {"lookup_id": "value-0c9e"}, unique))
+    text_ = format_exception(wrapped)
+    assert "value-0c9e" not in text_ and "DETAIL" not in text_
+    assert "KeyError: 'inner'" in text_ and "The above exception was the direct cause" in text_
+    assert "sqlalchemy.exc.IntegrityError: (psycopg.errors.UniqueViolation) SQLSTATE 23505" in text_
+    assert "[SQL: INSERT INTO api_keys VALUES (%(lookup_id)s)]" in text_

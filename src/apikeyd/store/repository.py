@@ -67,13 +67,14 @@ def create_db_engine(url: str, pool_size: int = 5) -> Engine:
         # A database host that drops packets must fail a connection in seconds, not after TCP's minutes.
         return create_engine(
             url,
+            hide_parameters=True,  # an error or an echoed statement must not carry a row's values or its hash
             pool_pre_ping=True,
             pool_size=pool_size,
             max_overflow=pool_size,
             pool_timeout=_POOL_TIMEOUT,
             connect_args={} if "connect_timeout" in url else {"connect_timeout": _CONNECT_TIMEOUT},
         )
-    engine = create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, pool_pre_ping=True, hide_parameters=True)
 
     @event.listens_for(engine, "connect")
     def _connect(dbapi_connection: Any, _record: Any) -> None:
