@@ -32,7 +32,14 @@ from apikeyd.logs import JsonFormatter
 from apikeyd.store.repository import create_db_engine
 from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
-from tests.conftest import RunningServer, create_key, rpc_error, scratch_postgres_database
+from tests.conftest import (
+    ISSUED_HASHES,
+    RunningServer,
+    create_key,
+    leaked_secrets,
+    rpc_error,
+    scratch_postgres_database,
+)
 
 WINDOW = 10  # characters: a stretch of a secret this long in a message or a log line counts as a leak
 _MAX_DEPTH = 8  # nested messages followed; no message here is deeper, and it stops any recursive type
@@ -253,6 +260,21 @@ def test_a_key_in_any_field_of_any_request_is_never_echoed_nor_logged(make_serve
             for request in planted(calls.check_baseline(), field, value):
                 attempt(f"Check {'.'.join(field.path)} ({field.kind})", check, request, [])
     assert not leaks, f"the key came back or was logged after planting it in: {sorted(set(leaks))}"
+
+
+def test_the_suites_log_check_knows_every_stored_hash_and_any_argon2_hash(server, account):
+    """The session-wide check in conftest.py must be able to fail on hashes as it does on keys."""
+    created = create_key(server.stub, account)
+    parsed = keys.parse(created.secret)
+    assert parsed is not None
+    found = server.app.repository.find_by_lookup_id(parsed.lookup_id)
+    assert found is not None
+    stored = found[1].secret_hash
+    assert stored in ISSUED_HASHES
+    assert leaked_secrets(f"Failing row contains (..., {stored.rsplit('$', 1)[-1]}, ...)", set(), ISSUED_HASHES)
+    assert leaked_secrets("hash $argon2id$v=19$m=8192,t=1,p=1$c2FsdA$ZGlnZXN0", set())
+    assert leaked_secrets(f"without its checksum {created.secret[: -keys.CHECKSUM_LENGTH]}", {created.secret})
+    assert not leaked_secrets(f"created {created.api_key.masked_key}", {created.secret}, ISSUED_HASHES)
 
 
 # --- database errors --------------------------------------------------------------------------------------
