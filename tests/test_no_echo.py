@@ -336,3 +336,42 @@ def test_a_traceback_reads_as_python_prints_it_but_for_database_messages():
     assert "KeyError: 'inner'" in text_ and "The above exception was the direct cause" in text_
     assert "sqlalchemy.exc.IntegrityError: (psycopg.errors.UniqueViolation) SQLSTATE 23505" in text_
     assert "[SQL: INSERT INTO api_keys VALUES (%(lookup_id)s)]" in text_
+
+
+# --- refusals ---------------------------------------------------------------------------------------------
+
+
+def test_a_key_string_where_no_key_belongs_is_refused_naming_the_field(server, account):
+    key = create_key(server.stub, account).secret
+    name = create_key(server.stub, account).api_key.name
+    stub = server.stub
+    refused = {
+        "parent": lambda: create_key(stub, key),
+        "project_id": lambda: create_key(stub, account, project_id=key),
+        "display_name": lambda: create_key(stub, account, display_name=f"copy of {key}"),
+        "description": lambda: create_key(stub, account, description=f"the key is {key}"),
+        "scopes": lambda: create_key(stub, account, (f"messages:send:{{{key}}}",)),
+        "filter": lambda: stub.ListApiKeys(pb.ListApiKeysRequest(parent=f"accounts/{account}", filter=f'project_id = "{key}"')),
+        "reason": lambda: stub.RevokeApiKey(pb.RevokeApiKeyRequest(name=name, reason=f"leaked: {key}")),
+        "name": lambda: stub.GetApiKey(pb.GetApiKeyRequest(name=f"accounts/{key}/apiKeys/{uuid.uuid4()}")),
+        "project_id ": lambda: stub.Authorize(pb.AuthorizeRequest(key=key, project_id=key)),
+    }
+    for field, call in refused.items():
+        error = rpc_error(call)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (field, error.details())
+        assert error.details().startswith(f"{field.strip()}: holds an API key string"), (field, error.details())
+    assert stub.GetApiKey(pb.GetApiKeyRequest(name=name)).state == pb.ApiKey.ACTIVE, "nothing was changed"
+
+    request = external_auth_pb2.CheckRequest(
+        attributes=attribute_context_pb2.AttributeContext(
+            request=attribute_context_pb2.AttributeContext.Request(
+                http=attribute_context_pb2.AttributeContext.HttpRequest(
+                    headers={"authorization": f"Bearer {key}", "x-project-id": key}
+                )
+            )
+        )
+    )
+    response = external_auth_pb2_grpc.AuthorizationStub(server.channel).Check(request)
+    assert response.denied_response.status.code == 403
+    assert '"code": "PROJECT_MISMATCH"' in response.denied_response.body
+    assert "x-project-id: holds an API key string" in response.denied_response.body

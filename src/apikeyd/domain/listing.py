@@ -51,7 +51,7 @@ def _terms(text: str, hint: str) -> Iterator[tuple[str, str, str]]:
             raise InvalidArgument("filter", f"cannot read {quote(text[position:].strip())}; use terms such as {hint} joined by AND")
         field, operator, quoted, bare = match.groups()
         if (field, operator) in seen:
-            raise InvalidArgument("filter", f"{field} {operator} appears twice; name each field once")
+            raise InvalidArgument("filter", f"{quote(field)} {operator} appears twice; name each field once")
         seen.add((field, operator))
         yield field, operator, bare if bare is not None else re.sub(r"\\(.)", r"\1", quoted)
         position = match.end()
