@@ -17,7 +17,7 @@ ECHO_LIMIT = 32  # characters of a caller's value a message may repeat
 # lookup id is cut to this many characters, so no message carries enough of a secret to matter.
 _LONG_RUN = re.compile(r"[0-9A-Za-z]{17,}")
 _RUN_KEPT = 4
-_LONGEST_KEY = 24 + keys.LOOKUP_ID_LENGTH + 1 + keys.SECRET_LENGTH + keys.CHECKSUM_LENGTH
+_LONGEST_KEY = keys.MAX_PREFIX_LENGTH + keys.LOOKUP_ID_LENGTH + 1 + keys.SECRET_LENGTH + keys.CHECKSUM_LENGTH
 
 
 def quote(value: str) -> str:

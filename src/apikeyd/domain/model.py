@@ -134,25 +134,25 @@ def key_name(account_id: str, key_id: str) -> str:
 
 
 def parse_parent(parent: str, field: str = "parent") -> str:
-    match = _PARENT_RE.fullmatch(refuse_key(field, parent))
+    match = _PARENT_RE.fullmatch(parent)
     if match is None:
         raise InvalidArgument(field, f"{quote(parent)} is not `accounts/{{account_id}}` (account_id: {ID_RULE})")
-    return match.group(1)
+    return refuse_key(field, match.group(1))
 
 
 def parse_key_name(name: str, field: str = "name") -> tuple[str, str]:
-    match = _NAME_RE.fullmatch(refuse_key(field, name))
+    match = _NAME_RE.fullmatch(name)
     if match is None:
         raise InvalidArgument(
             field, f"{quote(name)} is not `accounts/{{account_id}}/apiKeys/{{key_id}}` with a lower-case UUID key_id"
         )
-    return match.group(1), match.group(2)
+    return refuse_key(field, match.group(1)), match.group(2)
 
 
 def validate_project_id(project_id: str, field: str = "project_id") -> str:
-    if project_id and _ID_RE.fullmatch(refuse_key(field, project_id)) is None:
+    if project_id and _ID_RE.fullmatch(project_id) is None:
         raise InvalidArgument(field, f"{quote(project_id)} is not a project id ({ID_RULE})")
-    return project_id
+    return refuse_key(field, project_id)
 
 
 # --- field rules ----------------------------------------------------------------------------------

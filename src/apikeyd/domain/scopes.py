@@ -65,7 +65,8 @@ def validate_scopes(scopes: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     if len(scopes) > 100:
         raise InvalidArgument("scopes", "at most 100 scopes per key")
     for scope in scopes:
-        parse_scope(refuse_key("scopes", scope))
+        parse_scope(scope)
+        refuse_key("scopes", scope)
     return tuple(dict.fromkeys(scopes))  # drop repeats, keep the caller's order
 
 
