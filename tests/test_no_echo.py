@@ -9,6 +9,7 @@ argon2 hash nor the row's values.
 """
 
 import logging
+import sys
 import time
 import traceback
 import uuid
@@ -31,7 +32,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from apikeyd.config import Settings
 from apikeyd.domain import keys
 from apikeyd.exception_text import format_exception
-from apikeyd.logs import JsonFormatter
+from apikeyd.logs import FORMATS, JsonFormatter, formatter
 from apikeyd.store.repository import create_db_engine
 from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
@@ -307,6 +308,21 @@ def test_a_failing_insert_logs_neither_the_hash_nor_the_rows_values(log_lines):
     assert "violates check constraint" in logged or "CheckViolation" in logged, "the failure must still be logged"
     for value in ("$argon2", "description-3f1d9a", "label-77c2e0", "acct-refused"):
         assert value not in logged, value
+
+
+@pytest.mark.parametrize("log_format", FORMATS)
+def test_both_log_formats_write_a_database_error_without_its_server_message(log_format):
+    unique = psycopg.errors.UniqueViolation("duplicate key\nDETAIL:  Key (lookup_id)=(value-71ad) already exists.")
+    try:
+        raise IntegrityError("INSERT INTO api_keys VALUES (%(lookup_id)s)", None, unique)
+    except IntegrityError:
+        record = logging.getLogger("apikeyd.tests").makeRecord(
+            "apikeyd.tests", logging.ERROR, __file__, 1, "internal error in %s", ("CreateApiKey",), sys.exc_info()
+        )
+    record.exc_text = logging.Formatter().formatException(record.exc_info)  # what another handler caches
+    assert "value-71ad" in record.exc_text
+    line = formatter(log_format).format(record)
+    assert "value-71ad" not in line and "SQLSTATE 23505" in line
 
 
 def test_an_engine_never_puts_parameters_into_an_error(database_url):
