@@ -82,6 +82,8 @@ def _migrate(url: str) -> None:
 
 
 ISSUED_SECRETS: set[str] = set()  # every key string the suite was given: none may appear in a log
+ISSUED_HASHES: set[str] = set()  # every argon2 hash the suite's servers stored: none may appear either
+ARGON2_MARK = "$argon2"  # how every argon2 hash string starts, whoever made it
 
 
 class BearerCredentials(grpc.UnaryUnaryClientInterceptor):
@@ -102,13 +104,20 @@ class BearerCredentials(grpc.UnaryUnaryClientInterceptor):
             ISSUED_SECRETS.add(outcome.result().secret)
 
 
-def leaked_secrets(text: str, secrets: set[str]) -> list[str]:
-    """The secrets found in `text`, whole or as their secret part (the key without prefix and checksum)."""
+def leaked_secrets(text: str, secrets: set[str], hashes: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """What `text` gives away: each key string found whole, without its checksum or as its secret part (the
+    key without prefix and checksum); each hash found whole or as its digest (its last `$` part); and any
+    argon2 hash string at all."""
     found = []
     for secret in secrets:
         parsed = keys.parse(secret)
-        if secret in text or (parsed is not None and parsed.secret in text):
+        if secret[: -keys.CHECKSUM_LENGTH] in text or (parsed is not None and parsed.secret in text):
             found.append(secret[:12] + "...")
+    for hashed in hashes:
+        if hashed.rsplit("$", 1)[-1] in text:
+            found.append(hashed[:36] + "...")
+    if ARGON2_MARK in text:
+        found.append(f"a {ARGON2_MARK} hash")
     return found
 
 
@@ -123,7 +132,8 @@ class _LogRecorder(logging.Handler):
 
 @pytest.fixture(scope="session", autouse=True)
 def no_secret_in_any_log() -> Iterator[None]:
-    """Runs the whole suite's logs, apikeyd's at DEBUG, through a check that no issued secret appears."""
+    """Runs the whole suite's logs, apikeyd's at DEBUG, through a check that no issued key string, no hash
+    the suite's servers stored, and no argon2 hash at all appears (leaked_secrets)."""
     recorder = _LogRecorder()
     recorder.setFormatter(JsonFormatter())  # the message and every structured field of the line
     logging.getLogger().addHandler(recorder)
@@ -135,8 +145,8 @@ def no_secret_in_any_log() -> Iterator[None]:
     apikeyd_logger.setLevel(level)
     logging.getLogger().removeHandler(recorder)
     assert any("the secret check is listening" in line for line in recorder.lines), "the log check is not wired up"
-    leaks = leaked_secrets("\n".join(recorder.lines), ISSUED_SECRETS)
-    assert not leaks, f"secrets in the logs: {leaks}"
+    leaks = leaked_secrets("\n".join(recorder.lines), ISSUED_SECRETS, ISSUED_HASHES)
+    assert not leaks, f"secrets or hashes in the logs: {leaks}"
 
 
 class RunningServer:
@@ -150,6 +160,7 @@ class RunningServer:
         self._thread = threading.Thread(target=self.loop.run_forever, name="apikeyd-test-server", daemon=True)
         self._thread.start()
         self.app = App(settings)
+        self._note_hashes()
         self.server: Server = self.run(self._make_server())
         try:
             self.port = self.run(self.server.start(listen))
@@ -163,6 +174,18 @@ class RunningServer:
         # The tests that are not about rights act as an operator, with a key made as `admin-key create` does.
         self.operator_key = self.run(self._operator_key()).secret if operator else ""
         self.stub = self.stub_for(self.operator_key or None)
+
+    def _note_hashes(self) -> None:
+        """Every hash this server stores goes into ISSUED_HASHES for the log check."""
+        hasher = self.app.hasher
+        make = hasher.hash
+
+        def noted(secret: str) -> str:
+            hashed = make(secret)
+            ISSUED_HASHES.add(hashed)
+            return hashed
+
+        hasher.hash = noted  # type: ignore[method-assign]
 
     async def _operator_key(self) -> Any:
         manager = self.app.manager

@@ -25,6 +25,7 @@ from apikeyd.domain.access import (
     Refused,
     update_losses,
 )
+from apikeyd.domain.echo import quote
 from apikeyd.domain.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from apikeyd.domain.model import ApiKey, KeyState, RateLimit
 from apikeyd.domain.scopes import ScopeSet
@@ -259,7 +260,7 @@ def test_check_grant_refuses_exactly_the_scopes_not_covered(held: list[str], ask
     else:
         with pytest.raises(PermissionDenied) as denied:
             caller.check_grant(tuple(asked))
-        assert repr(first_missing) in str(denied.value)
+        assert quote(first_missing) in str(denied.value)
     ADMIN.check_grant(tuple(asked))
 
 
@@ -273,7 +274,7 @@ def test_check_manage_needs_every_scope_of_the_target(held: list[str], target: l
     else:
         with pytest.raises(PermissionDenied) as denied:
             caller.check_manage(key)
-        assert repr(first_missing) in str(denied.value)
+        assert quote(first_missing) in str(denied.value)
     ADMIN.check_manage(key)
 
 

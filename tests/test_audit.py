@@ -13,6 +13,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.field_mask_pb2 import FieldMask
 
 from apikeyd.domain import keys
+from apikeyd.domain.echo import quote
 from apikeyd.lifecycle import DENIAL_WINDOW_SECONDS, DenialThrottle
 from apikeyd.v1 import api_keys_pb2 as pb
 from tests.conftest import authorize, create_key, rpc_error
@@ -287,7 +288,7 @@ def test_refusals_of_one_rule_are_grouped_whatever_their_targets(server, stub, a
     denied = _events(stub, account, "kind = DENIED")
     assert [e.method for e in denied] == ["CreateApiKey", "CreateApiKey", "GetApiKey"]
     assert "accounts/acct-" in denied[0].reason and "'billing:admin'" in denied[1].reason
-    assert denied[2].reason.endswith("accounts/acct-probe-0")
+    assert denied[2].reason.endswith(quote("accounts/acct-probe-0"))
 
 
 def test_with_the_real_clock_a_burst_of_refusals_writes_at_most_one_row_per_window(server, stub, account):

@@ -23,6 +23,7 @@ from apikeyd.authorizer.hashing import SecretHasher
 from apikeyd.domain import keys, listing
 from apikeyd.domain.access import READ, WRITE, Actor, Caller
 from apikeyd.domain.decision import Decision
+from apikeyd.domain.echo import quote
 from apikeyd.domain.errors import (
     Aborted,
     FailedPrecondition,
@@ -215,7 +216,7 @@ def _validate_update(values: dict[str, Any], now: datetime) -> dict[str, Any]:
     unknown = sorted(set(values) - set(checks))
     if unknown:
         raise InvalidArgument(
-            "update_mask", f"cannot update {', '.join(unknown)}; updatable fields: {', '.join(UPDATABLE)}"
+            "update_mask", f"cannot update {', '.join(map(quote, unknown))}; updatable fields: {', '.join(UPDATABLE)}"
         )
     if "state" in values and values["state"] not in (KeyState.ACTIVE, KeyState.DISABLED):
         raise InvalidArgument("state", "can only be set to ACTIVE or DISABLED; use RevokeApiKey to revoke")

@@ -3,10 +3,12 @@
 A JSON line has `time` (UTC, ISO 8601), `level`, `logger` and `message`, then the fields the call site
 gave with `extra=fields(...)` (`event`, `key`, `account`, `actor`, ...), and, for a line logged while a gRPC
 call is served, that call's `method`, `peer` and `request_id`. The request id is the call's `x-request-id`
-metadata when it has a usable one, else one made up for the call; it is worked out only when the call logs
-something, so a call that logs nothing (a cached Authorize) pays one small tuple and a context variable.
+metadata when it has a usable one (a short, plain token that holds no key string), else one made up for
+the call; it is worked out only when the call logs something, so a call that logs nothing (a cached
+Authorize) pays one small tuple and a context variable.
 
-What goes into a line is chosen by its call site: never a presented key, a secret or a hash.
+What goes into a line is chosen by its call site: never a presented key, a secret or a hash. A traceback
+tells a database error without the values it quotes (apikeyd.exception_text).
 """
 
 import contextvars
@@ -17,6 +19,9 @@ import re
 import secrets
 from datetime import UTC, datetime
 from typing import Any, TextIO
+
+from apikeyd.domain import keys
+from apikeyd.exception_text import format_exception
 
 FORMATS = ("json", "text")
 REQUEST_ID_METADATA = "x-request-id"
@@ -53,8 +58,9 @@ def request_id(call: Call) -> str:
     for name, value in context.invocation_metadata() or ():
         if name == REQUEST_ID_METADATA:
             text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
-            # A client's id goes into every line of its call: only a short, plain token is taken.
-            if _USABLE_REQUEST_ID.fullmatch(text):
+            # A client's id goes into every line of its call: only a short, plain token is taken, and never a
+            # key a client put there by mistake (its call goes on, logged under a made-up id).
+            if _USABLE_REQUEST_ID.fullmatch(text) and not keys.find(text):
                 return text
             break
     return f"{_PROCESS_PART}{number & 0xFFFFFFFFFFFF:012x}"
@@ -77,7 +83,14 @@ def _call_fields() -> dict[str, str]:
     return {"method": call[1], "peer": _peer(call), "request_id": request_id(call)}
 
 
-class JsonFormatter(logging.Formatter):
+class _Formatter(logging.Formatter):
+    """Tracebacks as apikeyd.exception_text writes them: a database error without the values it quotes."""
+
+    def formatException(self, ei: Any) -> str:
+        return format_exception(ei[1]) if ei[1] is not None else super().formatException(ei)
+
+
+class JsonFormatter(_Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")[:-6] + "Z",
@@ -97,14 +110,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-class TextFormatter(logging.Formatter):
+class TextFormatter(_Formatter):
     """The message as a person reads it, with the request id of the call it belongs to."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
+        # Not the traceback another handler may have cached on the record, which may quote a row.
+        cached, record.exc_text = record.exc_text, None
+        try:
+            text = super().format(record)
+        finally:
+            record.exc_text = cached
         call = CURRENT_CALL.get()
         return text if call is None else f"{text} [request_id={request_id(call)}]"
 

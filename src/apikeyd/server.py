@@ -26,6 +26,7 @@ from apikeyd.authorizer.redis_ratelimits import FAILURE_POLICIES, RedisRateLimit
 from apikeyd.config import Settings
 from apikeyd.domain import keys
 from apikeyd.domain.errors import Unavailable
+from apikeyd.exception_text import describe
 from apikeyd.lifecycle import KeyManager, KeyPrefixes
 from apikeyd.logs import fields
 from apikeyd.metrics import Metrics, MetricsEndpoint
@@ -260,7 +261,7 @@ class Server:
             except TimeoutError:
                 failure = f"no answer in {max(interval, _PING_TIMEOUT):.0f} s"
             except Exception as error:
-                failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+                failure = describe(error)
             if self._draining:
                 return
             if serving != (not failure):

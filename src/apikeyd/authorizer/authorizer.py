@@ -28,6 +28,7 @@ from apikeyd.authorizer.redis_ratelimits import RateLimitUnavailable, RedisRateL
 from apikeyd.domain import keys
 from apikeyd.domain.access import Caller
 from apikeyd.domain.decision import MALFORMED, NOT_FOUND, AuthCode, Decision
+from apikeyd.domain.echo import quote
 from apikeyd.domain.errors import Unavailable
 from apikeyd.domain.model import ApiKey, KeyState
 from apikeyd.domain.ratelimit import RateOutcome
@@ -207,10 +208,10 @@ class Authorizer:
         limiter checks in `authorize`."""
         key = entry.key
         if key.project_id and key.project_id != project_id:
-            asked = f"project {project_id!r}" if project_id else "no project"
+            asked = f"project {quote(project_id)}" if project_id else "no project"
             return Decision(
                 AuthCode.PROJECT_MISMATCH,
-                f"the key belongs to project {key.project_id!r} and the request is for {asked}",
+                f"the key belongs to project {quote(key.project_id)} and the request is for {asked}",
                 key,
             )
         self._last_used[key.key_id] = time.time()
@@ -219,8 +220,8 @@ class Authorizer:
             if missing:
                 return Decision(
                     AuthCode.INSUFFICIENT_SCOPE,
-                    f"the key lacks the scope{'s' if len(missing) > 1 else ''} {', '.join(missing)}"
-                    + (f" for resource {resource!r}" if resource else ""),
+                    f"the key lacks the scope{'s' if len(missing) > 1 else ''} {', '.join(map(quote, missing))}"
+                    + (f" for resource {quote(resource)}" if resource else ""),
                     key,
                     missing_scopes=tuple(missing),
                 )

@@ -53,6 +53,7 @@ from sqlalchemy.orm import Session
 
 from apikeyd.authorizer.cache import VerifiedKeyCache
 from apikeyd.domain.model import EventKind
+from apikeyd.exception_text import describe
 from apikeyd.logs import fields
 from apikeyd.store.models import KeyEventRow
 from apikeyd.store.repository import FEED_CHANNEL
@@ -281,7 +282,7 @@ class ChangeFeed:
             listener, self._listener = self._listener, None
             if listener is not None:
                 asyncio.get_running_loop().create_task(_close_quietly(listener))
-        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+        reason = describe(error)
         self._cache.suspend()
         if not self.lost:
             self.lost = True

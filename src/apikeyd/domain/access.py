@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from apikeyd.domain.echo import quote
 from apikeyd.domain.errors import FailedPrecondition, PermissionDenied
 from apikeyd.domain.model import ApiKey, KeyState, RateLimit
 from apikeyd.domain.scopes import ScopeSet
@@ -109,7 +110,7 @@ class Caller:
     def check_account(self, account_id: str) -> None:
         """Raised before any read, so the answer is the same whether or not the target exists."""
         if not self.operator and account_id != self.account_id:
-            raise Refused(RULE_ACCOUNT, f"the calling key cannot act on accounts/{account_id}")
+            raise Refused(RULE_ACCOUNT, f"the calling key cannot act on {quote(f'accounts/{account_id}')}")
 
     def reaches(self, key: ApiKey) -> bool:
         """Whether the key is within the caller's account and project; outside, it is as if missing."""
@@ -124,7 +125,7 @@ class Caller:
         if requested and requested != self.project_id:
             raise Refused(
                 RULE_PROJECT,
-                f"a project key creates keys in its own project {self.project_id!r} only, not in {requested!r}"
+                f"a project key creates keys in its own project {quote(self.project_id)} only, not in {quote(requested)}"
             )
         return self.project_id
 
@@ -133,7 +134,7 @@ class Caller:
             return
         for scope in scopes:
             if not self.scopes.covers(scope):
-                raise Refused(RULE_GRANT, f"the calling key cannot grant the scope {scope!r}, which it does not hold")
+                raise Refused(RULE_GRANT, f"the calling key cannot grant the scope {quote(scope)}, which it does not hold")
 
     def check_manage(self, key: ApiKey) -> None:
         """Changing or rotating a key needs every scope it has: rotating hands out its new secret."""
@@ -143,7 +144,7 @@ class Caller:
             if not self.scopes.covers(scope):
                 raise Refused(
                     RULE_MANAGE,
-                    f"the key holds the scope {scope!r}, which the calling key does not; "
+                    f"the key holds the scope {quote(scope)}, which the calling key does not; "
                     "it can be revoked or deleted but not changed or rotated by this caller"
                 )
 

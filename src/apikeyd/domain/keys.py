@@ -15,12 +15,17 @@ LOOKUP_ID_LENGTH = 16  # ~95 random bits: collisions are not a practical concern
 SECRET_LENGTH = 33  # 33 * log2(62) = 196.5 bits, above the 192 we promise
 CHECKSUM_LENGTH = 6  # 62**6 > 2**32, so any CRC32 fits
 PREFIX_PATTERN = r"[A-Za-z][A-Za-z0-9_]{0,23}_"
+MAX_PREFIX_LENGTH = 25  # what PREFIX_PATTERN allows
 
 _KEY = re.compile(
     rf"({PREFIX_PATTERN})([0-9A-Za-z]{{{LOOKUP_ID_LENGTH}}})_"
     rf"([0-9A-Za-z]{{{SECRET_LENGTH}}})([0-9A-Za-z]{{{CHECKSUM_LENGTH}}})"
 )
 _PREFIX = re.compile(PREFIX_PATTERN)
+# What follows a prefix's final `_`. It starts with a literal, which the regex engine finds at C speed, so
+# `find` looks only where a key could end its prefix instead of trying a prefix at every position.
+_AFTER_PREFIX = re.compile(rf"_[0-9A-Za-z]{{{LOOKUP_ID_LENGTH}}}_[0-9A-Za-z]{{{SECRET_LENGTH + CHECKSUM_LENGTH}}}")
+_AFTER_PREFIX_LENGTH = LOOKUP_ID_LENGTH + 1 + SECRET_LENGTH + CHECKSUM_LENGTH
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,12 +83,15 @@ def parse(key: str) -> ParsedKey | None:
 
 
 def find(text: str) -> bool:
-    """Whether a well-formed key string (checksum included) starts anywhere in `text`. Meant for short
-    texts: it tries each position."""
-    for start in range(len(text)):
-        match = _KEY.match(text, start)
-        if match is not None and parse(match.group()) is not None:
-            return True
+    """Whether a well-formed key string (checksum included) appears anywhere in `text`, with any of the
+    prefixes that end where it starts. Linear in the length: 4 MB without a key takes milliseconds."""
+    position = 0
+    while (tail := _AFTER_PREFIX.search(text, position)) is not None:
+        end = tail.start() + 1  # just after the prefix's final `_`
+        for start in range(max(0, end - MAX_PREFIX_LENGTH), end - 1):
+            if _PREFIX.fullmatch(text, start, end) and parse(text[start : end + _AFTER_PREFIX_LENGTH]) is not None:
+                return True
+        position = tail.start() + 1
     return False
 
 

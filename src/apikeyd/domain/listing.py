@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from apikeyd.domain.echo import quote
 from apikeyd.domain.errors import InvalidArgument
 from apikeyd.domain.model import EventKind, KeyState, validate_project_id
 
@@ -47,10 +48,10 @@ def _terms(text: str, hint: str) -> Iterator[tuple[str, str, str]]:
     while text.strip():
         match = _TERM.match(text, position)
         if match is None:
-            raise InvalidArgument("filter", f"cannot read {text[position:].strip()[:40]!r}; use terms such as {hint} joined by AND")
+            raise InvalidArgument("filter", f"cannot read {quote(text[position:].strip())}; use terms such as {hint} joined by AND")
         field, operator, quoted, bare = match.groups()
         if (field, operator) in seen:
-            raise InvalidArgument("filter", f"{field} {operator} appears twice; name each field once")
+            raise InvalidArgument("filter", f"{quote(field)} {operator} appears twice; name each field once")
         seen.add((field, operator))
         yield field, operator, bare if bare is not None else re.sub(r"\\(.)", r"\1", quoted)
         position = match.end()
@@ -58,7 +59,7 @@ def _terms(text: str, hint: str) -> Iterator[tuple[str, str, str]]:
             return
         joiner = _AND.match(text, position)
         if joiner is None:
-            raise InvalidArgument("filter", f"expected AND at {text[position:].strip()[:40]!r}")
+            raise InvalidArgument("filter", f"expected AND at {quote(text[position:].strip())}")
         position = joiner.end()
         if not text[position:].strip():
             raise InvalidArgument("filter", "a term must follow AND")
@@ -86,7 +87,7 @@ def parse_filter(text: str) -> Filter:
             try:
                 state = KeyState(value)
             except ValueError:
-                raise InvalidArgument("filter", f"state must be ACTIVE, DISABLED or REVOKED, got {value!r}") from None
+                raise InvalidArgument("filter", f"state must be ACTIVE, DISABLED or REVOKED, got {quote(value)}") from None
         elif field == "project_id":
             _equality(field, operator)
             project_id = validate_project_id(value, "filter")
@@ -94,7 +95,7 @@ def parse_filter(text: str) -> Filter:
             _equality(field, operator)
             labels[field[len("labels.") :]] = value
         else:
-            raise InvalidArgument("filter", f"cannot filter on {field!r}; use terms such as {_HINT}")
+            raise InvalidArgument("filter", f"cannot filter on {quote(field)}; use terms such as {_HINT}")
     return Filter(state, project_id, tuple(sorted(labels.items())))
 
 
@@ -120,17 +121,17 @@ def parse_event_filter(text: str) -> EventFilter:
                 values["kind"] = EventKind(value.lower())
             except ValueError:
                 kinds = ", ".join(kind.name for kind in EventKind)
-                raise InvalidArgument("filter", f"kind must be one of {kinds}, got {value!r}") from None
+                raise InvalidArgument("filter", f"kind must be one of {kinds}, got {quote(value)}") from None
         elif field == "event_time":
             try:
                 when = datetime.fromisoformat(value.replace("Z", "+00:00"))
             except ValueError:
                 when = None
             if when is None or when.tzinfo is None:
-                raise InvalidArgument("filter", f"event_time needs an RFC 3339 time with a zone, got {value!r}")
+                raise InvalidArgument("filter", f"event_time needs an RFC 3339 time with a zone, got {quote(value)}")
             times.append((operator, when))
         else:
-            raise InvalidArgument("filter", f"cannot filter audit events on {field!r}; use terms such as {_EVENT_HINT}")
+            raise InvalidArgument("filter", f"cannot filter audit events on {quote(field)}; use terms such as {_EVENT_HINT}")
     return EventFilter(times=tuple(times), **values)
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from apikeyd.domain.echo import quote, refuse_key
 from apikeyd.domain.errors import InvalidArgument
 
 
@@ -106,7 +107,7 @@ def request_id_reused() -> InvalidArgument:
 
 def validate_request_id(value: str) -> str:
     if _REQUEST_ID.fullmatch(value) is None:
-        raise InvalidArgument("request_id", f"{value!r} is not a UUID")
+        raise InvalidArgument("request_id", f"{quote(value)} is not a UUID")
     return value.lower()
 
 
@@ -135,23 +136,23 @@ def key_name(account_id: str, key_id: str) -> str:
 def parse_parent(parent: str, field: str = "parent") -> str:
     match = _PARENT_RE.fullmatch(parent)
     if match is None:
-        raise InvalidArgument(field, f"{parent!r} is not `accounts/{{account_id}}` (account_id: {ID_RULE})")
-    return match.group(1)
+        raise InvalidArgument(field, f"{quote(parent)} is not `accounts/{{account_id}}` (account_id: {ID_RULE})")
+    return refuse_key(field, match.group(1))
 
 
 def parse_key_name(name: str, field: str = "name") -> tuple[str, str]:
     match = _NAME_RE.fullmatch(name)
     if match is None:
         raise InvalidArgument(
-            field, f"{name!r} is not `accounts/{{account_id}}/apiKeys/{{key_id}}` with a lower-case UUID key_id"
+            field, f"{quote(name)} is not `accounts/{{account_id}}/apiKeys/{{key_id}}` with a lower-case UUID key_id"
         )
-    return match.group(1), match.group(2)
+    return refuse_key(field, match.group(1)), match.group(2)
 
 
 def validate_project_id(project_id: str, field: str = "project_id") -> str:
     if project_id and _ID_RE.fullmatch(project_id) is None:
-        raise InvalidArgument(field, f"{project_id!r} is not a project id ({ID_RULE})")
-    return project_id
+        raise InvalidArgument(field, f"{quote(project_id)} is not a project id ({ID_RULE})")
+    return refuse_key(field, project_id)
 
 
 # --- field rules ----------------------------------------------------------------------------------
@@ -169,13 +170,13 @@ MAX_GRACE = timedelta(days=7)
 def validate_display_name(value: str) -> str:
     if not 1 <= len(value) <= 255:
         raise InvalidArgument("display_name", f"must be 1 to 255 characters, got {len(value)}")
-    return value
+    return refuse_key("display_name", value)
 
 
 def validate_description(value: str) -> str:
     if len(value) > 1024:
         raise InvalidArgument("description", f"must be at most 1024 characters, got {len(value)}")
-    return value
+    return refuse_key("description", value)
 
 
 def validate_labels(labels: dict[str, str]) -> dict[str, str]:
@@ -184,11 +185,11 @@ def validate_labels(labels: dict[str, str]) -> dict[str, str]:
     for key, value in labels.items():
         if _LABEL_KEY.fullmatch(key) is None:
             raise InvalidArgument(
-                "labels", f"key {key!r} must be 1-63 lower-case letters, digits, '_' or '-', starting with a letter"
+                "labels", f"key {quote(key)} must be 1-63 lower-case letters, digits, '_' or '-', starting with a letter"
             )
         if _LABEL_VALUE.fullmatch(value) is None:
             raise InvalidArgument(
-                "labels", f"value of {key!r} must be at most 63 lower-case letters, digits, '_' or '-'"
+                "labels", f"value of {quote(key)} must be at most 63 lower-case letters, digits, '_' or '-'"
             )
     return dict(sorted(labels.items()))
 
@@ -221,4 +222,4 @@ def validate_grace(grace: timedelta) -> timedelta:
 def validate_reason(reason: str) -> str:
     if len(reason) > 1024:
         raise InvalidArgument("reason", f"must be at most 1024 characters, got {len(reason)}")
-    return reason
+    return refuse_key("reason", reason)

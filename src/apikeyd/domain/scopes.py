@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
+from apikeyd.domain.echo import quote, refuse_key
 from apikeyd.domain.errors import InvalidArgument
 
 WILDCARD = "*"
@@ -33,7 +34,7 @@ def parse_scope(text: str, field: str = "scopes") -> Scope | None:
     if match is None:
         raise InvalidArgument(
             field,
-            f"{text!r} is not a scope; use `resource:action`, `resource:action:all`, "
+            f"{quote(text)} is not a scope; use `resource:action`, `resource:action:all`, "
             "`resource:action:{value}` (lower-case letters, digits, '-', '_', '.') or `*`",
         )
     resource, action, _qualifier, value = match.groups()
@@ -47,7 +48,7 @@ def parse_required(text: str) -> tuple[str, str]:
     if match is None:
         raise InvalidArgument(
             "required_scopes",
-            f"{text!r} is not a required scope; use `resource:action` and put the qualifier value in `resource`",
+            f"{quote(text)} is not a required scope; use `resource:action` and put the qualifier value in `resource`",
         )
     return match.group(1), match.group(2)
 
@@ -65,6 +66,7 @@ def validate_scopes(scopes: list[str] | tuple[str, ...]) -> tuple[str, ...]:
         raise InvalidArgument("scopes", "at most 100 scopes per key")
     for scope in scopes:
         parse_scope(scope)
+        refuse_key("scopes", scope)
     return tuple(dict.fromkeys(scopes))  # drop repeats, keep the caller's order
 
 

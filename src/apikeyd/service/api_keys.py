@@ -9,6 +9,7 @@ from google.protobuf.empty_pb2 import Empty
 from apikeyd.authorizer.authorizer import Authorizer
 from apikeyd.domain.access import AUTHORIZE, Caller
 from apikeyd.domain.decision import Decision
+from apikeyd.domain.echo import refuse_key
 from apikeyd.domain.errors import InvalidArgument, Unauthenticated
 from apikeyd.domain.model import parse_key_name, parse_parent
 from apikeyd.lifecycle import IssuedKey, KeyManager
@@ -146,8 +147,9 @@ class ApiKeyService(pb_grpc.ApiKeyServiceServicer):
     @grpc_errors
     async def Authorize(self, request: pb.AuthorizeRequest, context: Context) -> pb.AuthorizeResponse:
         caller = await authorizing_caller(self._manager, self._authorize_requires_key, context, "Authorize")
+        project_id = refuse_key("project_id", request.project_id)  # it goes into messages and log lines
         decision = await self._authorizer.authorize(
-            request.key, request.required_scopes, request.resource, request.project_id, caller
+            request.key, request.required_scopes, request.resource, project_id, caller
         )
         if decision.rate is not None or not decision.allowed:
             return decision_to_pb(decision)

@@ -8,6 +8,7 @@ from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from apikeyd.domain.decision import Decision
+from apikeyd.domain.echo import quote
 from apikeyd.domain.errors import InvalidArgument
 from apikeyd.domain.model import ApiKey, AuditEvent, EventKind, KeyState, RateLimit, key_name
 from apikeyd.lifecycle import UPDATABLE, NewKey
@@ -115,7 +116,7 @@ def update_from_pb(message: pb.ApiKey, mask: FieldMask) -> dict[str, Any]:
         elif path in ("display_name", "description"):
             values[path] = getattr(message, path)
         else:
-            raise InvalidArgument("update_mask", f"cannot update {path!r}; updatable fields: {', '.join(UPDATABLE)}")
+            raise InvalidArgument("update_mask", f"cannot update {quote(path)}; updatable fields: {', '.join(UPDATABLE)}")
     return values
 
 

@@ -36,6 +36,7 @@ from google.rpc import code_pb2, status_pb2
 
 from apikeyd.authorizer.authorizer import Authorizer
 from apikeyd.domain.decision import AuthCode, Decision
+from apikeyd.domain.echo import quote, refuse_key
 from apikeyd.domain.errors import InvalidArgument, Unavailable
 from apikeyd.domain.scopes import parse_required_scopes
 from apikeyd.lifecycle import KeyManager
@@ -88,7 +89,7 @@ def parse_route(extensions: tuple[tuple[str, str], ...]) -> Route:
     unknown = sorted(set(settings) - set(_ROUTE_KEYS))
     if unknown:
         raise InvalidArgument(
-            "context_extensions", f"unknown key {unknown[0]!r}; known: {', '.join(_ROUTE_KEYS)}"
+            "context_extensions", f"unknown key {quote(unknown[0])}; known: {', '.join(_ROUTE_KEYS)}"
         )
     scopes = tuple(s.strip() for s in settings.get("required_scopes", "").split(",") if s.strip())
     parse_required_scopes(scopes)  # a bad scope is the route's error, whatever the request carries
@@ -97,7 +98,7 @@ def parse_route(extensions: tuple[tuple[str, str], ...]) -> Route:
         raise InvalidArgument("context_extensions", "set resource or resource_header, not both")
     keep = settings.get("keep_credential", "false").strip().lower()
     if keep not in ("true", "false"):
-        raise InvalidArgument("context_extensions", f"keep_credential must be true or false, not {keep!r}")
+        raise InvalidArgument("context_extensions", f"keep_credential must be true or false, not {quote(keep)}")
     return Route(scopes, resource, header, keep == "true")
 
 
@@ -240,7 +241,10 @@ class ExtAuthzService(ext_grpc.AuthorizationServicer):
         except Refusal as refusal:
             return denied(401, refusal.code, str(refusal), [("www-authenticate", "Bearer")])
         resource = headers.get(route.resource_header, "").strip() if route.resource_header else route.resource
-        project_id = headers.get("x-project-id", "").strip()
+        try:
+            project_id = refuse_key("x-project-id", headers.get("x-project-id", "").strip())
+        except InvalidArgument as error:  # a client's mistake, answered like any other wrong project
+            return denied(403, AuthCode.PROJECT_MISMATCH.name, str(error))
         try:
             decision = await self._authorizer.authorize(
                 presented, route.required_scopes, resource, project_id, caller

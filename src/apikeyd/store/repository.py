@@ -13,6 +13,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from apikeyd.domain.access import Actor
+from apikeyd.domain.echo import quote
 from apikeyd.domain.errors import (
     Aborted,
     FailedPrecondition,
@@ -66,13 +67,14 @@ def create_db_engine(url: str, pool_size: int = 5) -> Engine:
         # A database host that drops packets must fail a connection in seconds, not after TCP's minutes.
         return create_engine(
             url,
+            hide_parameters=True,  # an error or an echoed statement must not carry a row's values or its hash
             pool_pre_ping=True,
             pool_size=pool_size,
             max_overflow=pool_size,
             pool_timeout=_POOL_TIMEOUT,
             connect_args={} if "connect_timeout" in url else {"connect_timeout": _CONNECT_TIMEOUT},
         )
-    engine = create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, pool_pre_ping=True, hide_parameters=True)
 
     @event.listens_for(engine, "connect")
     def _connect(dbapi_connection: Any, _record: Any) -> None:
@@ -521,7 +523,7 @@ class Repository:
     def _check_etag(current: ApiKey, expected_etag: str) -> None:
         if expected_etag and expected_etag != current.etag:
             raise Aborted(
-                f"etag {expected_etag} does not match the key's current etag {current.etag}; "
+                f"etag {quote(expected_etag)} does not match the key's current etag {current.etag}; "
                 "get the key again and retry"
             )
 
