@@ -26,6 +26,7 @@ import grpc
 from apikeyd.domain import keys
 from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
+from bench.load import _server_cpu_seconds
 from bench.server_process import free_port, running_server
 
 Lines = list[tuple[str, str]]
@@ -157,14 +158,16 @@ def _counter(metrics_url: str, name: str) -> float:
 
 
 def _attacked_phase(
-    address: str, metrics_url: str, stub: pb_grpc.ApiKeyServiceStub, cold: list[str], warm: str, lookup_id: str,
-    prefix: str,
-) -> tuple[Phase, Attack, float]:
+    address: str, pid: int, metrics_url: str, stub: pb_grpc.ApiKeyServiceStub, cold: list[str], warm: str,
+    lookup_id: str, prefix: str,
+) -> tuple[Phase, Attack, float, float | None]:
+    """The phase under attack; the attack's argon2 verifications, and the server's CPU seconds meanwhile."""
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
     results: multiprocessing.Queue[Attack] = context.Queue()
     attacker = context.Process(target=_attacker, args=(address, lookup_id, prefix, stop, results), daemon=True)
     argon2_before = _counter(metrics_url, "apikeyd_argon2_verifications_total")
+    cpu_before = _server_cpu_seconds(pid)
     attacker.start()
     try:
         time.sleep(ATTACK_WARMUP)  # the attacker's process starts and the flood reaches its rate
@@ -173,13 +176,15 @@ def _attacked_phase(
         finally:
             stop.set()
         attack = results.get(timeout=CALL_TIMEOUT + 130)
+        cpu_after = _server_cpu_seconds(pid)
     finally:
         attacker.join(timeout=CALL_TIMEOUT)
         if attacker.is_alive():
             attacker.kill()
     # The measured first checks ran one verification each; the rest is the attack's.
     attack_verifications = _counter(metrics_url, "apikeyd_argon2_verifications_total") - argon2_before - phase.cold_calls
-    return phase, attack, max(0.0, attack_verifications)
+    cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
+    return phase, attack, max(0.0, attack_verifications), cpu
 
 
 def _create(stub: pb_grpc.ApiKeyServiceStub, operator_key: str, count: int) -> list[str]:
@@ -224,15 +229,19 @@ def flood_costs(workdir: Path) -> Lines:
             ("wrong secrets", parsed.lookup_id, cold[COLD_KEYS : 2 * COLD_KEYS]),
             ("unknown ids", "", cold[2 * COLD_KEYS :]),
         ):
-            phase, attack, verifications = _attacked_phase(
-                server.address, metrics_url, stub, batch, warm, lookup_id, parsed.prefix
+            phase, attack, verifications, cpu = _attacked_phase(
+                server.address, server.pid, metrics_url, stub, batch, warm, lookup_id, parsed.prefix
             )
             rate = attack.sent / attack.seconds
             codes = ", ".join(f"{code} {count}" for code, count in sorted(attack.codes.items()))
             victim_ok = stub.Authorize(pb.AuthorizeRequest(key=victim, required_scopes=REQUIRED), timeout=CALL_TIMEOUT)
             ratio = phase.cached_p50_ms / anchor.cached_p50_ms
             lines += [
-                (title, f"{attack.sent} calls at {rate:.0f}/s ({codes})"),
+                (
+                    title,
+                    f"{attack.sent} calls at {rate:.0f}/s ({codes}); server CPU "
+                    + ("n/a" if cpu is None else f"{cpu / attack.seconds:.0%} of a core"),
+                ),
                 (
                     "",
                     f"other keys' first check p90 {phase.cold_p90_ms:.1f} ms "
