@@ -22,7 +22,7 @@ from apikeyd.authorizer.feed import ChangeFeed, effective_poll_interval
 from apikeyd.authorizer.hashing import Argon2Parameters, SecretHasher
 from apikeyd.authorizer.redis_ratelimits import FAILURE_POLICIES, RedisRateLimiter
 from apikeyd.config import Settings
-from apikeyd.domain import keys
+from apikeyd.domain import keys, limits
 from apikeyd.domain.errors import Unavailable
 from apikeyd.lifecycle import KeyManager, KeyPrefixes
 from apikeyd.logs import fields
@@ -150,6 +150,23 @@ def _shared_limiter(settings: Settings) -> RedisRateLimiter | None:
         raise StartupError(f"{Settings.env_name('rate_limit_url')}: {error}") from None
 
 
+def grpc_limits(settings: Settings) -> list[tuple[str, int]]:
+    """The sizes grpc refuses before apikeyd sees a call (domain/limits.py): a message above
+    APIKEYD_MAX_REQUEST_BYTES, metadata above GRPC_METADATA_BYTES, both RESOURCE_EXHAUSTED. Metadata's soft
+    and hard limits are one, so that nothing below it is refused at random (grpc's soft limit refuses a
+    share of calls above it); below it, metadata over MAX_METADATA_BYTES gets INVALID_ARGUMENT from us."""
+    if settings.max_request_bytes < limits.MIN_MAX_REQUEST_BYTES:
+        raise StartupError(
+            f"{Settings.env_name('max_request_bytes')}={settings.max_request_bytes} is below "
+            f"{limits.MIN_MAX_REQUEST_BYTES}: requests of ordinary size would be refused"
+        )
+    return [
+        ("grpc.max_receive_message_length", settings.max_request_bytes),
+        ("grpc.max_metadata_size", limits.GRPC_METADATA_BYTES),
+        ("grpc.absolute_max_metadata_size", limits.GRPC_METADATA_BYTES),
+    ]
+
+
 class Server:
     def __init__(self, app: App) -> None:
         self.app = app
@@ -157,7 +174,7 @@ class Server:
         # share a taken port silently. `--workers N` (N > 1) shares it on purpose: its supervisor has
         # checked the port is free first (src/apikeyd/workers.py).
         reuse_port = 1 if app.settings.workers > 1 else 0
-        self.grpc = grpc.aio.server(options=[("grpc.so_reuseport", reuse_port)])
+        self.grpc = grpc.aio.server(options=[("grpc.so_reuseport", reuse_port), *grpc_limits(app.settings)])
         self.health = health.aio.HealthServicer()
         service = ApiKeyService(app.manager, app.authorizer, app.metrics, app.settings.authorize_requires_key)
         api_keys_pb2_grpc.add_ApiKeyServiceServicer_to_server(service, self.grpc)

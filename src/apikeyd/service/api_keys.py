@@ -22,6 +22,7 @@ from apikeyd.service.convert import (
     update_from_pb,
 )
 from apikeyd.service.errors import grpc_errors
+from apikeyd.service.request_limits import check_request
 from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
 
@@ -77,6 +78,7 @@ class ApiKeyService(pb_grpc.ApiKeyServiceServicer):
 
     @grpc_errors
     async def CreateApiKey(self, request: pb.CreateApiKeyRequest, context: Context) -> pb.CreateApiKeyResponse:
+        check_request(request, context)
         caller = await self._caller(context, "CreateApiKey")
         account_id = parse_parent(request.parent)
         if not request.HasField("api_key"):
@@ -87,11 +89,13 @@ class ApiKeyService(pb_grpc.ApiKeyServiceServicer):
 
     @grpc_errors
     async def GetApiKey(self, request: pb.GetApiKeyRequest, context: Context) -> pb.ApiKey:
+        check_request(request, context)
         caller = await self._caller(context, "GetApiKey")
         return api_key_to_pb(await self._manager.get(caller, *parse_key_name(request.name)))
 
     @grpc_errors
     async def ListApiKeys(self, request: pb.ListApiKeysRequest, context: Context) -> pb.ListApiKeysResponse:
+        check_request(request, context)
         caller = await self._caller(context, "ListApiKeys")
         account_id = parse_parent(request.parent)
         page, token = await self._manager.list_keys(
@@ -101,6 +105,7 @@ class ApiKeyService(pb_grpc.ApiKeyServiceServicer):
 
     @grpc_errors
     async def UpdateApiKey(self, request: pb.UpdateApiKeyRequest, context: Context) -> pb.ApiKey:
+        check_request(request, context)
         caller = await self._caller(context, "UpdateApiKey")
         account_id, key_id = parse_key_name(request.api_key.name, "api_key.name")
         values = update_from_pb(request.api_key, request.update_mask)
@@ -109,6 +114,7 @@ class ApiKeyService(pb_grpc.ApiKeyServiceServicer):
 
     @grpc_errors
     async def RevokeApiKey(self, request: pb.RevokeApiKeyRequest, context: Context) -> pb.ApiKey:
+        check_request(request, context)
         caller = await self._caller(context, "RevokeApiKey")
         account_id, key_id = parse_key_name(request.name)
         key = await self._manager.revoke(caller, account_id, key_id, request.reason, request.etag, request.allow_self)
@@ -116,6 +122,7 @@ class ApiKeyService(pb_grpc.ApiKeyServiceServicer):
 
     @grpc_errors
     async def DeleteApiKey(self, request: pb.DeleteApiKeyRequest, context: Context) -> Empty:
+        check_request(request, context)
         caller = await self._caller(context, "DeleteApiKey")
         account_id, key_id = parse_key_name(request.name)
         await self._manager.delete(caller, account_id, key_id, request.etag, request.allow_self)
@@ -123,6 +130,7 @@ class ApiKeyService(pb_grpc.ApiKeyServiceServicer):
 
     @grpc_errors
     async def RotateApiKey(self, request: pb.RotateApiKeyRequest, context: Context) -> pb.RotateApiKeyResponse:
+        check_request(request, context)
         caller = await self._caller(context, "RotateApiKey")
         account_id, key_id = parse_key_name(request.name)
         grace = duration(request, "grace_period")
@@ -134,6 +142,7 @@ class ApiKeyService(pb_grpc.ApiKeyServiceServicer):
 
     @grpc_errors
     async def ListAuditEvents(self, request: pb.ListAuditEventsRequest, context: Context) -> pb.ListAuditEventsResponse:
+        check_request(request, context)
         caller = await self._caller(context, "ListAuditEvents")
         account_id = parse_parent(request.parent)
         events, token = await self._manager.list_events(
@@ -145,6 +154,7 @@ class ApiKeyService(pb_grpc.ApiKeyServiceServicer):
 
     @grpc_errors
     async def Authorize(self, request: pb.AuthorizeRequest, context: Context) -> pb.AuthorizeResponse:
+        check_request(request, context)
         caller = await authorizing_caller(self._manager, self._authorize_requires_key, context, "Authorize")
         decision = await self._authorizer.authorize(
             request.key, request.required_scopes, request.resource, request.project_id, caller
