@@ -3,11 +3,12 @@
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import descriptor_pool
@@ -34,9 +35,13 @@ from apikeyd.store.repository import Repository, normalize_url
 from apikeyd.v1 import api_keys_pb2, api_keys_pb2_grpc
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SERVICE_NAME = api_keys_pb2.DESCRIPTOR.services_by_name["ApiKeyService"].full_name
 _PING_TIMEOUT = 5.0  # seconds a database ping may take before health turns NOT_SERVING
+# Seconds the last write of last-used times may take once the grace is over; a database that does not
+# answer must not hold the exit.
+_FINAL_FLUSH_TIMEOUT = 3.0
 
 
 class _MethodAwarePool:
@@ -95,8 +100,8 @@ class App:
         self.hasher = SecretHasher(
             Argon2Parameters(settings.argon2_time_cost, settings.argon2_memory_kib, settings.argon2_parallelism)
         )
-        self.verify_executor = ThreadPoolExecutor(settings.max_verifications, thread_name_prefix="verify")
-        self.store_executor = ThreadPoolExecutor(settings.db_pool_size, thread_name_prefix="store")
+        self.verify_executor = CallPool(settings.max_verifications, thread_name_prefix="verify")
+        self.store_executor = CallPool(settings.db_pool_size, thread_name_prefix="store")
         self.metrics = Metrics()  # a registry of this App's own: servers in one process never clash
         if self.shared_limiter is not None:
             self.metrics.registry.register(self.shared_limiter)
@@ -124,10 +129,31 @@ class App:
             denials=self.manager.denials,
         )
 
-    def close(self) -> None:
-        self.verify_executor.shutdown()
-        self.store_executor.shutdown()
-        self.repository.close()
+    def close(self) -> int:
+        """Close without waiting for calls still running in a thread, which nothing can stop (an argon2
+        verification, a statement waiting on a lock): waiting would stretch the shutdown past its grace
+        without bound. Returns how many there are; serve() then exits without them."""
+        for pool in (self.verify_executor, self.store_executor):
+            pool.shutdown(wait=False, cancel_futures=True)
+        self.repository.close()  # the idle connections; one still in use closes with the process
+        return self.verify_executor.unfinished() + self.store_executor.unfinished()
+
+
+class CallPool(ThreadPoolExecutor):
+    """A thread pool that counts its calls not finished yet, for App.close."""
+
+    def __init__(self, max_workers: int, thread_name_prefix: str) -> None:
+        super().__init__(max_workers, thread_name_prefix=thread_name_prefix)
+        self._pending: set[Future[Any]] = set()
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> "Future[T]":
+        future = super().submit(fn, *args, **kwargs)
+        self._pending.add(future)
+        future.add_done_callback(self._pending.discard)  # at once if it is already done
+        return future
+
+    def unfinished(self) -> int:
+        return len(self._pending)
 
 
 def _shared_limiter(settings: Settings) -> RedisRateLimiter | None:
@@ -301,9 +327,10 @@ class Server:
             except Unavailable:
                 log.warning("could not drop old request ids: the database is unavailable; will retry")
 
-    async def stop(self, grace: float, drain_delay: float = 0.0) -> None:
+    async def stop(self, grace: float, drain_delay: float = 0.0) -> int:
         """Drain: health says NOT_SERVING while calls are still served for `drain_delay` seconds; then the
-        listener closes and in-flight calls get `grace` seconds; last-used times are written.
+        listener closes and in-flight calls get `grace` seconds; last-used times are written. Returns how
+        many calls were cancelled but still run in a thread (App.close).
 
         grpc cancels calls that have arrived but not yet started when the listener closes, so a caller
         that keeps sending needs the delay to notice NOT_SERVING and go elsewhere first."""
@@ -325,11 +352,14 @@ class Server:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
-        await self.app.authorizer.flush_last_used()
+        try:
+            await asyncio.wait_for(self.app.authorizer.flush_last_used(), _FINAL_FLUSH_TIMEOUT)
+        except TimeoutError:
+            log.warning("the last write of last-used times did not finish in %.0f s; exiting without it", _FINAL_FLUSH_TIMEOUT)
         if self.app.shared_limiter is not None:
             await self.app.shared_limiter.close()
         await asyncio.get_running_loop().run_in_executor(None, self._close_metrics)  # scraped until the end
-        self.app.close()
+        return self.app.close()
 
 
 def prepare_database(engine: Engine) -> None:
@@ -367,5 +397,14 @@ async def serve(
         settings.drain_delay,
         settings.shutdown_grace,
     )
-    await server.stop(settings.shutdown_grace, settings.drain_delay)
+    left_running = await server.stop(settings.shutdown_grace, settings.drain_delay)
+    if left_running:
+        # Python would wait for their threads at exit, however long they take: the grace would not hold.
+        log.warning(
+            "stopped; %d cancelled call(s) still ran in a thread (argon2 or a database statement): exiting "
+            "without waiting for them", left_running,
+            extra=fields(event="server.stopped", left_running=left_running),
+        )
+        logging.shutdown()
+        os._exit(0)
     log.info("stopped")
