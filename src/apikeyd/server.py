@@ -72,6 +72,14 @@ def check_key_prefixes(settings: Settings) -> None:
             )
 
 
+def check_request_size(settings: Settings) -> None:
+    if settings.max_request_bytes < limits.MIN_MAX_REQUEST_BYTES:
+        raise StartupError(
+            f"{Settings.env_name('max_request_bytes')}={settings.max_request_bytes} is below "
+            f"{limits.MIN_MAX_REQUEST_BYTES}: requests of ordinary size would be refused"
+        )
+
+
 def check_feed_timing(settings: Settings) -> None:
     postgres = make_url(normalize_url(settings.database_url)).get_backend_name() == "postgresql"
     try:
@@ -86,6 +94,7 @@ class App:
     def __init__(self, settings: Settings) -> None:
         check_key_prefixes(settings)
         check_feed_timing(settings)
+        check_request_size(settings)
         self.settings = settings
         self.shared_limiter = _shared_limiter(settings)  # before anything that needs closing
         self.repository = Repository.from_url(settings.database_url, settings.db_pool_size)
@@ -181,11 +190,6 @@ def grpc_limits(settings: Settings) -> list[tuple[str, int]]:
     APIKEYD_MAX_REQUEST_BYTES, metadata above GRPC_METADATA_BYTES, both RESOURCE_EXHAUSTED. Metadata's soft
     and hard limits are one, so that nothing below it is refused at random (grpc's soft limit refuses a
     share of calls above it); below it, metadata over MAX_METADATA_BYTES gets INVALID_ARGUMENT from us."""
-    if settings.max_request_bytes < limits.MIN_MAX_REQUEST_BYTES:
-        raise StartupError(
-            f"{Settings.env_name('max_request_bytes')}={settings.max_request_bytes} is below "
-            f"{limits.MIN_MAX_REQUEST_BYTES}: requests of ordinary size would be refused"
-        )
     return [
         ("grpc.max_receive_message_length", settings.max_request_bytes),
         ("grpc.max_metadata_size", limits.GRPC_METADATA_BYTES),
