@@ -5,6 +5,7 @@ grpc itself refuses (message and metadata size), and the largest allowed request
 import functools
 import threading
 import time
+import tracemalloc
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from apikeyd.config import Settings
 from apikeyd.domain import limits as L
+from apikeyd.domain.errors import InvalidArgument
+from apikeyd.domain.listing import Filter
+from apikeyd.domain.scopes import parse_required_scopes
 from apikeyd.server import App, StartupError
+from apikeyd.store.repository import Repository
 from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
 from tests.conftest import RunningServer, create_key, rpc_error
@@ -397,3 +402,34 @@ def test_the_largest_allowed_requests_do_not_stall_health(server, target):
     assert len(answered) >= len(requests), "the senders did not get through one round"
     assert max(latencies) < HEALTH_BOUND, f"health took up to {max(latencies) * 1000:.0f} ms under load"
     assert set(answered) <= {OK, INVALID, Code.RESOURCE_EXHAUSTED, ABORTED}, set(answered)
+
+
+# --- what the limits guard below the servicers -----------------------------------------------------
+
+
+def test_a_statement_too_large_for_the_database_is_the_requests_fault_not_unavailable(database_url):
+    """Past the filter limits, SQLite refuses the statement ("Expression tree is too large"): that is
+    INVALID_ARGUMENT, never UNAVAILABLE ("retry later")."""
+    if not database_url.startswith("sqlite"):
+        pytest.skip("PostgreSQL runs such a filter; only libpq's cap of 65,535 parameters refuses one, at "
+                    "32,768 terms, which SQLAlchemy takes 40 s to compile")
+    repository = Repository.from_url(database_url)
+    try:
+        huge = Filter(labels=tuple((f"k{i}", "v") for i in range(1500)))
+        with pytest.raises(InvalidArgument, match="too large"):
+            repository.list_keys("acct", huge, 50, None)
+    finally:
+        repository.close()
+
+
+def test_the_scope_memo_caches_stay_small_whatever_lists_callers_send():
+    """Distinct lists at the largest allowed size: before, each stayed in a 4096-entry cache (~40 KB each)."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(1500):
+            parse_required_scopes(tuple(f"s{n}x{i}:" + "r" * (L.MAX_REQUIRED_SCOPE_LENGTH - 12) for i in range(L.MAX_REQUIRED_SCOPES)))
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 16 * 1024 * 1024, f"the caches grew by {grown / 2**20:.0f} MiB"
