@@ -29,6 +29,7 @@ from apikeyd.server import App, StartupError
 from apikeyd.store.repository import Repository
 from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
+from bench.limits import label_filter, largest_requests
 from tests.conftest import RunningServer, create_key, rpc_error
 
 Code = grpc.StatusCode
@@ -62,10 +63,6 @@ def _key(**fields: Any) -> pb.ApiKey:
 
 def _labels(count: int) -> dict[str, str]:
     return {f"k{i}": "v" for i in range(count)}
-
-
-def _label_filter(terms: int) -> str:
-    return " AND ".join(f'labels.k{i} = "v"' for i in range(terms))
 
 
 # (row id, method, request for a size n, the limit, the field the error names, what the limit answers)
@@ -115,7 +112,7 @@ ROWS: list[Row] = [
      lambda t, n: pb.ListApiKeysRequest(parent=f"accounts/{t.account}", filter="state = ACTIVE".ljust(n)),
      L.MAX_FILTER_LENGTH, "filter", {OK}),
     ("list.filter_terms", "ListApiKeys",
-     lambda t, n: pb.ListApiKeysRequest(parent=f"accounts/{t.account}", filter=_label_filter(n)),
+     lambda t, n: pb.ListApiKeysRequest(parent=f"accounts/{t.account}", filter=label_filter(n)),
      L.MAX_FILTER_TERMS, "filter", {OK}),
     ("list.filter_value", "ListApiKeys",
      lambda t, n: pb.ListApiKeysRequest(parent=f"accounts/{t.account}", filter=f'labels.k = "{"v" * n}"'),
@@ -343,38 +340,12 @@ def test_envoy_check_limits(server, target, row):
 # --- the largest allowed requests do not stall anyone ----------------------------------------------
 
 
-def _hostile_requests(target: Target) -> list[tuple[str, Any]]:
-    """The largest requests the limits allow, of every kind that does work, and what grpc's old 4 MiB cap
-    let through: 100k required scopes, 300k mask paths, 5,000 label terms."""
-    largest = [
-        ("Authorize", pb.AuthorizeRequest(
-            key=target.secret, resource="r" * L.MAX_RESOURCE_LENGTH,
-            required_scopes=[f"s{i}:" + "r" * (L.MAX_REQUIRED_SCOPE_LENGTH - 6) for i in range(L.MAX_REQUIRED_SCOPES)],
-        )),
-        ("ListApiKeys", pb.ListApiKeysRequest(
-            parent=f"accounts/{target.account}", filter=_label_filter(L.MAX_FILTER_TERMS), page_size=1000,
-        )),
-        ("UpdateApiKey", pb.UpdateApiKeyRequest(
-            api_key=pb.ApiKey(name=target.name, display_name="x"),
-            update_mask=FieldMask(paths=["display_name"] * L.MAX_UPDATE_MASK_PATHS),
-        )),
-    ]
-    old_cap = [
-        ("Authorize", pb.AuthorizeRequest(key=target.secret, required_scopes=[f"s{i}:r" for i in range(100_000)])),
-        ("UpdateApiKey", pb.UpdateApiKeyRequest(
-            api_key=pb.ApiKey(name=target.name, display_name="x"), update_mask=FieldMask(paths=["x"] * 300_000),
-        )),
-        ("ListApiKeys", pb.ListApiKeysRequest(parent=f"accounts/{target.account}", filter=_label_filter(5000))),
-    ]
-    return largest + old_cap
-
-
 HEALTH_BOUND = 0.25  # seconds: generous on a busy 2-core machine; `make bench` gives the ratio to idle
 
 
 def test_the_largest_allowed_requests_do_not_stall_health(server, target):
     stub = server.stub
-    requests = _hostile_requests(target)
+    requests = largest_requests(target.secret, target.account, target.name)
     health = health_pb2_grpc.HealthStub(server.channel)
     stop = threading.Event()
     answered: list[Code] = []
