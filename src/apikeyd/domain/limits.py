@@ -4,7 +4,7 @@ Each limit is checked before the request does any work (no key digest, no scope 
 that the work and the memory a request can take are bounded by these numbers whatever it carries, and an
 over-limit request gets INVALID_ARGUMENT naming the field and the limit. Rules about a field's *shape*
 stay with the field (domain/model.py, domain/scopes.py); their own bounds are listed at the end so that
-this module reads as the complete table (README "Limits" has the same table).
+this module reads as the complete table (README "Input limits" has the same table).
 
 grpc checks two sizes before any of this runs, and answers RESOURCE_EXHAUSTED itself: the message size
 (APIKEYD_MAX_REQUEST_BYTES, set in server.py) and metadata above GRPC_METADATA_BYTES.
