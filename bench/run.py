@@ -36,6 +36,9 @@ What it measures, in this order:
    page's SQL under EXPLAIN ANALYZE (time, buffers) and the COUNT that total_size used to cost. Skipped
    when PostgreSQL does not answer; the database is dropped at the end. About 1.5 to 3 minutes, most of it
    loading the keys and following tokens.
+11. Limits (bench.limits): health Check latency (p50/p99/max) of a real `apikeyd serve` on SQLite, idle and
+   while two sender processes send the largest requests the input limits allow and the ones grpc's old
+   4 MiB cap let in, with the ratio to idle and the slowest call against the 250 ms the tests allow.
 
 Every loop is bounded in count and in time; everything listens on and connects to 127.0.0.1 only.
 """
@@ -51,7 +54,7 @@ import grpc
 
 from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
-from bench import inprocess, listing, load, scaleout
+from bench import inprocess, limits, listing, load, scaleout
 from bench.server_process import ServerProcess, running_server
 
 COLD_KEYS = 80
@@ -155,12 +158,13 @@ def _section(title: str) -> None:
 
 
 def _report_scaleout(workdir: Path) -> None:
-    """Sections 7-10: each starts its own servers and stops them before the next."""
+    """Sections 7-11: each starts its own servers and stops them before the next."""
     for title, section in (
         ("revocation propagation: two replicas on PostgreSQL", scaleout.revocation_propagation),
         ("worker processes: `apikeyd serve --workers W` on SQLite", scaleout.worker_throughput),
         ("rate-limit check cost: Redis vs in-process", scaleout.rate_limit_cost),
         ("listing: a page at 1,000 and at 1,000,000 keys in one account", listing.listing_at_scale),
+        ("limits: health latency under the largest allowed requests", limits.health_under_largest_requests),
     ):
         _section(title)
         started = time.monotonic()

@@ -11,6 +11,7 @@ from typing import Any
 
 from apikeyd.domain.echo import quote
 from apikeyd.domain.errors import InvalidArgument
+from apikeyd.domain.limits import MAX_FILTER_LENGTH, MAX_FILTER_TERMS, MAX_FILTER_VALUE_LENGTH, check_length
 from apikeyd.domain.model import EventKind, KeyState, validate_project_id
 
 DEFAULT_PAGE_SIZE = 50
@@ -42,7 +43,9 @@ _EVENT_HINT = '`key_id = "..."`, `kind = REVOKED`, `actor_key_id = "..."` or `ev
 
 def _terms(text: str, hint: str) -> Iterator[tuple[str, str, str]]:
     """(field, operator, value) for each term of `term AND term ...`; a field and operator given twice is
-    refused rather than silently overwritten."""
+    refused rather than silently overwritten. The limits (domain/limits.py) bound the database work the
+    filter asks for, and are checked before any of it is parsed further."""
+    check_length("filter", text, MAX_FILTER_LENGTH)
     seen: set[tuple[str, str]] = set()
     position = 0
     while text.strip():
@@ -53,7 +56,12 @@ def _terms(text: str, hint: str) -> Iterator[tuple[str, str, str]]:
         if (field, operator) in seen:
             raise InvalidArgument("filter", f"{quote(field)} {operator} appears twice; name each field once")
         seen.add((field, operator))
-        yield field, operator, bare if bare is not None else re.sub(r"\\(.)", r"\1", quoted)
+        if len(seen) > MAX_FILTER_TERMS:
+            raise InvalidArgument("filter", f"at most {MAX_FILTER_TERMS} terms")
+        value = bare if bare is not None else re.sub(r"\\(.)", r"\1", quoted)
+        if len(value) > MAX_FILTER_VALUE_LENGTH:
+            raise InvalidArgument("filter", f"the value of {field} is {len(value)} characters; at most {MAX_FILTER_VALUE_LENGTH}")
+        yield field, operator, value
         position = match.end()
         if position == len(text):
             return
