@@ -196,6 +196,10 @@ class Server:
             credentials = tls.server_credentials(self.app.settings)
         except tls.TlsSettingsError as error:
             raise StartupError(str(error)) from None
+        try:
+            await self.app.manager.page_token_key()
+        except LookupError as error:
+            raise StartupError(str(error)) from None
         # Before the gRPC port: a gRPC server keeps a port it has bound even if it never starts.
         self._open_metrics()
         try:

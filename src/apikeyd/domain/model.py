@@ -166,16 +166,33 @@ MAX_RATE_LIMITS = 8
 MAX_GRACE = timedelta(days=7)
 
 
+# C0 control characters and DEL: PostgreSQL refuses NUL in text (SQLite would store it, so the backends would
+# disagree), and the others only garble the logs and terminals that show these values. Free text keeps tab
+# and line breaks.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_IN_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def validate_no_control(field: str, value: str, multiline: bool = False) -> str:
+    """`value` unless it holds a control character (tab and line breaks allowed when `multiline`)."""
+    found = (_CONTROL_IN_TEXT if multiline else _CONTROL).search(value)
+    if found is not None:
+        raise InvalidArgument(
+            field, f"must not contain control characters, found U+{ord(found.group()):04X} at {found.start()}"
+        )
+    return value
+
+
 def validate_display_name(value: str) -> str:
     if not 1 <= len(value) <= 255:
         raise InvalidArgument("display_name", f"must be 1 to 255 characters, got {len(value)}")
-    return value
+    return validate_no_control("display_name", value)
 
 
 def validate_description(value: str) -> str:
     if len(value) > 1024:
         raise InvalidArgument("description", f"must be at most 1024 characters, got {len(value)}")
-    return value
+    return validate_no_control("description", value, multiline=True)
 
 
 def validate_labels(labels: dict[str, str]) -> dict[str, str]:
@@ -221,4 +238,4 @@ def validate_grace(grace: timedelta) -> timedelta:
 def validate_reason(reason: str) -> str:
     if len(reason) > 1024:
         raise InvalidArgument("reason", f"must be at most 1024 characters, got {len(reason)}")
-    return reason
+    return validate_no_control("reason", reason, multiline=True)
