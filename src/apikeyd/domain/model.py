@@ -163,6 +163,11 @@ _LABEL_VALUE = re.compile(r"[a-z0-9_-]{0,63}")
 MIN_PERIOD = 1
 MAX_PERIOD = 86_400
 MAX_RATE_LIMITS = 8
+# Shared limits live in Redis, whose Lua numbers are doubles: a limit's state there is exact while
+# period (in us) x (limit + 1) stays below 2^53 (authorizer/redis_ratelimits.py). Refusing limit x period
+# above 9e9 request-seconds keeps every accepted limit exact on either limiter (104 166 a day, 9e9 a second);
+# beyond it Redis rounded (10^15 a day never counted down, 2^63-1 came back as -2^63).
+MAX_LIMIT_TIMES_PERIOD = 9_000_000_000
 MAX_GRACE = timedelta(days=7)
 
 
@@ -219,6 +224,12 @@ def validate_rate_limits(limits: list[RateLimit]) -> tuple[RateLimit, ...]:
         if not MIN_PERIOD <= limit.period_seconds <= MAX_PERIOD:
             raise InvalidArgument(
                 "rate_limits", f"period must be whole seconds from {MIN_PERIOD} s to 1 day, got {limit.period_seconds} s"
+            )
+        if limit.limit * limit.period_seconds > MAX_LIMIT_TIMES_PERIOD:
+            raise InvalidArgument(
+                "rate_limits",
+                f"limit x period must be at most {MAX_LIMIT_TIMES_PERIOD:.0e} request-seconds (at most "
+                f"{MAX_LIMIT_TIMES_PERIOD // limit.period_seconds} per {limit.period_seconds} s), got {limit.limit}",
             )
     return tuple(sorted(set(limits), key=lambda r: (r.period_seconds, r.limit)))
 
