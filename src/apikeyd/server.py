@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import descriptor_pool
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy import Engine, make_url
 
@@ -31,6 +31,8 @@ from apikeyd.logs import fields
 from apikeyd.metrics import Metrics, MetricsEndpoint
 from apikeyd.service import ext_authz
 from apikeyd.service.api_keys import ApiKeyService
+from apikeyd.service.health import HealthServicer
+from apikeyd.service.wire import WireErrors
 from apikeyd.store import migrate
 from apikeyd.store.repository import Repository, normalize_url
 from apikeyd.v1 import api_keys_pb2, api_keys_pb2_grpc
@@ -205,8 +207,10 @@ class Server:
         # share a taken port silently. `--workers N` (N > 1) shares it on purpose: its supervisor has
         # checked the port is free first (src/apikeyd/workers.py).
         reuse_port = 1 if app.settings.workers > 1 else 0
-        self.grpc = grpc.aio.server(options=[("grpc.so_reuseport", reuse_port), *grpc_limits(app.settings)])
-        self.health = health.aio.HealthServicer()
+        # WireErrors: undecodable requests get INVALID_ARGUMENT on every service here (service/wire.py).
+        self.wire_errors = WireErrors()
+        self.grpc = grpc.aio.server(interceptors=[self.wire_errors], options=[("grpc.so_reuseport", reuse_port), *grpc_limits(app.settings)])
+        self.health = HealthServicer()
         service = ApiKeyService(app.manager, app.authorizer, app.metrics, app.settings.authorize_requires_key)
         api_keys_pb2_grpc.add_ApiKeyServiceServicer_to_server(service, self.grpc)
         # Envoy's external authorization, on the same port and with the same Authorizer as Authorize.
@@ -240,6 +244,12 @@ class Server:
             credentials = tls.server_credentials(self.app.settings)
         except tls.TlsSettingsError as error:
             raise StartupError(str(error)) from None
+        try:
+            await self.app.manager.page_token_key()
+        except LookupError as error:
+            raise StartupError(str(error)) from None
+        except Unavailable:
+            pass  # a database down at start is no reason not to start (health says so); the first listing reads it
         # Before the gRPC port: a gRPC server keeps a port it has bound even if it never starts.
         self._open_metrics()
         try:
@@ -351,6 +361,7 @@ class Server:
             await asyncio.sleep(drain_delay)
         if self.report_health is not None:  # the listener closes now: no longer part of the host
             await self.report_health(self, health_pb2.HealthCheckResponse.UNKNOWN)
+        self.health.end_watches()  # they have seen NOT_SERVING; open ones would hold the stop for the grace
         await self.grpc.stop(grace)
         await self.app.feed.stop()
         if self._flusher is not None:

@@ -35,7 +35,7 @@ from apikeyd.domain.model import (
     RateLimit,
     request_id_reused,
 )
-from apikeyd.store.models import ApiKeyRow, KeyEventRow, RequestIdRow
+from apikeyd.store.models import ApiKeyRow, KeyEventRow, RequestIdRow, ServerSecretRow
 
 _WRITE = "apikeyd_write"
 FEED_CHANNEL = "apikeyd_key_events"  # NOTIFY channel of committed key events (PostgreSQL)
@@ -232,6 +232,14 @@ class Repository:
     def ping(self) -> None:
         with self._transaction(write=False) as session:
             session.execute(select(1))
+
+    def page_token_key(self) -> bytes:
+        """The key page tokens are signed with, the same for every replica (made by migration 0005)."""
+        with self._transaction(write=False) as session:
+            value = session.scalar(select(ServerSecretRow.value).where(ServerSecretRow.name == "page_token"))
+        if value is None:
+            raise LookupError("the database has no page-token key: run `apikeyd migrate`")
+        return bytes.fromhex(value)
 
     # --- reads ------------------------------------------------------------------------------------
 
