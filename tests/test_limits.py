@@ -24,6 +24,7 @@ from apikeyd.config import Settings
 from apikeyd.domain import limits as L
 from apikeyd.domain.errors import InvalidArgument
 from apikeyd.domain.listing import Filter
+from apikeyd.domain.model import MAX_LIMIT_TIMES_PERIOD
 from apikeyd.domain.scopes import parse_required_scopes
 from apikeyd.server import App, StartupError
 from apikeyd.store.repository import Repository
@@ -250,7 +251,10 @@ def _largest_valid_create(account: str) -> pb.CreateApiKeyRequest:
             scopes=[scope_head % i + WIDE * 255 + "}" for i in range(L.MAX_SCOPES)],
             labels={f"k{i:02d}" + "x" * 60: "v" * L.MAX_LABEL_VALUE for i in range(L.MAX_LABELS)},
             project_id=_id(L.MAX_PROJECT_ID_LENGTH),
-            rate_limits=[pb.RateLimit(limit=2**62, period=Duration(seconds=86_400 - i)) for i in range(L.MAX_RATE_LIMITS)],
+            rate_limits=[
+                pb.RateLimit(limit=MAX_LIMIT_TIMES_PERIOD // (i + 1), period=Duration(seconds=i + 1))
+                for i in range(L.MAX_RATE_LIMITS)
+            ],
         ),
     )
 
