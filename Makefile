@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PROTO_INCLUDES = -I$$($(BIN)/python -c 'import grpc_tools, os; print(os.path.join(os.path.dirname(grpc_tools.__file__), "_proto"))') \
 	-I$$($(BIN)/python -c 'import google.api, os; print(os.path.dirname(os.path.dirname(google.api.__path__[0])))')
 
-.PHONY: run test lint bench protos migrate clean
+.PHONY: run test lint bench fuzz protos migrate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,7 @@ test: $(STAMP)
 
 # buf cannot fetch googleapis here, so it lints an image that protoc builds with the imports included.
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench fuzz
 	$(BIN)/mypy src
 	$(BIN)/python -m grpc_tools.protoc -Iprotos $(PROTO_INCLUDES) --include_imports --include_source_info \
 		--descriptor_set_out=$(VENV)/apikeyd.binpb protos/apikeyd/v1/api_keys.proto
@@ -32,6 +32,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+# Coverage-guided fuzzing (atheris) of the pure parsers, fuzz/fuzz_*.py, sharing FUZZ_SECONDS between them.
+FUZZ_SECONDS ?= 60
+fuzz: $(STAMP)
+	$(BIN)/python -m fuzz.run $(FUZZ_SECONDS)
 
 migrate: $(STAMP)
 	$(BIN)/apikeyd migrate

@@ -36,7 +36,10 @@ What it measures, in this order:
    page's SQL under EXPLAIN ANALYZE (time, buffers) and the COUNT that total_size used to cost. Skipped
    when PostgreSQL does not answer; the database is dropped at the end. About 1.5 to 3 minutes, most of it
    loading the keys and following tokens.
-11. Flood (bench.flood): one `apikeyd serve` on SQLite; an attacker process sends 250 well-formed Authorize
+11. Limits (bench.limits): health Check latency (p50/p99/max) of a real `apikeyd serve` on SQLite, idle and
+   while two sender processes send the largest requests the input limits allow and the ones grpc's old
+   4 MiB cap let in, with the ratio to idle and the slowest call against the 250 ms the tests allow.
+12. Flood (bench.flood): one `apikeyd serve` on SQLite; an attacker process sends 250 well-formed Authorize
    calls a second, first with distinct wrong secrets for one real key, then with distinct unknown lookup
    ids, while this process measures other keys' first checks (p90, target <= 50 ms) and a cached check (p50,
    target <= 1.5x the figure without an attack, measured first in the same run), and the attack's argon2
@@ -56,7 +59,7 @@ import grpc
 
 from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
-from bench import flood, inprocess, listing, load, scaleout
+from bench import flood, inprocess, limits, listing, load, scaleout
 from bench.server_process import ServerProcess, running_server
 
 COLD_KEYS = 80
@@ -160,12 +163,13 @@ def _section(title: str) -> None:
 
 
 def _report_scaleout(workdir: Path) -> None:
-    """Sections 7-11: each starts its own servers and stops them before the next."""
+    """Sections 7-12: each starts its own servers and stops them before the next."""
     for title, section in (
         ("revocation propagation: two replicas on PostgreSQL", scaleout.revocation_propagation),
         ("worker processes: `apikeyd serve --workers W` on SQLite", scaleout.worker_throughput),
         ("rate-limit check cost: Redis vs in-process", scaleout.rate_limit_cost),
         ("listing: a page at 1,000 and at 1,000,000 keys in one account", listing.listing_at_scale),
+        ("limits: health latency under the largest allowed requests", limits.health_under_largest_requests),
         ("flood: wrong secrets for one key, and unknown lookup ids", flood.flood_costs),
     ):
         _section(title)

@@ -39,7 +39,7 @@ def test_ok_carries_the_keys_identity(stub, account):
     assert dict(response.labels) == {"env": "prod"}
 
 
-@pytest.mark.parametrize("presented", ["", "nope", "AK_short", "x" * 5000])
+@pytest.mark.parametrize("presented", ["", "nope", "AK_short", "x" * 256])
 def test_malformed_strings_are_refused_without_database_or_argon2(server, stub, presented):
     response = authorize(stub, presented, "messages:send")
     assert not response.allowed and response.code == R.MALFORMED and not response.key_id

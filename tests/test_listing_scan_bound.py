@@ -130,7 +130,12 @@ def test_a_label_matching_nothing_gives_empty_pages_with_tokens_to_the_end(stub,
     assert count_keys(stub, account, filter=NOWHERE) == 0  # conftest's helper follows tokens through them
 
 
-def test_a_token_cut_by_the_bound_resumes_after_the_last_key_examined(stub, big_account):
+def _token_key(server) -> bytes:
+    """The server's page-token key (from its database), to read the position inside its tokens."""
+    return server.run(server.app.manager.page_token_key())
+
+
+def test_a_token_cut_by_the_bound_resumes_after_the_last_key_examined(server, stub, big_account):
     """The bound itself: the token of an empty page is positioned at the bound-th key the walk examined,
     then at twice that; it fails if the bound is removed (the first page would walk to the end) or changed."""
     account, keys = big_account
@@ -139,7 +144,7 @@ def test_a_token_cut_by_the_bound_resumes_after_the_last_key_examined(stub, big_
         bound = max_rows_examined(page_size)
         assert bound == 1000 and len(pages) == 3
         for number, page in enumerate(pages[:-1], start=1):
-            after = decode_page_token(page.next_page_token, account, NOWHERE)
+            after = decode_page_token(_token_key(server), page.next_page_token, account, NOWHERE)
             last = keys[number * bound - 1]
             assert after == (last["create_time"], last["key_id"])
             # nothing beyond what the caller may list anyway: a key of this account it can read
@@ -195,7 +200,7 @@ def _events(stub: Any, account: str) -> list[pb.AuditEvent]:
     return [event for page in _walk_events(stub, account, "", 1000) for event in page.audit_events]
 
 
-def test_an_event_filter_checked_row_by_row_is_bounded_too(stub, big_account):
+def test_an_event_filter_checked_row_by_row_is_bounded_too(server, stub, big_account):
     account, _ = big_account
     everything = _events(stub, account)
     assert len(everything) == EVENTS
@@ -206,7 +211,8 @@ def test_an_event_filter_checked_row_by_row_is_bounded_too(stub, big_account):
     assert len(pages) == math.ceil(EVENTS / bound)
     # the token of a page cut by the bound is below the last event examined, the bound-th newest
     assert (
-        decode_event_page_token(pages[0].next_page_token, account, "kind = REVOKED") == everything[bound - 1].event_id
+        decode_event_page_token(_token_key(server), pages[0].next_page_token, account, "kind = REVOKED")
+        == everything[bound - 1].event_id
     )
     revoked = [event for page in pages for event in page.audit_events]
     assert revoked == [event for event in everything if event.kind == pb.AuditEvent.REVOKED]

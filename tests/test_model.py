@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from apikeyd.domain.errors import InvalidArgument
 from apikeyd.domain.model import (
+    MAX_LIMIT_TIMES_PERIOD,
     RateLimit,
     key_name,
     parse_key_name,
@@ -22,6 +23,7 @@ from apikeyd.domain.model import (
     validate_labels,
     validate_project_id,
     validate_rate_limits,
+    validate_reason,
 )
 
 ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", fullmatch=True)
@@ -179,10 +181,26 @@ def test_label_boundaries() -> None:
 # --- display name, description ------------------------------------------------------------------
 
 
-@given(st.text(min_size=1, max_size=255))
+@given(st.text(st.characters(exclude_categories=("Cc",)), min_size=1, max_size=255))
 @settings(max_examples=100, deadline=None)
 def test_display_name_of_1_to_255_characters_is_accepted(name: str) -> None:
     assert validate_display_name(name) == name
+
+
+@pytest.mark.parametrize("character", [chr(code) for code in range(0x20)] + ["\x7f"])
+def test_control_characters_are_refused_in_names_and_free_text(character: str) -> None:
+    """PostgreSQL refuses NUL where SQLite stores it: both backends must answer alike, so the domain refuses."""
+    with pytest.raises(InvalidArgument) as caught:
+        validate_display_name(f"a{character}b")
+    assert caught.value.field == "display_name" and f"U+{ord(character):04X}" in str(caught.value)
+    if character in "\t\n\r":
+        assert validate_description(f"a{character}b") == f"a{character}b"
+        assert validate_reason(f"a{character}b") == f"a{character}b"
+    else:
+        with pytest.raises(InvalidArgument, match=r"^description: "):
+            validate_description(f"a{character}b")
+        with pytest.raises(InvalidArgument, match=r"^reason: "):
+            validate_reason(f"a{character}b")
 
 
 @pytest.mark.parametrize("name", ["", "x" * 256, "é" * 256])
@@ -200,7 +218,9 @@ def test_description_up_to_1024_characters() -> None:
 
 # --- rate limits --------------------------------------------------------------------------------
 
-valid_rate_limits = st.builds(RateLimit, st.integers(1, 10**6), st.integers(1, 86_400))
+valid_rate_limits = st.integers(1, 86_400).flatmap(
+    lambda period: st.builds(RateLimit, st.integers(1, MAX_LIMIT_TIMES_PERIOD // period), st.just(period))
+)
 
 
 @settings(max_examples=200, deadline=None)

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from apikeyd.domain.limits import DEFAULT_MAX_REQUEST_BYTES
+
 
 def _setting(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
@@ -55,6 +57,10 @@ class Settings:
         0.0, "seconds to keep serving after SIGTERM with health NOT_SERVING, so load balancers stop routing here"
     )
     shutdown_grace: float = _setting(10.0, "seconds in-flight calls get to finish once the listener closes")
+    max_request_bytes: int = _setting(
+        DEFAULT_MAX_REQUEST_BYTES,
+        "largest request message accepted, bytes (at least 16384); larger ones get RESOURCE_EXHAUSTED from grpc",
+    )
     db_pool_size: int = _setting(5, "database connections kept open (PostgreSQL)")
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
     log_format: str = _setting("json", "json (one object per line) or text")

@@ -243,6 +243,13 @@ class KeyManager:
         self.operator_account = operator_account
         self._max_live_keys = max_live_keys
         self.denials = denials if denials is not None else DenialThrottle()
+        self._page_token_key: bytes | None = None  # signs page tokens (domain/listing.py)
+
+    async def page_token_key(self) -> bytes:
+        """Read once; the server reads it at start-up, so a database without one stops it there."""
+        if self._page_token_key is None:
+            self._page_token_key = await self._run(self._repository.page_token_key)
+        return self._page_token_key
 
     async def _run(self, call: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
@@ -339,7 +346,7 @@ class KeyManager:
             caller.check_account(account_id)
         flt = listing.parse_filter(filter_text)
         size = listing.validate_page_size(page_size)
-        after = listing.decode_page_token(page_token, account_id, filter_text) if page_token else None
+        after = listing.decode_page_token(await self.page_token_key(), page_token, account_id, filter_text) if page_token else None
         if caller.project_id:
             if flt.project_id not in (None, caller.project_id):
                 return [], ""  # another project's keys are out of reach: as if there were none
@@ -348,7 +355,7 @@ class KeyManager:
         # `resume` is the last key the page examined: its last key, or with a `labels.` term that stopped at
         # the bound on keys examined, a later one; the page may then be short, even empty (AIP-158).
         page, resume = await self._run(lambda: self._repository.list_keys(account_id, flt, size, after))
-        token = listing.encode_page_token(account_id, filter_text, resume) if resume is not None else ""
+        token = listing.encode_page_token(await self.page_token_key(), account_id, filter_text, resume) if resume is not None else ""
         return page, token
 
     async def list_events(
@@ -359,13 +366,13 @@ class KeyManager:
             caller.check_account(account_id)
         flt = listing.parse_event_filter(filter_text)
         size = listing.validate_page_size(page_size)
-        before = listing.decode_event_page_token(page_token, account_id, filter_text) if page_token else None
+        before = listing.decode_event_page_token(await self.page_token_key(), page_token, account_id, filter_text) if page_token else None
         # `resume` is the last event the page examined; with a term checked row by row that stopped at the
         # bound on events examined, the page may be short, even empty (AIP-158).
         events, resume = await self._run(
             lambda: self._repository.list_events(account_id, caller.project_id, flt, size, before)
         )
-        token = listing.encode_event_page_token(account_id, filter_text, resume) if resume is not None else ""
+        token = listing.encode_event_page_token(await self.page_token_key(), account_id, filter_text, resume) if resume is not None else ""
         return events, token
 
     # --- writes -----------------------------------------------------------------------------------

@@ -3,15 +3,16 @@
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import descriptor_pool
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy import Engine, make_url
 
@@ -24,7 +25,7 @@ from apikeyd.authorizer.feed import ChangeFeed, effective_poll_interval
 from apikeyd.authorizer.hashing import Argon2Parameters, SecretHasher
 from apikeyd.authorizer.redis_ratelimits import FAILURE_POLICIES, RedisRateLimiter
 from apikeyd.config import Settings
-from apikeyd.domain import keys
+from apikeyd.domain import keys, limits
 from apikeyd.domain.errors import Unavailable
 from apikeyd.exception_text import describe
 from apikeyd.lifecycle import KeyManager, KeyPrefixes
@@ -32,14 +33,20 @@ from apikeyd.logs import fields
 from apikeyd.metrics import Metrics, MetricsEndpoint
 from apikeyd.service import ext_authz
 from apikeyd.service.api_keys import ApiKeyService
+from apikeyd.service.health import HealthServicer
+from apikeyd.service.wire import WireErrors
 from apikeyd.store import migrate
 from apikeyd.store.repository import Repository, normalize_url
 from apikeyd.v1 import api_keys_pb2, api_keys_pb2_grpc
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SERVICE_NAME = api_keys_pb2.DESCRIPTOR.services_by_name["ApiKeyService"].full_name
 _PING_TIMEOUT = 5.0  # seconds a database ping may take before health turns NOT_SERVING
+# Seconds the last write of last-used times may take once the grace is over; a database that does not
+# answer must not hold the exit.
+_FINAL_FLUSH_TIMEOUT = 3.0
 
 
 class _MethodAwarePool:
@@ -70,6 +77,14 @@ def check_key_prefixes(settings: Settings) -> None:
             )
 
 
+def check_request_size(settings: Settings) -> None:
+    if settings.max_request_bytes < limits.MIN_MAX_REQUEST_BYTES:
+        raise StartupError(
+            f"{Settings.env_name('max_request_bytes')}={settings.max_request_bytes} is below "
+            f"{limits.MIN_MAX_REQUEST_BYTES}: requests of ordinary size would be refused"
+        )
+
+
 def check_feed_timing(settings: Settings) -> None:
     postgres = make_url(normalize_url(settings.database_url)).get_backend_name() == "postgresql"
     try:
@@ -84,6 +99,7 @@ class App:
     def __init__(self, settings: Settings) -> None:
         check_key_prefixes(settings)
         check_feed_timing(settings)
+        check_request_size(settings)
         self.settings = settings
         self.shared_limiter = _shared_limiter(settings)  # before anything that needs closing
         self.repository = Repository.from_url(settings.database_url, settings.db_pool_size)
@@ -98,8 +114,8 @@ class App:
         self.hasher = SecretHasher(
             Argon2Parameters(settings.argon2_time_cost, settings.argon2_memory_kib, settings.argon2_parallelism)
         )
-        self.verify_executor = ThreadPoolExecutor(settings.max_verifications, thread_name_prefix="verify")
-        self.store_executor = ThreadPoolExecutor(settings.db_pool_size, thread_name_prefix="store")
+        self.verify_executor = CallPool(settings.max_verifications, thread_name_prefix="verify")
+        self.store_executor = CallPool(settings.db_pool_size, thread_name_prefix="store")
         self.verify_queue = FairQueue(self.verify_executor, settings.max_verifications, settings.verification_queue)
         self.failure_budget = FailureBudget(settings.failure_budget, settings.failure_window)
         self.metrics = Metrics()  # a registry of this App's own: servers in one process never clash
@@ -133,10 +149,31 @@ class App:
             queue=self.verify_queue,
         )
 
-    def close(self) -> None:
-        self.verify_executor.shutdown()
-        self.store_executor.shutdown()
-        self.repository.close()
+    def close(self) -> int:
+        """Close without waiting for calls still running in a thread, which nothing can stop (an argon2
+        verification, a statement waiting on a lock): waiting would stretch the shutdown past its grace
+        without bound. Returns how many there are; serve() then exits without them."""
+        for pool in (self.verify_executor, self.store_executor):
+            pool.shutdown(wait=False, cancel_futures=True)
+        self.repository.close()  # the idle connections; one still in use closes with the process
+        return self.verify_executor.unfinished() + self.store_executor.unfinished()
+
+
+class CallPool(ThreadPoolExecutor):
+    """A thread pool that counts its calls not finished yet, for App.close."""
+
+    def __init__(self, max_workers: int, thread_name_prefix: str) -> None:
+        super().__init__(max_workers, thread_name_prefix=thread_name_prefix)
+        self._pending: set[Future[Any]] = set()
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> "Future[T]":
+        future = super().submit(fn, *args, **kwargs)
+        self._pending.add(future)
+        future.add_done_callback(self._pending.discard)  # at once if it is already done
+        return future
+
+    def unfinished(self) -> int:
+        return len(self._pending)
 
 
 def _shared_limiter(settings: Settings) -> RedisRateLimiter | None:
@@ -159,6 +196,18 @@ def _shared_limiter(settings: Settings) -> RedisRateLimiter | None:
         raise StartupError(f"{Settings.env_name('rate_limit_url')}: {error}") from None
 
 
+def grpc_limits(settings: Settings) -> list[tuple[str, int]]:
+    """The sizes grpc refuses before apikeyd sees a call (domain/limits.py): a message above
+    APIKEYD_MAX_REQUEST_BYTES, metadata above GRPC_METADATA_BYTES, both RESOURCE_EXHAUSTED. Metadata's soft
+    and hard limits are one, so that nothing below it is refused at random (grpc's soft limit refuses a
+    share of calls above it); below it, metadata over MAX_METADATA_BYTES gets INVALID_ARGUMENT from us."""
+    return [
+        ("grpc.max_receive_message_length", settings.max_request_bytes),
+        ("grpc.max_metadata_size", limits.GRPC_METADATA_BYTES),
+        ("grpc.absolute_max_metadata_size", limits.GRPC_METADATA_BYTES),
+    ]
+
+
 class Server:
     def __init__(self, app: App) -> None:
         self.app = app
@@ -166,8 +215,10 @@ class Server:
         # share a taken port silently. `--workers N` (N > 1) shares it on purpose: its supervisor has
         # checked the port is free first (src/apikeyd/workers.py).
         reuse_port = 1 if app.settings.workers > 1 else 0
-        self.grpc = grpc.aio.server(options=[("grpc.so_reuseport", reuse_port)])
-        self.health = health.aio.HealthServicer()
+        # WireErrors: undecodable requests get INVALID_ARGUMENT on every service here (service/wire.py).
+        self.wire_errors = WireErrors()
+        self.grpc = grpc.aio.server(interceptors=[self.wire_errors], options=[("grpc.so_reuseport", reuse_port), *grpc_limits(app.settings)])
+        self.health = HealthServicer()
         service = ApiKeyService(app.manager, app.authorizer, app.metrics, app.settings.authorize_requires_key)
         api_keys_pb2_grpc.add_ApiKeyServiceServicer_to_server(service, self.grpc)
         # Envoy's external authorization, on the same port and with the same Authorizer as Authorize.
@@ -201,6 +252,12 @@ class Server:
             credentials = tls.server_credentials(self.app.settings)
         except tls.TlsSettingsError as error:
             raise StartupError(str(error)) from None
+        try:
+            await self.app.manager.page_token_key()
+        except LookupError as error:
+            raise StartupError(str(error)) from None
+        except Unavailable:
+            pass  # a database down at start is no reason not to start (health says so); the first listing reads it
         # Before the gRPC port: a gRPC server keeps a port it has bound even if it never starts.
         self._open_metrics()
         try:
@@ -293,9 +350,10 @@ class Server:
             except Unavailable:
                 log.warning("could not drop old request ids: the database is unavailable; will retry")
 
-    async def stop(self, grace: float, drain_delay: float = 0.0) -> None:
+    async def stop(self, grace: float, drain_delay: float = 0.0) -> int:
         """Drain: health says NOT_SERVING while calls are still served for `drain_delay` seconds; then the
-        listener closes and in-flight calls get `grace` seconds; last-used times are written.
+        listener closes and in-flight calls get `grace` seconds; last-used times are written. Returns how
+        many calls were cancelled but still run in a thread (App.close).
 
         grpc cancels calls that have arrived but not yet started when the listener closes, so a caller
         that keeps sending needs the delay to notice NOT_SERVING and go elsewhere first."""
@@ -311,17 +369,21 @@ class Server:
             await asyncio.sleep(drain_delay)
         if self.report_health is not None:  # the listener closes now: no longer part of the host
             await self.report_health(self, health_pb2.HealthCheckResponse.UNKNOWN)
+        self.health.end_watches()  # they have seen NOT_SERVING; open ones would hold the stop for the grace
         await self.grpc.stop(grace)
         await self.app.feed.stop()
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
-        await self.app.authorizer.flush_last_used()
+        try:
+            await asyncio.wait_for(self.app.authorizer.flush_last_used(), _FINAL_FLUSH_TIMEOUT)
+        except TimeoutError:
+            log.warning("the last write of last-used times did not finish in %.0f s; exiting without it", _FINAL_FLUSH_TIMEOUT)
         if self.app.shared_limiter is not None:
             await self.app.shared_limiter.close()
         await asyncio.get_running_loop().run_in_executor(None, self._close_metrics)  # scraped until the end
-        self.app.close()
+        return self.app.close()
 
 
 def prepare_database(engine: Engine) -> None:
@@ -359,5 +421,14 @@ async def serve(
         settings.drain_delay,
         settings.shutdown_grace,
     )
-    await server.stop(settings.shutdown_grace, settings.drain_delay)
+    left_running = await server.stop(settings.shutdown_grace, settings.drain_delay)
+    if left_running:
+        # Python would wait for their threads at exit, however long they take: the grace would not hold.
+        log.warning(
+            "stopped; %d cancelled call(s) still ran in a thread (argon2 or a database statement): exiting "
+            "without waiting for them", left_running,
+            extra=fields(event="server.stopped", left_running=left_running),
+        )
+        logging.shutdown()
+        os._exit(0)
     log.info("stopped")

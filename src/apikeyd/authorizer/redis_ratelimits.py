@@ -14,8 +14,10 @@ replicates a script's effects, not the script, so TIME before writes is allowed.
 Arithmetic: Lua numbers are doubles, so a TAT as "epoch microseconds x limit" would not be exact. Each
 limit stores `stamp:debt` instead, the Redis time (us) of its last accepted request and how far its TAT was
 ahead of that time then, in units of 1/limit us (the emission interval P/L is then exactly P in us). The
-debt is at most P*L, so the arithmetic is exact while P(us)*L < 2^53: any limit per second up to 4e9, per
-day up to 50 000; beyond that doubles round by a few 1/limit us. Time resolution is 1 us (TIME's).
+debt is at most P*(L+1) while it is computed, so the arithmetic is exact while P(us)*(L+1) < 2^53; beyond
+that doubles round (10^15 a day never counted down) and the integer reply overflows (2^63-1 came back as
+-2^63). domain/model.py refuses limit x period above MAX_LIMIT_TIMES_PERIOD (9e9 request-seconds), which
+keeps every accepted limit inside it. Time resolution is 1 us (TIME's).
 
 When Redis cannot be reached, `hit` raises RateLimitUnavailable after counting
 apikeyd_rate_limit_errors_total and logging at most one warning per LOG_EVERY seconds; the Authorizer

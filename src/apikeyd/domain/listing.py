@@ -2,16 +2,18 @@
 
 import base64
 import hashlib
+import hmac
 import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from apikeyd.domain.echo import quote
 from apikeyd.domain.errors import InvalidArgument
-from apikeyd.domain.model import EventKind, KeyState, validate_project_id
+from apikeyd.domain.limits import MAX_FILTER_LENGTH, MAX_FILTER_TERMS, MAX_FILTER_VALUE_LENGTH, check_length
+from apikeyd.domain.model import EventKind, KeyState, validate_no_control, validate_project_id
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -42,7 +44,9 @@ _EVENT_HINT = '`key_id = "..."`, `kind = REVOKED`, `actor_key_id = "..."` or `ev
 
 def _terms(text: str, hint: str) -> Iterator[tuple[str, str, str]]:
     """(field, operator, value) for each term of `term AND term ...`; a field and operator given twice is
-    refused rather than silently overwritten."""
+    refused rather than silently overwritten. The limits (domain/limits.py) bound the database work the
+    filter asks for, and are checked before any of it is parsed further."""
+    check_length("filter", text, MAX_FILTER_LENGTH)
     seen: set[tuple[str, str]] = set()
     position = 0
     while text.strip():
@@ -53,7 +57,12 @@ def _terms(text: str, hint: str) -> Iterator[tuple[str, str, str]]:
         if (field, operator) in seen:
             raise InvalidArgument("filter", f"{quote(field)} {operator} appears twice; name each field once")
         seen.add((field, operator))
-        yield field, operator, bare if bare is not None else re.sub(r"\\(.)", r"\1", quoted)
+        if len(seen) > MAX_FILTER_TERMS:
+            raise InvalidArgument("filter", f"at most {MAX_FILTER_TERMS} terms")
+        value = bare if bare is not None else re.sub(r"\\(.)", r"\1", quoted)
+        if len(value) > MAX_FILTER_VALUE_LENGTH:
+            raise InvalidArgument("filter", f"the value of {field} is {len(value)} characters; at most {MAX_FILTER_VALUE_LENGTH}")
+        yield field, operator, validate_no_control("filter", value)
         position = match.end()
         if position == len(text):
             return
@@ -129,6 +138,10 @@ def parse_event_filter(text: str) -> EventFilter:
                 when = None
             if when is None or when.tzinfo is None:
                 raise InvalidArgument("filter", f"event_time needs an RFC 3339 time with a zone, got {quote(value)}")
+            try:  # in UTC now, as the store compares it: near year 1 or 9999 an offset leaves the calendar
+                when = when.astimezone(UTC)
+            except OverflowError:
+                raise InvalidArgument("filter", f"event_time {quote(value)} is outside years 1 to 9999 in UTC") from None
             times.append((operator, when))
         else:
             raise InvalidArgument("filter", f"cannot filter audit events on {quote(field)}; use terms such as {_EVENT_HINT}")
@@ -143,56 +156,73 @@ def validate_page_size(size: int) -> int:
     return min(size, MAX_PAGE_SIZE)
 
 
-def _request_fingerprint(kind: str, account_id: str, filter_text: str) -> str:
-    return hashlib.sha256(f"{kind}\n{account_id}\n{filter_text}".encode()).hexdigest()[:16]
+# Page tokens carry their position in the clear and an HMAC-SHA256 (cut to 128 bits) of the position and the
+# request (kind, account, filter) under a key every replica shares: the database's page-token key, made by
+# migration 0005 and read once at start-up. A token is then only ever a position this service handed out for
+# this very request: a forged, edited or foreign one is refused before it reaches a query.
+_MAC_BYTES = 16
+_NOT_ISSUED = "is not one this server issued for this request; send the same parent and filter, or start again without it"
+_MAX_EVENT_ID = 2**63 - 1  # BIGINT
 
 
-def _encode(kind: str, account_id: str, filter_text: str, position: list[Any]) -> str:
+def _mac(key: bytes, kind: str, account_id: str, filter_text: str, position: bytes) -> bytes:
+    message = b"\n".join((kind.encode(), account_id.encode(), filter_text.encode("utf-8", "surrogatepass"), position))
+    return hmac.new(key, message, hashlib.sha256).digest()[:_MAC_BYTES]
+
+
+def _encode(key: bytes, kind: str, account_id: str, filter_text: str, position: list[Any]) -> str:
     """An opaque token for the page after `position`, bound to the request it came from (AIP-158)."""
-    payload = {"p": position, "r": _request_fingerprint(kind, account_id, filter_text)}
-    return base64.urlsafe_b64encode(json.dumps(payload, separators=(",", ":")).encode()).decode().rstrip("=")
+    body = json.dumps(position, separators=(",", ":")).encode()
+    raw = _mac(key, kind, account_id, filter_text, body) + body
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _decode(kind: str, token: str, account_id: str, filter_text: str) -> list[Any]:
+def _decode(key: bytes, kind: str, token: str, account_id: str, filter_text: str) -> list[Any]:
     try:
-        payload = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        position, fingerprint = payload["p"], payload["r"]
-    except (ValueError, KeyError, TypeError, RecursionError):
-        raise InvalidArgument("page_token", "is not a token this service issued; start again without it") from None
-    if fingerprint != _request_fingerprint(kind, account_id, filter_text) or not isinstance(position, list):
-        raise InvalidArgument(
-            "page_token", "belongs to a request with another parent or filter; send the same parent and filter"
-        )
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except ValueError:
+        raise InvalidArgument("page_token", _NOT_ISSUED) from None
+    mac, body = raw[:_MAC_BYTES], raw[_MAC_BYTES:]
+    if not hmac.compare_digest(mac, _mac(key, kind, account_id, filter_text, body)):
+        raise InvalidArgument("page_token", _NOT_ISSUED)
+    try:  # only this server's own JSON gets here
+        position = json.loads(body)
+    except (ValueError, RecursionError):
+        raise InvalidArgument("page_token", _NOT_ISSUED) from None
+    if not isinstance(position, list):
+        raise InvalidArgument("page_token", _NOT_ISSUED)
     return position
 
 
-def encode_page_token(account_id: str, filter_text: str, after: tuple[datetime, str]) -> str:
+def encode_page_token(key: bytes, account_id: str, filter_text: str, after: tuple[datetime, str]) -> str:
     """The token of the ListApiKeys page after the key at `after` (create_time, key_id): the last key the page
     examined, which is its last key unless a `labels.` term stopped the walk at max_rows_examined first. The
     position is readable by whoever holds the token; it is always a key the caller may list (see
     Repository.list_keys), so it says nothing the caller could not read."""
-    return _encode("keys", account_id, filter_text, [after[0].isoformat(), after[1]])
+    return _encode(key, "keys", account_id, filter_text, [after[0].isoformat(), after[1]])
 
 
-def decode_page_token(token: str, account_id: str, filter_text: str) -> tuple[datetime, str]:
-    position = _decode("keys", token, account_id, filter_text)
+def decode_page_token(key: bytes, token: str, account_id: str, filter_text: str) -> tuple[datetime, str]:
+    position = _decode(key, "keys", token, account_id, filter_text)
     try:
         after = (datetime.fromisoformat(position[0]), str(position[1]))
     except (ValueError, TypeError, IndexError):
-        raise InvalidArgument("page_token", "is not a token this service issued; start again without it") from None
+        raise InvalidArgument("page_token", _NOT_ISSUED) from None
     if after[0].tzinfo is None:
-        raise InvalidArgument("page_token", "is not a token this service issued; start again without it")
+        raise InvalidArgument("page_token", _NOT_ISSUED)
     return after
 
 
-def encode_event_page_token(account_id: str, filter_text: str, before_id: int) -> str:
+def encode_event_page_token(key: bytes, account_id: str, filter_text: str, before_id: int) -> str:
     """The token of the ListAuditEvents page below the event `before_id`: the last event the page examined,
     its last event unless a term checked row by row stopped the walk at max_rows_examined first."""
-    return _encode("events", account_id, filter_text, [before_id])
+    return _encode(key, "events", account_id, filter_text, [before_id])
 
 
-def decode_event_page_token(token: str, account_id: str, filter_text: str) -> int:
-    position = _decode("events", token, account_id, filter_text)
+def decode_event_page_token(key: bytes, token: str, account_id: str, filter_text: str) -> int:
+    position = _decode(key, "events", token, account_id, filter_text)
     if len(position) != 1 or not isinstance(position[0], int) or isinstance(position[0], bool):
-        raise InvalidArgument("page_token", "is not a token this service issued; start again without it")
+        raise InvalidArgument("page_token", _NOT_ISSUED)
+    if not 0 < position[0] <= _MAX_EVENT_ID:
+        raise InvalidArgument("page_token", _NOT_ISSUED)
     return position[0]

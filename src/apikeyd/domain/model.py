@@ -164,19 +164,41 @@ _LABEL_VALUE = re.compile(r"[a-z0-9_-]{0,63}")
 MIN_PERIOD = 1
 MAX_PERIOD = 86_400
 MAX_RATE_LIMITS = 8
+# Shared limits live in Redis, whose Lua numbers are doubles: a limit's state there is exact while
+# period (in us) x (limit + 1) stays below 2^53 (authorizer/redis_ratelimits.py). Refusing limit x period
+# above 9e9 request-seconds keeps every accepted limit exact on either limiter (104 166 a day, 9e9 a second);
+# beyond it Redis rounded (10^15 a day never counted down, 2^63-1 came back as -2^63).
+MAX_LIMIT_TIMES_PERIOD = 9_000_000_000
 MAX_GRACE = timedelta(days=7)
+
+
+# C0 control characters and DEL: PostgreSQL refuses NUL in text (SQLite would store it, so the backends would
+# disagree), and the others only garble the logs and terminals that show these values. Free text keeps tab
+# and line breaks.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_IN_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def validate_no_control(field: str, value: str, multiline: bool = False) -> str:
+    """`value` unless it holds a control character (tab and line breaks allowed when `multiline`)."""
+    found = (_CONTROL_IN_TEXT if multiline else _CONTROL).search(value)
+    if found is not None:
+        raise InvalidArgument(
+            field, f"must not contain control characters, found U+{ord(found.group()):04X} at {found.start()}"
+        )
+    return value
 
 
 def validate_display_name(value: str) -> str:
     if not 1 <= len(value) <= 255:
         raise InvalidArgument("display_name", f"must be 1 to 255 characters, got {len(value)}")
-    return refuse_key("display_name", value)
+    return refuse_key("display_name", validate_no_control("display_name", value))
 
 
 def validate_description(value: str) -> str:
     if len(value) > 1024:
         raise InvalidArgument("description", f"must be at most 1024 characters, got {len(value)}")
-    return refuse_key("description", value)
+    return refuse_key("description", validate_no_control("description", value, multiline=True))
 
 
 def validate_labels(labels: dict[str, str]) -> dict[str, str]:
@@ -204,6 +226,12 @@ def validate_rate_limits(limits: list[RateLimit]) -> tuple[RateLimit, ...]:
             raise InvalidArgument(
                 "rate_limits", f"period must be whole seconds from {MIN_PERIOD} s to 1 day, got {limit.period_seconds} s"
             )
+        if limit.limit * limit.period_seconds > MAX_LIMIT_TIMES_PERIOD:
+            raise InvalidArgument(
+                "rate_limits",
+                f"limit x period must be at most {MAX_LIMIT_TIMES_PERIOD:.0e} request-seconds (at most "
+                f"{MAX_LIMIT_TIMES_PERIOD // limit.period_seconds} per {limit.period_seconds} s), got {limit.limit}",
+            )
     return tuple(sorted(set(limits), key=lambda r: (r.period_seconds, r.limit)))
 
 
@@ -222,4 +250,4 @@ def validate_grace(grace: timedelta) -> timedelta:
 def validate_reason(reason: str) -> str:
     if len(reason) > 1024:
         raise InvalidArgument("reason", f"must be at most 1024 characters, got {len(reason)}")
-    return refuse_key("reason", reason)
+    return refuse_key("reason", validate_no_control("reason", reason, multiline=True))

@@ -10,12 +10,27 @@ from functools import lru_cache
 
 from apikeyd.domain.echo import quote, refuse_key
 from apikeyd.domain.errors import InvalidArgument
+from apikeyd.domain.limits import (
+    MAX_REQUIRED_SCOPE_LENGTH,
+    MAX_REQUIRED_SCOPES,
+    MAX_SCOPE_LENGTH,
+    MAX_SCOPES,
+    check_count,
+    check_each_length,
+)
 
 WILDCARD = "*"
 _PART = r"[a-z0-9._-]+"
 _SCOPE = re.compile(rf"({_PART}):({_PART})(?::(all|\{{([^{{}}\s]{{1,255}})\}}))?")
 _REQUIRED = re.compile(rf"({_PART}):({_PART})")
-MAX_SCOPE_LENGTH = 320
+# The memo caches below are keyed by what callers send, so their bytes must be bounded. parse_required_scopes
+# lets only lists within the size limits (domain/limits.py) reach them: a required scope is at most 256
+# characters, so an entry of parse_required (the text and its two parts) holds under 1 KB and its 4096
+# entries under 4 MB. Lists are memoised only when short (_MEMO_SCOPES, _MEMO_CHARACTERS): under 4 KB an
+# entry, under 4 MB for its 1024. A longer list is parsed scope by scope through parse_required, which
+# costs microseconds; callers that send the same list again and again send short ones.
+_MEMO_SCOPES = 8
+_MEMO_CHARACTERS = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,17 +68,27 @@ def parse_required(text: str) -> tuple[str, str]:
     return match.group(1), match.group(2)
 
 
-@lru_cache(maxsize=4096)
 def parse_required_scopes(texts: tuple[str, ...]) -> tuple[tuple[str, tuple[str, str]], ...]:
-    """Each required scope with its parts; cached as a whole, since callers send the same few lists."""
+    """Each required scope with its parts; short lists cached as a whole, since callers send the same few."""
+    check_count("required_scopes", texts, MAX_REQUIRED_SCOPES)
+    check_each_length("required_scopes", texts, MAX_REQUIRED_SCOPE_LENGTH)
+    if len(texts) <= _MEMO_SCOPES and sum(map(len, texts)) <= _MEMO_CHARACTERS:
+        return _parse_short_list(texts)
+    return _parse_list(texts)
+
+
+def _parse_list(texts: tuple[str, ...]) -> tuple[tuple[str, tuple[str, str]], ...]:
     return tuple((text, parse_required(text)) for text in texts)
+
+
+_parse_short_list = lru_cache(maxsize=1024)(_parse_list)
 
 
 def validate_scopes(scopes: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     if not scopes:
         raise InvalidArgument("scopes", "a key needs at least one scope")
-    if len(scopes) > 100:
-        raise InvalidArgument("scopes", "at most 100 scopes per key")
+    check_count("scopes", scopes, MAX_SCOPES)
+    check_each_length("scopes", scopes, MAX_SCOPE_LENGTH)
     for scope in scopes:
         parse_scope(scope)
         refuse_key("scopes", scope)

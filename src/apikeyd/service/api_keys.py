@@ -23,6 +23,7 @@ from apikeyd.service.convert import (
     update_from_pb,
 )
 from apikeyd.service.errors import grpc_errors
+from apikeyd.service.request_limits import check_request
 from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
 
@@ -78,6 +79,7 @@ class ApiKeyService(pb_grpc.ApiKeyServiceServicer):
 
     @grpc_errors
     async def CreateApiKey(self, request: pb.CreateApiKeyRequest, context: Context) -> pb.CreateApiKeyResponse:
+        check_request(request, context)
         caller = await self._caller(context, "CreateApiKey")
         account_id = parse_parent(request.parent)
         if not request.HasField("api_key"):
@@ -88,11 +90,13 @@ class ApiKeyService(pb_grpc.ApiKeyServiceServicer):
 
     @grpc_errors
     async def GetApiKey(self, request: pb.GetApiKeyRequest, context: Context) -> pb.ApiKey:
+        check_request(request, context)
         caller = await self._caller(context, "GetApiKey")
         return api_key_to_pb(await self._manager.get(caller, *parse_key_name(request.name)))
 
     @grpc_errors
     async def ListApiKeys(self, request: pb.ListApiKeysRequest, context: Context) -> pb.ListApiKeysResponse:
+        check_request(request, context)
         caller = await self._caller(context, "ListApiKeys")
         account_id = parse_parent(request.parent)
         page, token = await self._manager.list_keys(
@@ -102,6 +106,7 @@ class ApiKeyService(pb_grpc.ApiKeyServiceServicer):
 
     @grpc_errors
     async def UpdateApiKey(self, request: pb.UpdateApiKeyRequest, context: Context) -> pb.ApiKey:
+        check_request(request, context)
         caller = await self._caller(context, "UpdateApiKey")
         account_id, key_id = parse_key_name(request.api_key.name, "api_key.name")
         values = update_from_pb(request.api_key, request.update_mask)
@@ -110,6 +115,7 @@ class ApiKeyService(pb_grpc.ApiKeyServiceServicer):
 
     @grpc_errors
     async def RevokeApiKey(self, request: pb.RevokeApiKeyRequest, context: Context) -> pb.ApiKey:
+        check_request(request, context)
         caller = await self._caller(context, "RevokeApiKey")
         account_id, key_id = parse_key_name(request.name)
         key = await self._manager.revoke(caller, account_id, key_id, request.reason, request.etag, request.allow_self)
@@ -117,6 +123,7 @@ class ApiKeyService(pb_grpc.ApiKeyServiceServicer):
 
     @grpc_errors
     async def DeleteApiKey(self, request: pb.DeleteApiKeyRequest, context: Context) -> Empty:
+        check_request(request, context)
         caller = await self._caller(context, "DeleteApiKey")
         account_id, key_id = parse_key_name(request.name)
         await self._manager.delete(caller, account_id, key_id, request.etag, request.allow_self)
@@ -124,6 +131,7 @@ class ApiKeyService(pb_grpc.ApiKeyServiceServicer):
 
     @grpc_errors
     async def RotateApiKey(self, request: pb.RotateApiKeyRequest, context: Context) -> pb.RotateApiKeyResponse:
+        check_request(request, context)
         caller = await self._caller(context, "RotateApiKey")
         account_id, key_id = parse_key_name(request.name)
         grace = duration(request, "grace_period")
@@ -135,6 +143,7 @@ class ApiKeyService(pb_grpc.ApiKeyServiceServicer):
 
     @grpc_errors
     async def ListAuditEvents(self, request: pb.ListAuditEventsRequest, context: Context) -> pb.ListAuditEventsResponse:
+        check_request(request, context)
         caller = await self._caller(context, "ListAuditEvents")
         account_id = parse_parent(request.parent)
         events, token = await self._manager.list_events(
@@ -146,6 +155,7 @@ class ApiKeyService(pb_grpc.ApiKeyServiceServicer):
 
     @grpc_errors
     async def Authorize(self, request: pb.AuthorizeRequest, context: Context) -> pb.AuthorizeResponse:
+        check_request(request, context)
         caller = await authorizing_caller(self._manager, self._authorize_requires_key, context, "Authorize")
         project_id = refuse_key("project_id", request.project_id)  # it goes into messages and log lines
         decision = await self._authorizer.authorize(

@@ -43,7 +43,10 @@ def duration(message: Any, field: str) -> timedelta:
     value: Duration = getattr(message, field)
     if value.nanos:
         raise InvalidArgument(field, "must be whole seconds")
-    return timedelta(seconds=value.seconds)
+    try:  # timedelta ends near ±8.6e13 s, well inside int64; the domain then checks the real range
+        return timedelta(seconds=value.seconds)
+    except OverflowError:
+        raise InvalidArgument(field, f"{value.seconds} s is out of range") from None
 
 
 def api_key_to_pb(key: ApiKey) -> pb.ApiKey:

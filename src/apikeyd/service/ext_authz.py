@@ -35,6 +35,7 @@ from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
 from apikeyd.authorizer.authorizer import Authorizer
+from apikeyd.domain import limits
 from apikeyd.domain.decision import AuthCode, Decision
 from apikeyd.domain.echo import quote, refuse_key
 from apikeyd.domain.errors import InvalidArgument, Unavailable
@@ -43,6 +44,7 @@ from apikeyd.lifecycle import KeyManager
 from apikeyd.metrics import Metrics
 from apikeyd.service.api_keys import authorizing_caller
 from apikeyd.service.errors import grpc_errors
+from apikeyd.service.request_limits import check_request
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,7 @@ _UNAUTHORIZED = {
 }
 # The gRPC code Envoy records (in its stats) for each HTTP answer.
 _GRPC_CODES = {
+    400: code_pb2.INVALID_ARGUMENT,
     401: code_pb2.UNAUTHENTICATED,
     403: code_pb2.PERMISSION_DENIED,
     429: code_pb2.RESOURCE_EXHAUSTED,
@@ -81,7 +84,12 @@ class Route:
     keep_credential: bool = False
 
 
-@lru_cache(maxsize=1024)
+# Keyed by what the proxy (or whoever calls Check) sends, so bounded in bytes: only maps within the size
+# limits reach it (request_limits, before Check does anything), and only valid ones stay, since lru_cache
+# keeps no call that raised: at most the four known keys with values of MAX_CONTEXT_EXTENSION_VALUE_LENGTH,
+# and a Route of at most MAX_REQUIRED_SCOPES scopes, under 12 KB an entry and 3 MB for the 256 entries,
+# more than any proxy's routes.
+@lru_cache(maxsize=256)
 def parse_route(extensions: tuple[tuple[str, str], ...]) -> Route:
     """A route's settings; InvalidArgument naming the extension that is wrong. Cached: a proxy sends the
     same few maps again and again."""
@@ -96,6 +104,7 @@ def parse_route(extensions: tuple[tuple[str, str], ...]) -> Route:
     resource, header = settings.get("resource", ""), settings.get("resource_header", "").strip().lower()
     if resource and header:
         raise InvalidArgument("context_extensions", "set resource or resource_header, not both")
+    limits.check_length("resource", resource, limits.MAX_RESOURCE_LENGTH)
     keep = settings.get("keep_credential", "false").strip().lower()
     if keep not in ("true", "false"):
         raise InvalidArgument("context_extensions", f"keep_credential must be true or false, not {quote(keep)}")
@@ -212,6 +221,17 @@ def allowed(
     )
 
 
+def _check_client_values(
+    presented: str, credential_headers: tuple[str, ...], resource: str, resource_header: str, project_id: str
+) -> None:
+    """The size limits on what Check takes from the client's headers, before the key is digested. The
+    client, not the proxy, sent them, so an over-limit value is the client's 400, not a gRPC error."""
+    limits.check_length(f"{credential_headers[0]} header's key", presented, limits.MAX_KEY_LENGTH)
+    if resource_header:
+        limits.check_length(f"{resource_header} header", resource, limits.MAX_RESOURCE_LENGTH)
+    limits.check_length("x-project-id header", project_id, limits.MAX_PROJECT_ID_LENGTH)
+
+
 class ExtAuthzService(ext_grpc.AuthorizationServicer):
     def __init__(
         self, manager: KeyManager, authorizer: Authorizer, metrics: Metrics, authorize_requires_key: bool = False
@@ -227,6 +247,7 @@ class ExtAuthzService(ext_grpc.AuthorizationServicer):
 
     @grpc_errors
     async def Check(self, request: ext.CheckRequest, context: grpc.aio.ServicerContext) -> ext.CheckResponse:
+        check_request(request, context)
         # A proxy that may not ask gets a gRPC error, which Envoy turns into its status_on_error: fail closed.
         caller = await authorizing_caller(self._manager, self._authorize_requires_key, context, "Check")
         attributes = request.attributes
@@ -245,6 +266,10 @@ class ExtAuthzService(ext_grpc.AuthorizationServicer):
             project_id = refuse_key("x-project-id", headers.get("x-project-id", "").strip())
         except InvalidArgument as error:  # a client's mistake, answered like any other wrong project
             return denied(403, AuthCode.PROJECT_MISMATCH.name, str(error))
+        try:
+            _check_client_values(presented, credential_headers, resource, route.resource_header, project_id)
+        except InvalidArgument as error:
+            return denied(400, "INVALID_ARGUMENT", str(error))
         try:
             decision = await self._authorizer.authorize(
                 presented, route.required_scopes, resource, project_id, caller

@@ -109,3 +109,12 @@ class RequestIdRow(Base):
     fingerprint: Mapped[str] = mapped_column(String(64))
     key_id: Mapped[str] = mapped_column(String(36))
     create_time: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class ServerSecretRow(Base):
+    """Keys every replica shares, made once by a migration: `page_token` signs page tokens (domain/listing)."""
+
+    __tablename__ = "server_secrets"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    value: Mapped[str] = mapped_column(String(255))  # hex

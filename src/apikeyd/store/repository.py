@@ -1,6 +1,7 @@
 """The repository: every read and write of keys and events, each call one transaction."""
 
 import contextlib
+import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -17,6 +18,7 @@ from apikeyd.domain.echo import quote
 from apikeyd.domain.errors import (
     Aborted,
     FailedPrecondition,
+    InvalidArgument,
     ResourceExhausted,
     Unavailable,
     key_not_found,
@@ -33,7 +35,7 @@ from apikeyd.domain.model import (
     RateLimit,
     request_id_reused,
 )
-from apikeyd.store.models import ApiKeyRow, KeyEventRow, RequestIdRow
+from apikeyd.store.models import ApiKeyRow, KeyEventRow, RequestIdRow, ServerSecretRow
 
 _WRITE = "apikeyd_write"
 FEED_CHANNEL = "apikeyd_key_events"  # NOTIFY channel of committed key events (PostgreSQL)
@@ -181,6 +183,24 @@ def _event_to_domain(row: KeyEventRow) -> AuditEvent:
     )
 
 
+def _refused_for_its_size(error: DBAPIError) -> bool:
+    """The database refused the statement for its size or complexity (SQLite's "Expression tree is too large",
+    "too many SQL variables", "string or blob too big"; PostgreSQL's class 54, program limit exceeded, and
+    libpq's at most 65535 parameters). The input limits (domain/limits.py) keep requests far below these;
+    this is the mapping if one got through."""
+    cause = error.orig
+    sqlstate = getattr(cause, "sqlstate", None)
+    if isinstance(sqlstate, str):
+        return sqlstate.startswith("54")
+    if "number of parameters must be between" in str(cause):
+        return True
+    code = getattr(cause, "sqlite_errorcode", None)
+    message = str(cause)
+    return code == sqlite3.SQLITE_TOOBIG or (
+        code == sqlite3.SQLITE_ERROR and ("too large" in message or "too many" in message or "too big" in message)
+    )
+
+
 class Repository:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -200,6 +220,9 @@ class Repository:
             with (self._write if write else self._read).begin() as session:
                 yield session
         except (OperationalError, InterfaceError, PoolTimeout) as error:
+            if isinstance(error, DBAPIError) and _refused_for_its_size(error):
+                # The request's doing: retrying it later fails the same way, so not UNAVAILABLE.
+                raise InvalidArgument("request", "is too large or complex for the database; send a smaller one") from error
             raise Unavailable("the database is unavailable; retry later") from error
         except DBAPIError as error:
             if error.connection_invalidated:
@@ -209,6 +232,14 @@ class Repository:
     def ping(self) -> None:
         with self._transaction(write=False) as session:
             session.execute(select(1))
+
+    def page_token_key(self) -> bytes:
+        """The key page tokens are signed with, the same for every replica (made by migration 0005)."""
+        with self._transaction(write=False) as session:
+            value = session.scalar(select(ServerSecretRow.value).where(ServerSecretRow.name == "page_token"))
+        if value is None:
+            raise LookupError("the database has no page-token key: run `apikeyd migrate`")
+        return bytes.fromhex(value)
 
     # --- reads ------------------------------------------------------------------------------------
 

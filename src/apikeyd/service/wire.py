@@ -1,0 +1,151 @@
+"""Requests that are not valid protobuf get INVALID_ARGUMENT, on every service the server hosts.
+
+grpc.aio decodes a request with the method's `request_deserializer` before any servicer code runs: for a
+unary request before a ServicerContext even exists, for a streamed one inside `context.read()`. A
+DecodeError there escapes to grpc's own handler, which answers UNKNOWN "Unexpected DecodeError" and logs an
+ERROR with a traceback for every garbled request, an unauthenticated way to fill the log. Raising anything
+else from the deserializer ends the same way, and without a context there is no way to set a status.
+
+So WireErrors, an interceptor, wraps each method handler once: its deserializer turns undecodable bytes
+into an `Undecodable` marker instead of raising, and its behaviour, which does have a context, answers a
+marker with `context.abort(INVALID_ARGUMENT, ...)` before the servicer sees it. For streamed requests the
+check sits on the request iterator, so every message of the stream is checked as it arrives. Each refusal
+is counted; a WARNING line says so at most once per LOG_EVERY seconds, without the bytes.
+"""
+
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from apikeyd.logs import fields
+
+log = logging.getLogger(__name__)
+
+LOG_EVERY = 60.0  # seconds between warnings about undecodable requests
+
+
+class Undecodable:
+    """Stands in for a request whose bytes are not a valid `type_name`."""
+
+    __slots__ = ("type_name",)
+
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+
+def _type_name(deserializer: Callable[[bytes], Any]) -> str:
+    message_class = getattr(deserializer, "__self__", None)  # `Message.FromString`, bound to its class
+    descriptor = getattr(message_class, "DESCRIPTOR", None)
+    return str(getattr(descriptor, "full_name", "request message"))
+
+
+def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    marker = Undecodable(_type_name(deserializer))
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError:
+            return marker
+
+    return deserialize
+
+
+class WireErrors(grpc.aio.ServerInterceptor):
+    def __init__(self) -> None:
+        # Wrapped handlers by method: only names grpc resolved to a handler get here, so this holds one entry
+        # per hosted method, whatever names callers send.
+        self._handlers: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self.refused = 0  # undecodable requests answered INVALID_ARGUMENT; bumped on the event loop
+        self._last_warning = -float("inf")
+        self._unlogged = 0
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        method = handler_call_details.method
+        cached = self._handlers.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(method, handler)
+        self._handlers[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        kind = (handler.request_streaming, handler.response_streaming)
+        behavior = {
+            (False, False): handler.unary_unary,
+            (False, True): handler.unary_stream,
+            (True, False): handler.stream_unary,
+            (True, True): handler.stream_stream,
+        }[kind]
+        # grpc runs a plain function on its thread pool with another context; every servicer here is async.
+        if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
+            return handler
+        checked = self._checked_stream(method, behavior) if handler.request_streaming else self._checked(method, behavior)
+        field = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")[2 * kind[0] + kind[1]]
+        return handler._replace(request_deserializer=_tolerant(handler.request_deserializer), **{field: checked})
+
+    async def _refuse(self, method: str, request: Undecodable, context: grpc.aio.ServicerContext) -> None:
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._last_warning >= LOG_EVERY:
+            log.warning(
+                "refused an undecodable request to %s (not a valid %s)%s",
+                method,
+                request.type_name,
+                f"; {self._unlogged} more since the last warning" if self._unlogged else "",
+                extra=fields(event="rpc.undecodable", method=method, unlogged=self._unlogged),
+            )
+            self._last_warning, self._unlogged = now, 0
+        else:
+            self._unlogged += 1
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {request.type_name}")
+
+    def _checked(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        if inspect.isasyncgenfunction(behavior):
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                if request.__class__ is Undecodable:
+                    await self._refuse(method, request, context)
+                async for response in behavior(request, context):
+                    yield response
+
+            return stream
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if request.__class__ is Undecodable:
+                await self._refuse(method, request, context)
+            return await behavior(request, context)
+
+        return unary
+
+    def _checked_stream(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def requests(iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async for request in iterator:
+                if request.__class__ is Undecodable:
+                    await self._refuse(method, request, context)
+                yield request
+
+        if inspect.isasyncgenfunction(behavior):
+
+            async def stream(iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                async for response in behavior(requests(iterator, context), context):
+                    yield response
+
+            return stream
+
+        async def unary(iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+            return await behavior(requests(iterator, context), context)
+
+        return unary
