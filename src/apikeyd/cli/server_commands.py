@@ -1,4 +1,4 @@
-"""The `apikeyd` command line."""
+"""`apikeyd serve`, `apikeyd migrate` and `apikeyd admin-key create`: the commands that run the server side."""
 
 import asyncio
 import dataclasses
@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from apikeyd import logs
-from apikeyd.client_cli import register as register_client_commands
 from apikeyd.config import Settings
 
 # The server side (SQLAlchemy, alembic, argon2) is imported inside the commands that need it, so that the
@@ -42,15 +41,7 @@ def _load(**overrides: Any) -> Settings:
     return settings
 
 
-@click.group()
-def main() -> None:
-    """apikeyd: API keys with scopes, rate limits and a fast Authorize, over gRPC."""
-
-
-register_client_commands(main)  # keys, authorize, audit, health: src/apikeyd/client_cli.py
-
-
-@main.command()
+@click.command("serve")
 @_settings_options
 def serve_command(**overrides: Any) -> None:
     """Serve gRPC until SIGTERM or Ctrl-C, then drain and exit 0."""
@@ -70,10 +61,7 @@ def serve_command(**overrides: Any) -> None:
         sys.exit(2)
 
 
-serve_command.name = "serve"
-
-
-@main.command()
+@click.command()
 @click.option("--database-url", default=None, help="SQLAlchemy URL [APIKEYD_DATABASE_URL]")
 def migrate(database_url: str | None) -> None:
     """Bring the database schema up to date."""
@@ -89,7 +77,7 @@ def migrate(database_url: str | None) -> None:
     click.echo(f"database at {engine.url.render_as_string(hide_password=True)} is up to date", err=True)
 
 
-@main.group("admin-key")
+@click.group("admin-key")
 def admin_key() -> None:
     """Operator keys, written straight to the database: how a new installation gets its first credential."""
 
@@ -129,3 +117,6 @@ async def _create_operator_key(settings: Settings, display_name: str, scopes: tu
         return await app.manager.create(caller, settings.operator_account, NewKey(display_name, scopes))
     finally:
         app.close()
+
+
+SERVER_COMMANDS = (serve_command, migrate, admin_key)
