@@ -159,6 +159,48 @@ def test_a_bad_option_is_a_usage_error_before_any_call(args, message):
     assert "UNAVAILABLE" not in result.stderr  # refused before connecting
 
 
+# Every usage mistake of every client command: exit 2 and a message naming the option, before any call. The
+# address is a real server, so a mistake that slipped through would reach it and exit 0 or 1 instead.
+USAGE_MISTAKES = [
+    (["keys", "list"], "--account"),
+    (["keys", "list", "--account", ""], "--account"),
+    (["keys", "list", "--account", "a", "--page-size", "0"], "--page-size"),
+    (["audit"], "--account"),
+    (["audit", "--account", "a/b"], "--account"),
+    (["audit", "--account", "a", "--page-size", "1001"], "--page-size"),
+    (["keys", "create", "--display-name", "x", "--scope", "a:b"], "--account"),
+    (["keys", "create", "--account", "a", "--scope", "a:b"], "--display-name"),
+    (["keys", "create", "--account", "a", "--display-name", "x"], "--scope"),
+    (["keys", "get"], "KEY"),
+    (["keys", "get", "k1"], "--account"),
+    (["keys", "get", "--account", "a", ""], "KEY"),
+    (["keys", "update", "--account", "a", "k1"], "--display-name"),
+    (["keys", "update", "--account", "a", "k1", "--expires", "soon"], "--expires"),
+    (["keys", "disable"], "KEY"),
+    (["keys", "enable", "k1"], "--account"),
+    (["keys", "revoke", "accounts/a/keys/k1"], "KEY"),
+    (["keys", "delete", "--yes"], "KEY"),
+    (["keys", "rotate", "--account", "a", "k1", "--grace", "soon"], "--grace"),
+    (["keys", "rotate", "--account", "a", "k1", "--request-id", "x"], "--request-id"),
+    (["authorize"], "KEY"),
+    (["health", "--timeout", "0"], "--timeout"),
+    (["health", "--timeout", "nan"], "--timeout"),
+    (["health", "--timeout", "inf"], "--timeout"),
+    (["health", "--timeout", "soon"], "--timeout"),
+    (["health", "--address", ""], "--address"),
+    (["keys", "list", "--account", "a", "--address", " "], "--address"),
+]
+
+
+@pytest.mark.parametrize(("args", "option"), USAGE_MISTAKES, ids=[" ".join(a) for a, _ in USAGE_MISTAKES])
+def test_every_usage_mistake_exits_2_naming_the_option(server, args, option):
+    env = {"APIKEYD_ADDRESS": server.address, "APIKEYD_TOKEN": server.operator_key, "APIKEYD_TIMEOUT": None}
+    result = CliRunner().invoke(main, args, env=env, prog_name="apikeyd")
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    assert option in result.stderr and "Usage: apikeyd" in result.stderr, result.stderr
+    assert "Traceback" not in result.output and "error:" not in result.stderr  # no call was made
+
+
 def test_keys_are_named_in_full_or_by_account_and_id():
     assert options.key_name("accounts/acme/apiKeys/k1", None) == "accounts/acme/apiKeys/k1"
     assert options.key_name("accounts/acme/apiKeys/k1", "acme") == "accounts/acme/apiKeys/k1"

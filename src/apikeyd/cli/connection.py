@@ -13,6 +13,7 @@ import grpc
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from apikeyd.cli.options import TIMEOUT
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -162,6 +163,8 @@ def client_tls(
 class Client:
     def __init__(self, address: str, token: str | None, timeout: float, tls: ClientTls | None = None) -> None:
         self.address = address.strip()
+        if not self.address:  # grpc would fail later, with a status of its own and lines of C-core trace
+            raise click.BadParameter("give the server as host:port", param_hint="--address (APIKEYD_ADDRESS)")
         self.token = (token or "").strip()
         self.timeout = timeout
         self.tls = tls
@@ -283,7 +286,7 @@ def connection_options(function: Callable[..., Any]) -> Callable[..., Any]:
         )(wrapper)
     wrapper = click.option(
         "--timeout",
-        type=click.FloatRange(min=0, min_open=True),
+        type=TIMEOUT,
         default=10.0,
         show_default=True,
         envvar="APIKEYD_TIMEOUT",

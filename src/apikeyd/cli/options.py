@@ -11,6 +11,7 @@ import click
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from apikeyd.domain.echo import quote
 from apikeyd.v1 import api_keys_pb2 as pb
 
 _UNITS = {
@@ -25,6 +26,7 @@ _DURATION_PART = re.compile(r"(\d+)\s*([a-z]+)")
 _RATE_LIMIT = re.compile(r"(\d+)\s*/\s*(\d*)\s*([a-z]+)")
 _MAX_INT64 = 2**63 - 1
 NEVER = "never"  # --expires never: no expiry (on update: clear it)
+MAX_TIMEOUT = 86400
 
 
 def parse_duration(text: str) -> timedelta:
@@ -185,11 +187,23 @@ def _parse_request_id(text: str) -> str:
         raise ValueError(f"{text!r} is not a UUID") from None
 
 
+def parse_timeout(text: str) -> float:
+    """Seconds to wait for an answer: more than 0, at most a day (a number grpc takes as a deadline)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise ValueError(f"{quote(text)} is not a number of seconds") from None
+    if not 0 < seconds <= MAX_TIMEOUT:  # NaN fails this too
+        raise ValueError(f"{quote(text)}: give more than 0 and at most {MAX_TIMEOUT} seconds")
+    return seconds
+
+
 DURATION = _Parsed("duration", parse_duration)
 EXPIRES = _Parsed("duration|time", parse_expires)
 RATE_LIMIT = _Parsed("limit/period", parse_rate_limit)
 LABEL = _Parsed("key=value", _parse_label)
 REQUEST_ID = _Parsed("uuid", _parse_request_id)
+TIMEOUT = _Parsed("seconds", parse_timeout)
 
 
 def label_map(pairs: Sequence[tuple[str, str]]) -> dict[str, str]:
@@ -217,12 +231,11 @@ def json_option(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def account_option(required: bool) -> Callable[..., Any]:
-    return click.option(
-        "--account",
-        required=required,
-        default=None,
-        help="the account, e.g. acme" + ("" if required else " (with KEY a key id rather than a full name)"),
-    )
+    # No `default=None` when required: click (8.2 on) takes an explicit default, None included, as given, so
+    # a missing --account reached the code as None instead of being a usage error.
+    if required:
+        return click.option("--account", required=True, help="the account, e.g. acme")
+    return click.option("--account", default=None, help="the account, e.g. acme (with KEY a key id, not a full name)")
 
 
 def key_argument(function: Callable[..., Any]) -> Callable[..., Any]:
