@@ -61,14 +61,12 @@ resolved values, not flags, so that a worker gets exactly the supervisor's setti
 import asyncio
 import contextlib
 import dataclasses
-import errno
 import json
 import logging
 import mmap
 import os
 import select
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -82,6 +80,7 @@ from apikeyd import logs, tls
 from apikeyd.config import Settings
 from apikeyd.logs import fields
 from apikeyd.metrics import split_listen
+from apikeyd.ports import port_problem
 
 if TYPE_CHECKING:
     from apikeyd.server import Server
@@ -211,31 +210,6 @@ class HostHealth:
 # --- the supervisor -------------------------------------------------------------------------------
 
 
-def _port_problem(listen: str) -> str:
-    """Binds host:port without SO_REUSEPORT (with SO_REUSEADDR, as grpc binds, so that connections in
-    TIME_WAIT do not count) and releases it: "" when free, else why not (a listener of another program)."""
-    try:
-        host, port = split_listen(listen)
-        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except (ValueError, OSError) as error:
-        return str(error)
-    bound = 0
-    failure: OSError | None = None
-    for family, kind, proto, _, address in addresses:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            try:
-                probe.bind(address)
-                bound += 1
-            except OSError as error:
-                if error.errno in (errno.EADDRINUSE, errno.EACCES):
-                    return f"the address is taken ({error.strerror}); --workers shares a port only among its own workers"
-                failure = error
-    return "" if bound else str(failure)
-
-
 def metrics_listen_of(settings: Settings, index: int) -> str:
     """Worker `index`'s metrics address: the port + index, or an ephemeral port for port 0, or none."""
     if not settings.metrics_listen:
@@ -257,14 +231,15 @@ def _check_before_start(settings: Settings) -> None:
         raise StartupError(f"cannot listen on {settings.listen}: {error}") from None
     if port == 0:
         raise StartupError(f"cannot listen on {settings.listen}: --workers needs a fixed port, not 0")
-    if problem := _port_problem(settings.listen):
-        raise StartupError(f"cannot listen on {settings.listen}: {problem}")
+    if problem := port_problem(settings.listen):
+        hint = "; --workers shares a port only among its own workers"
+        raise StartupError(f"cannot listen on {settings.listen}: {problem}{hint}")
     for index in range(settings.workers):
         try:
             listen = metrics_listen_of(settings, index)
         except ValueError as error:
             raise StartupError(f"cannot serve metrics on {settings.metrics_listen}: {error}") from None
-        if listen and split_listen(listen)[1] != 0 and (problem := _port_problem(listen)):
+        if listen and split_listen(listen)[1] != 0 and (problem := port_problem(listen)):
             raise StartupError(f"cannot serve metrics of worker {index} on {listen}: {problem}")
     try:
         tls.server_credentials(settings)

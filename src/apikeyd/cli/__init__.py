@@ -12,13 +12,12 @@ as click does). A key's secret is printed only by `keys create` and `keys rotate
 """
 
 import os
-import sys
 
 # grpc's core logs to stderr, INFO lines included (a failed TLS handshake is one), unless GRPC_VERBOSITY says
 # otherwise, and reads it only when grpc is imported, which is below. A client command's stderr is its one
-# error line, so these run with ERROR unless the variable is set. `serve` (and the rest) is left as it was.
-if sys.argv[1:2] and sys.argv[1] in ("keys", "authorize", "audit", "health"):  # client_commands.COMMANDS
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+# error line, and the server's is its JSON log lines (which its workers inherit), so every command runs with
+# ERROR unless the variable is set. (A taken port is found before grpc tries it: server.py, ports.py.)
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import click
 
