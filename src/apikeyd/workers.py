@@ -36,8 +36,11 @@ What the bytes cannot show is a worker that is alive but stuck (SIGSTOP, an even
 keeps its SERVING byte and its place in the port's group, and the connections the kernel hands it hang. So
 the same mapping holds, after the bytes (from the next multiple of 8), one heartbeat per worker: an 8-byte
 time.monotonic() that the worker's HostHealth follower task writes every 0.1 s, from its first health
-report until the process exits, through a drain too (the follower stops reading the board when the listener
-closes, but beats on). CLOCK_MONOTONIC is one clock for the whole host, so the supervisor compares the beat
+report until its event loop ends, through a drain too (the follower stops reading the board when the listener
+closes, but beats on). When the loop ends (serve() has returned) the follower's last act is to write its byte
+EXITING: the process has no loop left to beat and still takes a while to exit (0.8 s idle, well over a
+second on a busy machine), so the supervisor gives an EXITING worker _KILL_MARGIN, as it gives a worker it
+stops, instead of the hang timeout. CLOCK_MONOTONIC is one clock for the whole host, so the supervisor compares the beat
 with its own time. In its poll loop (every 0.2 s) it kills with SIGKILL a worker that has said it serves and
 whose last beat (or, if later, the moment it said so: the beat may be its predecessor's) is older than
 worker_hang_timeout (default 10 s, 0 disables), logs `worker.hung` with the worker, pid and staleness, and
@@ -109,7 +112,8 @@ class HealthBoard:
     loop's last beat as an 8-byte double. The file has no name (a memfd, or an unlinked temporary file where
     there is none): it goes away with the last process that maps it."""
 
-    NOT_LISTENING, SERVING, NOT_SERVING = 0, 1, 2
+    # EXITING: its event loop has ended (serve() returned) and the interpreter is exiting; it beats no more.
+    NOT_LISTENING, SERVING, NOT_SERVING, EXITING = 0, 1, 2, 3
     _BEAT = struct.Struct("d")  # native: aligned, written by one 8-byte store
 
     def __init__(self, fd: int, size: int) -> None:
@@ -154,7 +158,7 @@ class HealthBoard:
 class HostHealth:
     """A worker's health service answers for the host (module docstring): its own health goes on the board,
     the board's verdict goes to the health service. Its follower task also beats the worker's heartbeat on the
-    board, every 0.1 s from the worker's first report until the process exits (through a drain too)."""
+    board, every 0.1 s from the worker's first report until its event loop ends (through a drain too)."""
 
     _SERVING, _NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -173,7 +177,7 @@ class HostHealth:
             self.board[self.index] = HealthBoard.NOT_SERVING
         else:  # UNKNOWN: the listener is closing; this worker drains and answers NOT_SERVING to the end
             self.board[self.index] = HealthBoard.NOT_LISTENING
-            self._listening = False  # the follower stops reading the board, and beats on until the exit
+            self._listening = False  # the follower stops reading the board, and beats on until the loop ends
             return
         self.board.beat(self.index)
         if self._follower is None:
@@ -200,11 +204,18 @@ class HostHealth:
                      extra=fields(event="health.host_not_serving", worker=self.index, not_serving=down))
 
     async def _follow(self, server: "Server") -> None:
-        while True:
-            await asyncio.sleep(_HEALTH_REFRESH)
-            self.board.beat(self.index)
-            if self._listening:
-                await self._refresh(server)
+        try:
+            while True:
+                await asyncio.sleep(_HEALTH_REFRESH)
+                self.board.beat(self.index)
+                if self._listening:
+                    await self._refresh(server)
+        except asyncio.CancelledError:
+            # asyncio.run cancels this task once serve() has returned: the loop ends, and the beats with it,
+            # while the process still exits (executor joins, grpc's and the interpreter's shutdown: 0.8 s idle,
+            # more on a busy machine). The supervisor must not take that for a hung loop.
+            self.board[self.index] = HealthBoard.EXITING
+            raise
 
 
 # --- the supervisor -------------------------------------------------------------------------------
@@ -385,12 +396,14 @@ class Supervisor:
             # Read twice (see the module docstring on torn reads); a beat of its predecessor is older than ready_at.
             beat = max(self.health.last_beat(slot.index), self.health.last_beat(slot.index))
             stale = now - max(beat, slot.ready_at)
-            if stale <= timeout:
+            # A worker whose loop has ended is exiting: its exit has the bound a stopping worker's has instead.
+            exiting = self.health.states()[slot.index] == HealthBoard.EXITING
+            if stale <= (_KILL_MARGIN if exiting else timeout):
                 continue
             pid = slot.process.pid
             log.error(
-                "worker %d (pid %d) is hung: no heartbeat from its event loop for %.1f s; killing it",
-                slot.index, pid, stale,
+                "worker %d (pid %d) is hung: %s for %.1f s; killing it", slot.index, pid,
+                "exiting, its event loop ended," if exiting else "no heartbeat from its event loop", stale,
                 extra=fields(event="worker.hung", worker=slot.index, pid=pid, stale=round(stale, 3)),
             )
             slot.hung = True
