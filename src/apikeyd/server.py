@@ -216,12 +216,13 @@ class Server:
             self._close_metrics()
             raise StartupError(f"cannot listen on {listen}: the address is taken or invalid")
         await self.app.feed.start()  # its position is taken before the first check is served
-        await self.grpc.start()
         interval = self.app.settings.health_check_interval
         # Health starts from a first check, never SERVING on a database that does not answer or has not
-        # (or no longer has) this apikeyd's schema.
+        # (or no longer has) this apikeyd's schema; and it is set before the first call is taken, which
+        # would otherwise find no status for the service (NOT_FOUND).
         serving = interval <= 0 or await self._database_usable(True, interval)
         await self._set_health(_STATUS[serving])
+        await self.grpc.start()
         self._flusher = asyncio.create_task(self._flush_periodically())
         if self.app.shared_limiter is not None:
             await self.app.shared_limiter.start()
