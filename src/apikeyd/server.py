@@ -254,13 +254,13 @@ class Server:
         """Health follows the database: NOT_SERVING while a check fails (or hangs past its timeout), SERVING
         again once one succeeds, unless the server is draining by then. One check at a time."""
         while not self._draining:
+            await asyncio.sleep(interval)  # start() has made the first check
             usable = await self._database_usable(serving, interval)
             if self._draining:
                 return
             if usable != serving:
                 serving = usable
                 await self._set_health(_STATUS[serving])
-            await asyncio.sleep(interval)
 
     async def _database_usable(self, was_usable: bool, interval: float) -> bool:
         """One database check (or the wait for the one still running), logged when the answer changes."""
@@ -276,7 +276,7 @@ class Server:
         except migrate.SchemaNotCurrent as error:
             failure = str(error)
         except Exception as error:
-            failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+            failure = first_line(error)
         if was_usable == (not failure):
             return was_usable
         if failure:
@@ -372,7 +372,7 @@ def prepare_database(engine: Engine, wait_for_database: bool = False) -> None:
 
 
 def first_line(error: BaseException) -> str:
-    """A database error in one line, without the statement or its parameters that SQLAlchemy appends."""
+    """An error in one line; a database error without the statement and parameters SQLAlchemy appends."""
     cause = getattr(error, "orig", None) or error
     text = str(cause).strip().splitlines()
     return f"{type(cause).__name__}: {text[0] if text else 'no details'}"[:300]
