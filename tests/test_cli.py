@@ -15,8 +15,7 @@ import pytest
 from click.testing import CliRunner, Result
 from grpc_health.v1 import health_pb2
 
-from apikeyd import client_cli
-from apikeyd.cli import main
+from apikeyd.cli import main, options
 from apikeyd.v1 import api_keys_pb2 as pb
 from tests.conftest import ISSUED_SECRETS, RunningServer, count_keys, create_key, free_port, leaked_secrets
 
@@ -84,25 +83,25 @@ NOW = datetime(2026, 1, 1, tzinfo=UTC)
     ],
 )
 def test_durations(text, expected):
-    assert client_cli.parse_duration(text) == expected
+    assert options.parse_duration(text) == expected
 
 
 @pytest.mark.parametrize("text", ["", "90", "d", "1.5h", "-1h", "3y", "1h 30", "soon"])
 def test_bad_durations(text):
     with pytest.raises(ValueError):
-        client_cli.parse_duration(text)
+        options.parse_duration(text)
 
 
 def test_expires_takes_a_duration_from_now_a_time_or_never():
-    assert client_cli.parse_expires("90d", NOW) == NOW + timedelta(days=90)
-    assert client_cli.parse_expires("2030-01-01T00:00:00Z") == datetime(2030, 1, 1, tzinfo=UTC)
-    assert client_cli.parse_expires("2030-01-01T02:00:00+02:00") == datetime(2030, 1, 1, tzinfo=UTC)
-    assert client_cli.parse_expires("never") == client_cli.NEVER
+    assert options.parse_expires("90d", NOW) == NOW + timedelta(days=90)
+    assert options.parse_expires("2030-01-01T00:00:00Z") == datetime(2030, 1, 1, tzinfo=UTC)
+    assert options.parse_expires("2030-01-01T02:00:00+02:00") == datetime(2030, 1, 1, tzinfo=UTC)
+    assert options.parse_expires("never") == options.NEVER
     # whole seconds, so that the time printed for a safe retry is exactly the one sent
-    assert client_cli.parse_expires("1h").microsecond == 0
+    assert options.parse_expires("1h").microsecond == 0
     for bad in ("0s", "2030-01-01T00:00:00", "2030-01-01", "tomorrow", "99999999999d"):
         with pytest.raises(ValueError):
-            client_cli.parse_expires(bad, NOW)
+            options.parse_expires(bad, NOW)
 
 
 @pytest.mark.parametrize(
@@ -123,9 +122,9 @@ def test_expires_takes_a_duration_from_now_a_time_or_never():
     ],
 )
 def test_rate_limits(text, expected):
-    assert client_cli.parse_rate_limit(text) == expected
+    assert options.parse_rate_limit(text) == expected
     limit, period = expected
-    assert client_cli.parse_rate_limit(client_cli.format_rate_limit(limit, period)) == expected
+    assert options.parse_rate_limit(options.format_rate_limit(limit, period)) == expected
 
 
 @pytest.mark.parametrize(
@@ -133,7 +132,7 @@ def test_rate_limits(text, expected):
 )
 def test_bad_rate_limits(text):
     with pytest.raises(ValueError):
-        client_cli.parse_rate_limit(text)
+        options.parse_rate_limit(text)
 
 
 @pytest.mark.parametrize(
@@ -160,11 +159,53 @@ def test_a_bad_option_is_a_usage_error_before_any_call(args, message):
     assert "UNAVAILABLE" not in result.stderr  # refused before connecting
 
 
+# Every usage mistake of every client command: exit 2 and a message naming the option, before any call. The
+# address is a real server, so a mistake that slipped through would reach it and exit 0 or 1 instead.
+USAGE_MISTAKES = [
+    (["keys", "list"], "--account"),
+    (["keys", "list", "--account", ""], "--account"),
+    (["keys", "list", "--account", "a", "--page-size", "0"], "--page-size"),
+    (["audit"], "--account"),
+    (["audit", "--account", "a/b"], "--account"),
+    (["audit", "--account", "a", "--page-size", "1001"], "--page-size"),
+    (["keys", "create", "--display-name", "x", "--scope", "a:b"], "--account"),
+    (["keys", "create", "--account", "a", "--scope", "a:b"], "--display-name"),
+    (["keys", "create", "--account", "a", "--display-name", "x"], "--scope"),
+    (["keys", "get"], "KEY"),
+    (["keys", "get", "k1"], "--account"),
+    (["keys", "get", "--account", "a", ""], "KEY"),
+    (["keys", "update", "--account", "a", "k1"], "--display-name"),
+    (["keys", "update", "--account", "a", "k1", "--expires", "soon"], "--expires"),
+    (["keys", "disable"], "KEY"),
+    (["keys", "enable", "k1"], "--account"),
+    (["keys", "revoke", "accounts/a/keys/k1"], "KEY"),
+    (["keys", "delete", "--yes"], "KEY"),
+    (["keys", "rotate", "--account", "a", "k1", "--grace", "soon"], "--grace"),
+    (["keys", "rotate", "--account", "a", "k1", "--request-id", "x"], "--request-id"),
+    (["authorize"], "KEY"),
+    (["health", "--timeout", "0"], "--timeout"),
+    (["health", "--timeout", "nan"], "--timeout"),
+    (["health", "--timeout", "inf"], "--timeout"),
+    (["health", "--timeout", "soon"], "--timeout"),
+    (["health", "--address", ""], "--address"),
+    (["keys", "list", "--account", "a", "--address", " "], "--address"),
+]
+
+
+@pytest.mark.parametrize(("args", "option"), USAGE_MISTAKES, ids=[" ".join(a) for a, _ in USAGE_MISTAKES])
+def test_every_usage_mistake_exits_2_naming_the_option(server, args, option):
+    env = {"APIKEYD_ADDRESS": server.address, "APIKEYD_TOKEN": server.operator_key, "APIKEYD_TIMEOUT": None}
+    result = CliRunner().invoke(main, args, env=env, prog_name="apikeyd")
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    assert option in result.stderr and "Usage: apikeyd" in result.stderr, result.stderr
+    assert "Traceback" not in result.output and "error:" not in result.stderr  # no call was made
+
+
 def test_keys_are_named_in_full_or_by_account_and_id():
-    assert client_cli.key_name("accounts/acme/apiKeys/k1", None) == "accounts/acme/apiKeys/k1"
-    assert client_cli.key_name("accounts/acme/apiKeys/k1", "acme") == "accounts/acme/apiKeys/k1"
-    assert client_cli.key_name("k1", "acme") == "accounts/acme/apiKeys/k1"
-    assert client_cli.key_name("k1", "accounts/acme") == "accounts/acme/apiKeys/k1"
+    assert options.key_name("accounts/acme/apiKeys/k1", None) == "accounts/acme/apiKeys/k1"
+    assert options.key_name("accounts/acme/apiKeys/k1", "acme") == "accounts/acme/apiKeys/k1"
+    assert options.key_name("k1", "acme") == "accounts/acme/apiKeys/k1"
+    assert options.key_name("k1", "accounts/acme") == "accounts/acme/apiKeys/k1"
     for key, account in [
         ("k1", None),
         ("accounts/acme/apiKeys/k1", "other"),
@@ -611,3 +652,22 @@ def test_the_console_script_runs(server, account):
     )
     assert result.returncode == 0, result.stderr
     assert [k["name"] for k in json.loads(result.stdout)["api_keys"]] == [key.api_key.name]
+
+
+def test_the_client_commands_import_none_of_the_server_side(server):
+    """`apikeyd health` is a container's HEALTHCHECK: it must not pay for SQLAlchemy, alembic or argon2."""
+    program = (
+        "import sys\n"
+        "from apikeyd.cli import main\n"
+        "try:\n"
+        "    main.main(sys.argv[1:], prog_name='apikeyd', standalone_mode=False)\n"
+        "finally:\n"
+        "    heavy = ('sqlalchemy', 'alembic', 'argon2', 'psycopg', 'redis', 'prometheus_client')\n"
+        "    print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m.startswith(\n"
+        "        ('apikeyd.server', 'apikeyd.store', 'apikeyd.lifecycle', 'apikeyd.authorizer'))))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", program, "health", "--address", server.address],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0 and result.stdout == "SERVING\n[]\n", (result.stdout, result.stderr)

@@ -192,7 +192,7 @@ def test_dockerignore_keeps_local_state_out_and_the_build_inputs_in(image):
     needed = [
         "pyproject.toml",
         "README.md",
-        "src/apikeyd/cli.py",
+        "src/apikeyd/cli/__init__.py",
         "src/apikeyd/store/migrations/script.py.mako",
     ]
     for stage in image.stages:

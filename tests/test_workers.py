@@ -476,7 +476,7 @@ def test_a_worker_that_loses_its_database_turns_the_host_not_serving_until_it_is
 
 
 def test_the_heartbeats_share_the_health_board_without_touching_its_bytes():
-    from apikeyd.workers import HealthBoard
+    from apikeyd.host_health import HealthBoard
 
     board, fd = HealthBoard.create(3)
     try:

@@ -9,8 +9,11 @@ from typing import Any
 from apikeyd.domain.limits import DEFAULT_MAX_REQUEST_BYTES
 
 
-def _setting(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+def _setting(default: Any, help: str, empty_is_off: bool = False) -> Any:
+    """`empty_is_off`: an empty variable (`APIKEYD_METRICS_LISTEN=`, as a container sets one) is the empty
+    string, which turns the setting off; for every other setting an empty variable is a mistake (an unset
+    `${VAR}` in a compose file, say) and refused, never taken silently for the default."""
+    return field(default=default, metadata={"help": help, "empty_is_off": empty_is_off})
 
 
 _BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
@@ -26,9 +29,9 @@ def _parse(name: str, raw: str, kind: type) -> Any:
 @dataclass(frozen=True)
 class Settings:
     listen: str = _setting("127.0.0.1:50051", "host:port to serve gRPC on; a taken port is an error")
-    tls_cert: str = _setting("", "PEM certificate chain file: serve TLS (with tls_key)")
-    tls_key: str = _setting("", "PEM private key file of tls_cert")
-    tls_client_ca: str = _setting("", "PEM CA file: require client certificates signed by it (mTLS)")
+    tls_cert: str = _setting("", "PEM certificate chain file: serve TLS (with tls_key)", empty_is_off=True)
+    tls_key: str = _setting("", "PEM private key file of tls_cert", empty_is_off=True)
+    tls_client_ca: str = _setting("", "PEM CA file: require client certificates signed by it (mTLS)", empty_is_off=True)
     database_url: str = _setting("sqlite:///apikeyd.db", "SQLAlchemy URL; postgresql://... selects PostgreSQL")
     cache_size: int = _setting(100_000, "verified keys kept in memory (LRU)")
     cache_ttl: float = _setting(60.0, "seconds a verified key is trusted before it is read again")
@@ -65,7 +68,8 @@ class Settings:
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
     log_format: str = _setting("json", "json (one object per line) or text")
     metrics_listen: str = _setting(
-        "127.0.0.1:9464", "host:port to serve Prometheus metrics on over HTTP (/metrics); empty disables"
+        "127.0.0.1:9464", "host:port to serve Prometheus metrics on over HTTP (/metrics); empty disables",
+        empty_is_off=True,
     )
     feed_poll_interval: float = _setting(
         0.0, "seconds between reads of the key_events change feed; 0 picks 0.25 on SQLite, 0.5 on PostgreSQL "
@@ -83,7 +87,8 @@ class Settings:
         2.0, "seconds between database pings; health says NOT_SERVING while they fail (0 disables)"
     )
     rate_limit_url: str = _setting(
-        "", "redis://host:port/db: rate limits shared by every process and replica; empty keeps them per process"
+        "", "redis://host:port/db: rate limits shared by every process and replica; empty keeps them per process",
+        empty_is_off=True,
     )
     rate_limit_prefix: str = _setting("apikeyd", "prefix of the Redis keys of rate_limit_url")
     rate_limit_failure: str = _setting(
@@ -108,7 +113,17 @@ class Settings:
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             raw = environ.get(cls.env_name(f.name))
-            if raw is not None and raw != "":
-                values[f.name] = _parse(cls.env_name(f.name), raw, type(f.default))
+            if raw is None:
+                continue
+            if raw.strip() == "":
+                if not f.metadata["empty_is_off"]:
+                    default = f.default if f.default != "" else "unset"
+                    raise ValueError(
+                        f"{cls.env_name(f.name)} is set but empty: give it a value, or unset it for the default "
+                        f"({default})"
+                    )
+                values[f.name] = ""
+                continue
+            values[f.name] = _parse(cls.env_name(f.name), raw, type(f.default))
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

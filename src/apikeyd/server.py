@@ -15,6 +15,7 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy import Engine, make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from apikeyd import tls
 from apikeyd.authorizer.authorizer import Authorizer
@@ -31,6 +32,7 @@ from apikeyd.exception_text import describe
 from apikeyd.lifecycle import KeyManager, KeyPrefixes
 from apikeyd.logs import fields
 from apikeyd.metrics import Metrics, MetricsEndpoint
+from apikeyd.ports import port_problem
 from apikeyd.service import ext_authz
 from apikeyd.service.api_keys import ApiKeyService
 from apikeyd.service.health import HealthServicer
@@ -47,6 +49,7 @@ _PING_TIMEOUT = 5.0  # seconds a database ping may take before health turns NOT_
 # Seconds the last write of last-used times may take once the grace is over; a database that does not
 # answer must not hold the exit.
 _FINAL_FLUSH_TIMEOUT = 3.0
+_STATUS = {True: health_pb2.HealthCheckResponse.SERVING, False: health_pb2.HealthCheckResponse.NOT_SERVING}
 
 
 class _MethodAwarePool:
@@ -242,6 +245,8 @@ class Server:
         self.health_services = ("", SERVICE_NAME)  # what the database watcher turns NOT_SERVING and back
         self.metrics_endpoint: MetricsEndpoint | None = None
         self._db_watcher: asyncio.Task[None] | None = None
+        self._check: asyncio.Future[None] | None = None  # the database check running (_database_usable)
+        self._check_started = 0.0
         self._draining = False
         # `--workers N` sets this: the server then reports its own health (SERVING, NOT_SERVING, or UNKNOWN once
         # it stops listening) to it instead of answering with it, as a worker answers for the host (workers.py).
@@ -252,6 +257,11 @@ class Server:
             credentials = tls.server_credentials(self.app.settings)
         except tls.TlsSettingsError as error:
             raise StartupError(str(error)) from None
+        # A probe first, so that a taken gRPC port is named as such even when the metrics port is taken too
+        # (a second `make run`), and grpc's core has nothing to log about it. Workers share the port on
+        # purpose; their supervisor probed it.
+        if self.app.settings.workers == 1 and (problem := port_problem(listen)):
+            raise StartupError(f"cannot listen on {listen}: {problem}")
         try:
             await self.app.manager.page_token_key()
         except LookupError as error:
@@ -272,13 +282,18 @@ class Server:
             self._close_metrics()
             raise StartupError(f"cannot listen on {listen}: the address is taken or invalid")
         await self.app.feed.start()  # its position is taken before the first check is served
+        interval = self.app.settings.health_check_interval
+        # Health starts from a first check, never SERVING on a database that does not answer or has not
+        # (or no longer has) this apikeyd's schema; and it is set before the first call is taken, which
+        # would otherwise find no status for the service (NOT_FOUND).
+        serving = interval <= 0 or await self._database_usable(True, interval)
+        await self._set_health(_STATUS[serving])
         await self.grpc.start()
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._flusher = asyncio.create_task(self._flush_periodically())
         if self.app.shared_limiter is not None:
             await self.app.shared_limiter.start()
-        if self.app.settings.health_check_interval > 0:
-            self._db_watcher = asyncio.create_task(self._watch_database(self.app.settings.health_check_interval))
+        if interval > 0:
+            self._db_watcher = asyncio.create_task(self._watch_database(interval, serving))
         return self.port
 
     def _open_metrics(self) -> None:
@@ -301,38 +316,49 @@ class Server:
             self.metrics_endpoint.close()
             self.metrics_endpoint = None
 
-    async def _watch_database(self, interval: float) -> None:
-        """Health follows the database: NOT_SERVING while a ping fails (or hangs past its timeout), SERVING
-        again once one succeeds, unless the server is draining by then. One ping at a time."""
-        loop = asyncio.get_running_loop()
-        serving = True
-        ping: asyncio.Future[None] | None = None
+    async def _watch_database(self, interval: float, serving: bool) -> None:
+        """Health follows the database: NOT_SERVING while a check fails (or hangs past its timeout), SERVING
+        again once one succeeds, unless the server is draining by then. One check at a time."""
         while not self._draining:
-            if ping is None or ping.done():
-                ping_started = time.monotonic()
-                ping = loop.run_in_executor(self.app.store_executor, self.app.repository.ping)
-            try:
-                await asyncio.wait_for(asyncio.shield(ping), timeout=max(interval, _PING_TIMEOUT))
-                failure = ""
-                self.app.authorizer.database_answered(ping_started)
-            except TimeoutError:
-                failure = f"no answer in {max(interval, _PING_TIMEOUT):.0f} s"
-            except Exception as error:
-                failure = describe(error)
+            await asyncio.sleep(interval)  # start() has made the first check
+            usable = await self._database_usable(serving, interval)
             if self._draining:
                 return
-            if serving != (not failure):
-                serving = not failure
-                if serving:
-                    log.info("database reachable again: health SERVING", extra=fields(event="health.serving"))
-                else:
-                    log.warning(
-                        "database unreachable (%s): health NOT_SERVING", failure,
-                        extra=fields(event="health.not_serving", reason=failure),
-                    )
-                status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-                await self._set_health(status)
-            await asyncio.sleep(interval)
+            if usable != serving:
+                serving = usable
+                await self._set_health(_STATUS[serving])
+
+    async def _database_usable(self, was_usable: bool, interval: float) -> bool:
+        """One database check (or the wait for the one still running), logged when the answer changes."""
+        if self._check is None or self._check.done():
+            self._check_started = time.monotonic()
+            self._check = asyncio.get_running_loop().run_in_executor(self.app.store_executor, self._check_database)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._check), timeout=max(interval, _PING_TIMEOUT))
+            failure = ""
+            self.app.authorizer.database_answered(self._check_started)
+        except TimeoutError:
+            failure = f"no answer in {max(interval, _PING_TIMEOUT):.0f} s"
+        except migrate.SchemaNotCurrent as error:
+            failure = str(error)
+        except Exception as error:
+            failure = describe(error)
+        if was_usable == (not failure):
+            return was_usable
+        if failure:
+            log.warning(
+                "database unusable (%s): health NOT_SERVING", failure,
+                extra=fields(event="health.not_serving", reason=failure),
+            )
+        else:
+            log.info("database usable again: health SERVING", extra=fields(event="health.serving"))
+        return not failure
+
+    def _check_database(self) -> None:
+        """A ping, and the schema revision read (as cheap): a database migrated back under a running server
+        turns health NOT_SERVING as an unreachable one does, and calls would fail alike."""
+        self.app.repository.ping()
+        migrate.check_schema(self.app.repository.engine)
 
     async def _set_health(self, status: int) -> None:
         if self.report_health is not None:
@@ -386,10 +412,34 @@ class Server:
         return self.app.close()
 
 
-def prepare_database(engine: Engine) -> None:
-    """`serve` brings an SQLite file up to date by itself; other databases are migrated with `apikeyd migrate`."""
-    if engine.dialect.name == "sqlite":
-        migrate.upgrade(engine)
+def prepare_database(engine: Engine, wait_for_database: bool = False) -> None:
+    """`serve` brings an SQLite file up to date by itself; other databases are migrated with `apikeyd migrate`.
+    Either way the schema must then be this apikeyd's (or newer): StartupError otherwise, naming `apikeyd
+    migrate`, since every call would fail. With `wait_for_database` (serve), a PostgreSQL that does not answer
+    yet is left to the health watcher, which keeps health NOT_SERVING until it answers with that schema."""
+    where = engine.url.render_as_string(hide_password=True)
+    sqlite = engine.dialect.name == "sqlite"
+    try:
+        try:
+            note = migrate.check_schema(engine)
+        except migrate.SchemaNotCurrent:
+            if not sqlite:
+                raise
+            migrate.upgrade(engine)
+            note = migrate.check_schema(engine)
+    except migrate.SchemaNotCurrent as error:
+        raise StartupError(str(error)) from None
+    except SQLAlchemyError as error:
+        reason = describe(error)
+        if wait_for_database and not sqlite:
+            log.warning(
+                "the database at %s does not answer (%s): its schema is checked once it does; health NOT_SERVING "
+                "until then", where, reason, extra=fields(event="schema.unchecked", reason=reason),
+            )
+            return
+        raise  # one line, exit 1, from the command (src/apikeyd/cli/server_commands.py)
+    if note:
+        log.warning("%s", note, extra=fields(event="schema.newer"))
 
 
 async def serve(
@@ -404,7 +454,7 @@ async def serve(
     `report_health` (see Server.report_health)."""
     app = App(settings)
     if prepare:
-        prepare_database(app.repository.engine)
+        prepare_database(app.repository.engine, wait_for_database=True)
     server = Server(app)
     server.report_health = report_health
     port = await server.start(settings.listen)

@@ -36,8 +36,11 @@ What the bytes cannot show is a worker that is alive but stuck (SIGSTOP, an even
 keeps its SERVING byte and its place in the port's group, and the connections the kernel hands it hang. So
 the same mapping holds, after the bytes (from the next multiple of 8), one heartbeat per worker: an 8-byte
 time.monotonic() that the worker's HostHealth follower task writes every 0.1 s, from its first health
-report until the process exits, through a drain too (the follower stops reading the board when the listener
-closes, but beats on). CLOCK_MONOTONIC is one clock for the whole host, so the supervisor compares the beat
+report until its event loop ends, through a drain too (the follower stops reading the board when the listener
+closes, but beats on). When the loop ends (serve() has returned) the follower's last act is to write its byte
+EXITING: the process has no loop left to beat and still takes a while to exit (0.8 s idle, well over a
+second on a busy machine), so the supervisor gives an EXITING worker _KILL_MARGIN, as it gives a worker it
+stops, instead of the hang timeout. CLOCK_MONOTONIC is one clock for the whole host, so the supervisor compares the beat
 with its own time. In its poll loop (every 0.2 s) it kills with SIGKILL a worker that has said it serves and
 whose last beat (or, if later, the moment it said so: the beat may be its predecessor's) is older than
 worker_hang_timeout (default 10 s, 0 disables), logs `worker.hung` with the worker, pid and staleness, and
@@ -61,30 +64,22 @@ resolved values, not flags, so that a worker gets exactly the supervisor's setti
 import asyncio
 import contextlib
 import dataclasses
-import errno
 import json
 import logging
-import mmap
 import os
 import select
 import signal
-import socket
-import struct
 import subprocess
 import sys
-import tempfile
 import time
-from typing import TYPE_CHECKING, Any
-
-from grpc_health.v1 import health_pb2
+from typing import Any
 
 from apikeyd import logs, tls
 from apikeyd.config import Settings
+from apikeyd.host_health import HealthBoard, HostHealth
 from apikeyd.logs import fields
 from apikeyd.metrics import split_listen
-
-if TYPE_CHECKING:
-    from apikeyd.server import Server
+from apikeyd.ports import port_problem
 
 log = logging.getLogger("apikeyd.workers")  # not __name__: a worker runs this module as __main__
 
@@ -98,142 +93,9 @@ _POLL = 0.2  # seconds between the supervisor's looks at its workers
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.5, 30.0
 _STABLE_AFTER = 30.0  # seconds up after which a worker's death no longer counts as a crash loop
 _KILL_MARGIN = 30.0  # seconds past drain_delay + shutdown_grace before a worker that has not exited is killed
-_HEALTH_REFRESH = 0.1  # seconds between a worker's reads of the health board
-
-
-# --- health for the host --------------------------------------------------------------------------
-
-
-class HealthBoard:
-    """A file mapping the supervisor and its workers share: one byte per worker, NOT_LISTENING, SERVING or
-    NOT_SERVING, then (from the next multiple of 8) one heartbeat per worker, the time.monotonic() of its event
-    loop's last beat as an 8-byte double. The file has no name (a memfd, or an unlinked temporary file where
-    there is none): it goes away with the last process that maps it."""
-
-    NOT_LISTENING, SERVING, NOT_SERVING = 0, 1, 2
-    _BEAT = struct.Struct("d")  # native: aligned, written by one 8-byte store
-
-    def __init__(self, fd: int, size: int) -> None:
-        self.size = size
-        self._beats_at = -(-size // 8) * 8
-        self._map = mmap.mmap(fd, self.length(size))  # MAP_SHARED, read and write
-
-    @staticmethod
-    def length(size: int) -> int:
-        return -(-size // 8) * 8 + size * HealthBoard._BEAT.size
-
-    @classmethod
-    def create(cls, size: int) -> tuple["HealthBoard", int]:
-        """A zeroed board and the descriptor of its file, for the workers to inherit."""
-        if hasattr(os, "memfd_create"):
-            fd = os.memfd_create("apikeyd-health")
-        else:  # pragma: no cover - not Linux
-            with tempfile.TemporaryFile(prefix="apikeyd-health-") as file:
-                fd = os.dup(file.fileno())
-        os.ftruncate(fd, cls.length(size))
-        return cls(fd, size), fd
-
-    def __setitem__(self, index: int, state: int) -> None:
-        self._map[index] = state
-
-    def states(self) -> bytes:
-        return self._map[: self.size]
-
-    def beat(self, index: int) -> None:
-        """Worker `index`'s event loop is alive now. CLOCK_MONOTONIC is one clock for every process on the
-        host, so the supervisor can compare it with its own time.monotonic()."""
-        self._BEAT.pack_into(self._map, self._beats_at + index * self._BEAT.size, time.monotonic())
-
-    def last_beat(self, index: int) -> float:
-        """The time of worker `index`'s last beat; 0.0 if none yet."""
-        return float(self._BEAT.unpack_from(self._map, self._beats_at + index * self._BEAT.size)[0])
-
-    def close(self) -> None:
-        self._map.close()
-
-
-class HostHealth:
-    """A worker's health service answers for the host (module docstring): its own health goes on the board,
-    the board's verdict goes to the health service. Its follower task also beats the worker's heartbeat on the
-    board, every 0.1 s from the worker's first report until the process exits (through a drain too)."""
-
-    _SERVING, _NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-
-    def __init__(self, board: HealthBoard, index: int) -> None:
-        self.board = board
-        self.index = index
-        self._answer: int | None = None
-        self._follower: asyncio.Task[None] | None = None
-        self._listening = True
-
-    async def report(self, server: "Server", status: int) -> None:
-        """Server.report_health: this worker's own health changed to `status` (a health_pb2 ServingStatus)."""
-        if status == self._SERVING:
-            self.board[self.index] = HealthBoard.SERVING
-        elif status == self._NOT_SERVING:
-            self.board[self.index] = HealthBoard.NOT_SERVING
-        else:  # UNKNOWN: the listener is closing; this worker drains and answers NOT_SERVING to the end
-            self.board[self.index] = HealthBoard.NOT_LISTENING
-            self._listening = False  # the follower stops reading the board, and beats on until the exit
-            return
-        self.board.beat(self.index)
-        if self._follower is None:
-            self._follower = asyncio.get_running_loop().create_task(self._follow(server))
-        await self._refresh(server)
-
-    def verdict(self) -> tuple[int, list[int]]:
-        """The host's health (SERVING or NOT_SERVING) and the workers that are NOT_SERVING."""
-        down = [index for index, state in enumerate(self.board.states()) if state == HealthBoard.NOT_SERVING]
-        return (self._NOT_SERVING if down else self._SERVING), down
-
-    async def _refresh(self, server: "Server") -> None:
-        answer, down = self.verdict()
-        if answer == self._answer:
-            return
-        self._answer = answer
-        for service in server.health_services:
-            await server.health.set(service, answer)  # ignored once this worker drains: it says NOT_SERVING
-        if answer == self._SERVING:
-            log.info("worker %d: every listening worker is SERVING: health SERVING", self.index,
-                     extra=fields(event="health.host_serving", worker=self.index))
-        else:
-            log.info("worker %d: worker %s NOT_SERVING: health NOT_SERVING", self.index, " and ".join(map(str, down)),
-                     extra=fields(event="health.host_not_serving", worker=self.index, not_serving=down))
-
-    async def _follow(self, server: "Server") -> None:
-        while True:
-            await asyncio.sleep(_HEALTH_REFRESH)
-            self.board.beat(self.index)
-            if self._listening:
-                await self._refresh(server)
 
 
 # --- the supervisor -------------------------------------------------------------------------------
-
-
-def _port_problem(listen: str) -> str:
-    """Binds host:port without SO_REUSEPORT (with SO_REUSEADDR, as grpc binds, so that connections in
-    TIME_WAIT do not count) and releases it: "" when free, else why not (a listener of another program)."""
-    try:
-        host, port = split_listen(listen)
-        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except (ValueError, OSError) as error:
-        return str(error)
-    bound = 0
-    failure: OSError | None = None
-    for family, kind, proto, _, address in addresses:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            try:
-                probe.bind(address)
-                bound += 1
-            except OSError as error:
-                if error.errno in (errno.EADDRINUSE, errno.EACCES):
-                    return f"the address is taken ({error.strerror}); --workers shares a port only among its own workers"
-                failure = error
-    return "" if bound else str(failure)
 
 
 def metrics_listen_of(settings: Settings, index: int) -> str:
@@ -257,14 +119,15 @@ def _check_before_start(settings: Settings) -> None:
         raise StartupError(f"cannot listen on {settings.listen}: {error}") from None
     if port == 0:
         raise StartupError(f"cannot listen on {settings.listen}: --workers needs a fixed port, not 0")
-    if problem := _port_problem(settings.listen):
-        raise StartupError(f"cannot listen on {settings.listen}: {problem}")
+    if problem := port_problem(settings.listen):
+        hint = "; --workers shares a port only among its own workers"
+        raise StartupError(f"cannot listen on {settings.listen}: {problem}{hint}")
     for index in range(settings.workers):
         try:
             listen = metrics_listen_of(settings, index)
         except ValueError as error:
             raise StartupError(f"cannot serve metrics on {settings.metrics_listen}: {error}") from None
-        if listen and split_listen(listen)[1] != 0 and (problem := _port_problem(listen)):
+        if listen and split_listen(listen)[1] != 0 and (problem := port_problem(listen)):
             raise StartupError(f"cannot serve metrics of worker {index} on {listen}: {problem}")
     try:
         tls.server_credentials(settings)
@@ -410,12 +273,14 @@ class Supervisor:
             # Read twice (see the module docstring on torn reads); a beat of its predecessor is older than ready_at.
             beat = max(self.health.last_beat(slot.index), self.health.last_beat(slot.index))
             stale = now - max(beat, slot.ready_at)
-            if stale <= timeout:
+            # A worker whose loop has ended is exiting: its exit has the bound a stopping worker's has instead.
+            exiting = self.health.states()[slot.index] == HealthBoard.EXITING
+            if stale <= (_KILL_MARGIN if exiting else timeout):
                 continue
             pid = slot.process.pid
             log.error(
-                "worker %d (pid %d) is hung: no heartbeat from its event loop for %.1f s; killing it",
-                slot.index, pid, stale,
+                "worker %d (pid %d) is hung: %s for %.1f s; killing it", slot.index, pid,
+                "exiting, its event loop ended," if exiting else "no heartbeat from its event loop", stale,
                 extra=fields(event="worker.hung", worker=slot.index, pid=pid, stale=round(stale, 3)),
             )
             slot.hung = True
