@@ -16,6 +16,7 @@ from click.testing import CliRunner, Result
 from grpc_health.v1 import health_pb2
 
 from apikeyd.cli import main, options
+from apikeyd.domain import keys
 from apikeyd.v1 import api_keys_pb2 as pb
 from tests.conftest import ISSUED_SECRETS, RunningServer, count_keys, create_key, free_port, leaked_secrets
 
@@ -199,6 +200,29 @@ def test_every_usage_mistake_exits_2_naming_the_option(server, args, option):
     assert result.exit_code == 2, (result.exit_code, result.output)
     assert option in result.stderr and "Usage: apikeyd" in result.stderr, result.stderr
     assert "Traceback" not in result.output and "error:" not in result.stderr  # no call was made
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["keys", "get", "{key}"],
+        ["keys", "get", "--account", "{key}", "k1"],
+        ["keys", "create", "--account", "a", "--display-name", "x", "--scope", "a:b", "--expires", "{key}"],
+        ["keys", "create", "--account", "a", "--display-name", "x", "--scope", "a:b", "--rate-limit", "{key}"],
+        ["keys", "create", "--account", "a", "--display-name", "x", "--scope", "a:b", "--label", "{key}"],
+        ["keys", "rotate", "--account", "a", "k1", "--request-id", "{key}"],
+    ],
+    ids=lambda args: " ".join(a for a in args if a != "{key}"),
+)
+def test_a_key_pasted_into_the_wrong_argument_is_never_echoed(server, args):
+    """An error names the argument, not the key string a user pasted there by mistake (a usage error, or the
+    server's refusal of an account id that holds a key)."""
+    key = create_key(server.stub, f"acct-{uuid.uuid4().hex[:10]}").secret
+    env = {"APIKEYD_ADDRESS": server.address, "APIKEYD_TOKEN": server.operator_key, "APIKEYD_TIMEOUT": None}
+    result = CliRunner().invoke(main, [a.replace("{key}", key) for a in args], env=env, prog_name="apikeyd")
+    assert result.exit_code in (1, 2), (result.exit_code, result.output)
+    secret = keys.parse(key).secret  # type: ignore[union-attr]
+    assert key not in result.output and secret[:10] not in result.output, result.output
 
 
 def test_keys_are_named_in_full_or_by_account_and_id():

@@ -17,6 +17,7 @@ import grpc
 import psycopg
 import pytest
 from alembic import command
+from alembic.script import ScriptDirectory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from apikeyd.config import Settings
@@ -139,7 +140,8 @@ def unmigrated_postgres(request: pytest.FixtureRequest) -> Iterator[tuple[str, s
         return
     with scratch_postgres_database("apikeyd_startup") as (_, url):
         _downgrade(url, "-1")
-        yield url, "is at schema revision 0003, older than this apikeyd's 0004"
+        head = ScriptDirectory.from_config(migrate.alembic_config()).get_revision("head")
+        yield url, f"is at schema revision {head.down_revision}, older than this apikeyd's {head.revision}"
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

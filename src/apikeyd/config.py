@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from apikeyd.domain.echo import quote
 from apikeyd.domain.limits import DEFAULT_MAX_REQUEST_BYTES
 
 
@@ -23,7 +24,7 @@ def _parse(name: str, raw: str, kind: type) -> Any:
     try:
         return _BOOLEANS[raw.strip().lower()] if kind is bool else kind(raw)
     except (ValueError, KeyError):
-        raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+        raise ValueError(f"{name}={quote(raw)} is not a valid {kind.__name__}") from None
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,21 @@ message text. A client-side driver error (no SQLSTATE: a refused connection, a N
 first line, which names hosts and limits, not rows. Every other exception reads as Python prints it.
 """
 
+import sys
 import traceback
-
-import psycopg
-from sqlalchemy.exc import StatementError
+from typing import Any
 
 _CAUSE = "\nThe above exception was the direct cause of the following exception:\n\n"
 _CONTEXT = "\nDuring handling of the above exception, another exception occurred:\n\n"
 _REASON_LIMIT = 300  # characters of a one-line reason
+
+
+def _kind(module: str, name: str) -> Any:
+    """A database library's exception class, or a class nothing is an instance of when that library was never
+    imported (then no error can be one of its): the client commands log through here and must not pay for
+    importing SQLAlchemy and psycopg."""
+    loaded = sys.modules.get(module)
+    return getattr(loaded, name) if loaded is not None else ()
 
 
 def _name(error: BaseException) -> str:
@@ -25,7 +32,7 @@ def _name(error: BaseException) -> str:
 
 
 def _driver_text(error: BaseException) -> str:
-    if isinstance(error, psycopg.Error) and error.sqlstate:
+    if isinstance(error, _kind("psycopg", "Error")) and error.sqlstate:
         diag = error.diag
         names = [
             f"{what} {value}"
@@ -41,11 +48,11 @@ def _driver_text(error: BaseException) -> str:
 
 def _message(error: BaseException) -> str | None:
     """The message of a database error as a log may show it; None for any other exception."""
-    if isinstance(error, StatementError):
+    if isinstance(error, _kind("sqlalchemy.exc", "StatementError")):
         orig = error.orig
         text = f"({_name(orig)}) {_driver_text(orig)}" if orig is not None else ""
         return text + (f"\n[SQL: {error.statement}]" if error.statement else "")
-    if isinstance(error, psycopg.Error):
+    if isinstance(error, _kind("psycopg", "Error")):
         return _driver_text(error)
     return None
 

@@ -246,7 +246,7 @@ class KeyManager:
         self._page_token_key: bytes | None = None  # signs page tokens (domain/listing.py)
 
     async def page_token_key(self) -> bytes:
-        """Read once; the server reads it at start-up, so a database without one stops it there."""
+        """Read once, by the first listing: migration 0005 made it, and `serve` checks the schema at start."""
         if self._page_token_key is None:
             self._page_token_key = await self._run(self._repository.page_token_key)
         return self._page_token_key

@@ -262,12 +262,6 @@ class Server:
         # purpose; their supervisor probed it.
         if self.app.settings.workers == 1 and (problem := port_problem(listen)):
             raise StartupError(f"cannot listen on {listen}: {problem}")
-        try:
-            await self.app.manager.page_token_key()
-        except LookupError as error:
-            raise StartupError(str(error)) from None
-        except Unavailable:
-            pass  # a database down at start is no reason not to start (health says so); the first listing reads it
         # Before the gRPC port: a gRPC server keeps a port it has bound even if it never starts.
         self._open_metrics()
         try:

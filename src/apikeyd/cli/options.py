@@ -36,17 +36,17 @@ def parse_duration(text: str) -> timedelta:
         return timedelta(0)
     if not _DURATION.fullmatch(value):
         raise ValueError(
-            f"{text!r} is not a duration: use a number and a unit, like 90d, 12h, 30m, 2w or 45s"
+            f"{quote(text)} is not a duration: use a number and a unit, like 90d, 12h, 30m, 2w or 45s"
         )
     seconds = 0
     for number, unit in _DURATION_PART.findall(value):
         if unit not in _UNITS:
-            raise ValueError(f"{text!r}: unknown unit {unit!r}; use s, m, h, d or w")
+            raise ValueError(f"{quote(text)}: unknown unit {quote(unit)}; use s, m, h, d or w")
         seconds += int(number) * _UNITS[unit]
     try:
         return timedelta(seconds=seconds)
     except OverflowError:
-        raise ValueError(f"{text!r} is too long") from None
+        raise ValueError(f"{quote(text)} is too long") from None
 
 
 def parse_time(text: str) -> datetime:
@@ -54,9 +54,9 @@ def parse_time(text: str) -> datetime:
     try:
         value = datetime.fromisoformat(text.strip())
     except ValueError:
-        raise ValueError(f"{text!r} is not an RFC 3339 time like 2030-01-01T00:00:00Z") from None
+        raise ValueError(f"{quote(text)} is not an RFC 3339 time like 2030-01-01T00:00:00Z") from None
     if value.tzinfo is None:
-        raise ValueError(f"{text!r} has no time zone: add Z (UTC) or an offset like +02:00")
+        raise ValueError(f"{quote(text)} has no time zone: add Z (UTC) or an offset like +02:00")
     return value.astimezone(UTC)
 
 
@@ -68,15 +68,15 @@ def parse_expires(text: str, now: datetime | None = None) -> datetime | str:
     if value[:1].isdigit() and _DURATION.fullmatch(value):
         delta = parse_duration(value)
         if not delta:
-            raise ValueError(f"{text!r}: an expiry must be in the future")
+            raise ValueError(f"{quote(text)}: an expiry must be in the future")
         try:
             return ((now or datetime.now(UTC)) + delta).replace(microsecond=0)
         except OverflowError:
-            raise ValueError(f"{text!r} is too far in the future") from None
+            raise ValueError(f"{quote(text)} is too far in the future") from None
     if re.match(r"\d{4}-", value):
         return parse_time(text)
     raise ValueError(
-        f"{text!r} is neither a duration (90d, 12h, 30m, 2w) nor an RFC 3339 time (2030-01-01T00:00:00Z)"
+        f"{quote(text)} is neither a duration (90d, 12h, 30m, 2w) nor an RFC 3339 time (2030-01-01T00:00:00Z)"
     )
 
 
@@ -85,16 +85,16 @@ def parse_rate_limit(text: str) -> tuple[int, int]:
     match = _RATE_LIMIT.fullmatch(text.strip().lower())
     if match is None:
         raise ValueError(
-            f"{text!r} is not a rate limit: use LIMIT/PERIOD, like 50/min, 2/s, 1000/hour or 100/10s"
+            f"{quote(text)} is not a rate limit: use LIMIT/PERIOD, like 50/min, 2/s, 1000/hour or 100/10s"
         )
     limit, count, unit = int(match[1]), int(match[2] or 1), match[3]
     if unit not in _UNITS:
-        raise ValueError(f"{text!r}: unknown unit {unit!r}; use s/sec/second, min/minute, h/hour or d/day")
+        raise ValueError(f"{quote(text)}: unknown unit {quote(unit)}; use s/sec/second, min/minute, h/hour or d/day")
     period = count * _UNITS[unit]
     if not 1 <= limit <= _MAX_INT64:
-        raise ValueError(f"{text!r}: the limit must be at least 1")
+        raise ValueError(f"{quote(text)}: the limit must be at least 1")
     if not 1 <= period <= 86400:
-        raise ValueError(f"{text!r}: the period must be from 1 second to 1 day")
+        raise ValueError(f"{quote(text)}: the period must be from 1 second to 1 day")
     return limit, period
 
 
@@ -130,7 +130,7 @@ def account_parent(account: str) -> str:
     account = account.removeprefix("accounts/")
     if not account or "/" in account:
         raise click.BadParameter(
-            f"{account!r}: give an account id like acme (or accounts/acme)", param_hint="--account"
+            f"{quote(account)}: give an account id like acme (or accounts/acme)", param_hint="--account"
         )
     return f"accounts/{account}"
 
@@ -142,17 +142,17 @@ def key_name(key: str, account: str | None) -> str:
         parts = key.split("/")
         if len(parts) != 4 or parts[2] != "apiKeys" or not parts[1] or not parts[3]:
             raise click.BadParameter(
-                f"{key!r} is not a key name like accounts/acme/apiKeys/<key id>", param_hint="KEY"
+                f"{quote(key)} is not a key name like accounts/acme/apiKeys/<key id>", param_hint="KEY"
             )
         if account is not None and account_parent(account) != f"accounts/{parts[1]}":
-            raise click.UsageError(f"{key} is not in --account {account}")
+            raise click.UsageError(f"{quote(key)} is not in --account {quote(account)}")
         return key
     if account is None:
         raise click.UsageError(
-            f"name the key by its full name (accounts/ACCOUNT/apiKeys/{key or 'ID'}) or pass --account ACCOUNT"
+            "name the key by its full name (accounts/ACCOUNT/apiKeys/ID) or pass --account ACCOUNT"
         )
     if not key or "/" in key:
-        raise click.BadParameter(f"{key!r} is not a key id", param_hint="KEY")
+        raise click.BadParameter(f"{quote(key)} is not a key id", param_hint="KEY")
     return f"{account_parent(account)}/apiKeys/{key}"
 
 # ---------------------------------------------------------------------------------------------------------
@@ -176,7 +176,7 @@ class _Parsed(click.ParamType):
 def _parse_label(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        raise ValueError(f"{text!r} is not a label: use KEY=VALUE, like env=prod")
+        raise ValueError(f"{quote(text)} is not a label: use KEY=VALUE, like env=prod")
     return key.strip(), value.strip()
 
 
@@ -184,7 +184,7 @@ def _parse_request_id(text: str) -> str:
     try:
         return str(uuid.UUID(text.strip()))
     except ValueError:
-        raise ValueError(f"{text!r} is not a UUID") from None
+        raise ValueError(f"{quote(text)} is not a UUID") from None
 
 
 def parse_timeout(text: str) -> float:
@@ -210,7 +210,7 @@ def label_map(pairs: Sequence[tuple[str, str]]) -> dict[str, str]:
     labels: dict[str, str] = {}
     for key, value in pairs:
         if key in labels:
-            raise click.BadParameter(f"label {key!r} is given twice", param_hint="--label")
+            raise click.BadParameter(f"label {quote(key)} is given twice", param_hint="--label")
         labels[key] = value
     return labels
 
