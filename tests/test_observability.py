@@ -345,6 +345,21 @@ def test_authorize_decisions_are_logged_at_debug_only_and_never_with_the_key(
     assert created.secret not in "\n".join(debug.lines)
 
 
+def test_a_shared_verification_logs_as_no_call_and_never_names_the_lookup_id(make_server, account, json_lines):
+    """A verification is shared by every check of the same string and may outlive the call that started it,
+    so its lines belong to no call (reading a finished call's peer is not safe in grpc). And it names the key,
+    never its lookup id: with the public checksum, a lookup id is enough to spend the key's failure budget."""
+    server = make_server()
+    created = create_key(server.stub, account)
+    debug = json_lines(logging.DEBUG)
+    server.stub.Authorize(pb.AuthorizeRequest(key=created.secret), metadata=[("x-request-id", "first-caller")])
+    verified = _only(debug.events(), event="authorize.verified")
+    assert "request_id" not in verified and "method" not in verified, verified
+    assert verified["key"] == created.api_key.name and verified["match"] == "current"
+    lookup_id = keys.parse(created.secret).lookup_id  # type: ignore[union-attr]
+    assert lookup_id not in "\n".join(debug.lines)
+
+
 def test_the_text_format_keeps_the_message_and_adds_the_request_id():
     record = logging.LogRecord("apikeyd.x", logging.INFO, __file__, 1, "hello %s", ("there",), None)
     assert logs.formatter("text").format(record).endswith("INFO apikeyd.x: hello there")

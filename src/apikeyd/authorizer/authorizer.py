@@ -10,6 +10,7 @@ entry within the cache's stale-if-error window (cache.py); any other miss is UNA
 succeeds), misses do not try the database again: a database that hangs must not make every check wait for its timeout."""
 
 import asyncio
+import contextvars
 import functools
 import logging
 import time
@@ -264,7 +265,12 @@ class Authorizer:
             answered_at = max(self._database_answered_at, self.cache.synced_at)
             if failed_at > answered_at and time.monotonic() - failed_at < _DATABASE_RETRY:
                 raise Unavailable("the database is unavailable; retry later")
-            flight = _Flight(generation, asyncio.ensure_future(self._verification(digest, parsed, generation)))
+            # In a context of its own: the verification serves every check that joins it and may outlive the
+            # call that started it, whose log fields (its grpc context) must not be read once it has ended.
+            task = asyncio.get_running_loop().create_task(
+                self._verification(digest, parsed, generation), context=contextvars.Context()
+            )
+            flight = _Flight(generation, task)
             self._inflight[digest] = flight
             flight.task.add_done_callback(functools.partial(self._verification_done, digest, flight))
         return await asyncio.shield(flight.task)
@@ -296,7 +302,10 @@ class Authorizer:
         if checked is None:  # refused by the failure budget: never verified, so not remembered as bad either
             return None
         key, match = checked
-        log.debug("verified lookup id %s: %s", parsed.lookup_id, match if key is not None else "unknown")
+        log.debug(
+            "verified %s: %s", key.name if key is not None else "an unknown lookup id", match,
+            extra=fields(event="authorize.verified", key=key.name if key is not None else "", match=match),
+        )
         if key is None or match == "none":
             self.cache.remember_bad(digest, parsed.lookup_id, generation)
             return None
