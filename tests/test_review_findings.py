@@ -1,0 +1,64 @@
+"""Adversarial review of issue 9's promises: each test here is a bypass found over real channels."""
+
+import threading
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import field_mask_pb2
+
+from apikeyd.v1 import api_keys_pb2 as pb
+from tests.conftest import RunningServer, authorize, create_key, rpc_error
+
+OK, NOT_FOUND, REVOKED = pb.AuthorizeResponse.OK, pb.AuthorizeResponse.NOT_FOUND, pb.AuthorizeResponse.REVOKED
+
+
+def _hold_after_commit(server: RunningServer, method: str) -> tuple[threading.Event, threading.Event]:
+    """The repository's `method` commits as usual, then its thread waits for `release`: the caller's
+    deadline passes while the committed change is on its way back to the event loop."""
+    repository = server.app.repository
+    real = getattr(repository, method)
+    committed, release = threading.Event(), threading.Event()
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        result = real(*args, **kwargs)
+        committed.set()
+        assert release.wait(30)
+        return result
+
+    setattr(repository, method, held)
+    return committed, release
+
+
+@pytest.mark.parametrize("kind", ["revoke", "delete", "disable"])
+def test_a_change_whose_caller_gave_up_after_the_commit_is_still_in_force(server, account, kind):
+    """Promise 1: a revoke that committed but whose client's deadline passed before it returned left this
+    process's cache serving the old row (the feed skips this process's own events) until the cache TTL."""
+    created = create_key(server.stub, account)
+    assert authorize(server.stub, created.secret).code == OK  # cached
+    name = created.api_key.name
+    committed, release = _hold_after_commit(server, "delete" if kind == "delete" else "modify")
+    calls = {
+        "revoke": lambda: server.stub.RevokeApiKey(pb.RevokeApiKeyRequest(name=name), timeout=0.5),
+        "delete": lambda: server.stub.DeleteApiKey(pb.DeleteApiKeyRequest(name=name), timeout=0.5),
+        "disable": lambda: server.stub.UpdateApiKey(
+            pb.UpdateApiKeyRequest(
+                api_key=pb.ApiKey(name=name, state=pb.ApiKey.DISABLED),
+                update_mask=field_mask_pb2.FieldMask(paths=["state"]),
+            ),
+            timeout=0.5,
+        ),
+    }
+    try:
+        error = rpc_error(calls[kind])
+        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert committed.wait(10)
+    finally:
+        release.set()
+    # The change is in the database: another read says so.
+    if kind == "delete":
+        assert rpc_error(lambda: server.stub.GetApiKey(pb.GetApiKeyRequest(name=name))).code() == grpc.StatusCode.NOT_FOUND
+    else:
+        assert server.stub.GetApiKey(pb.GetApiKeyRequest(name=name)).state != pb.ApiKey.ACTIVE
+    assert authorize(server.stub, created.secret).code != OK
+
