@@ -9,6 +9,7 @@ from google.protobuf import field_mask_pb2
 
 from apikeyd.v1 import api_keys_pb2 as pb
 from tests.conftest import RunningServer, authorize, create_key, rpc_error
+from tests.test_flood import _guess
 
 OK, NOT_FOUND, REVOKED = pb.AuthorizeResponse.OK, pb.AuthorizeResponse.NOT_FOUND, pb.AuthorizeResponse.REVOKED
 
@@ -61,4 +62,24 @@ def test_a_change_whose_caller_gave_up_after_the_commit_is_still_in_force(server
     else:
         assert server.stub.GetApiKey(pb.GetApiKeyRequest(name=name)).state != pb.ApiKey.ACTIVE
     assert authorize(server.stub, created.secret).code != OK
+
+
+def test_a_key_verified_before_the_flood_keeps_working_after_its_own_update(make_server, account):
+    """Promise 3: "a secret verified before the flood keeps working" (README, Floods). Five guesses a minute
+    lock the lookup id; any change to the key (here its own display name) drops its cache entry, and its
+    correct secret is then refused NOT_FOUND until the window passes; an attacker who repeats the five
+    guesses every window keeps it out for good (the TTL expiry of the entry does the same without a change)."""
+    server = make_server(failure_budget=3, failure_window=600.0)
+    created = create_key(server.stub, account)
+    assert authorize(server.stub, created.secret).code == OK  # verified before the flood
+    for _ in range(5):
+        assert authorize(server.stub, _guess(created.secret)).code == NOT_FOUND
+    assert authorize(server.stub, created.secret).code == OK  # still cached: holds
+    server.stub.UpdateApiKey(
+        pb.UpdateApiKeyRequest(
+            api_key=pb.ApiKey(name=created.api_key.name, display_name="renamed"),
+            update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
+        )
+    )
+    assert authorize(server.stub, created.secret).code == OK
 
