@@ -6,7 +6,9 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from apikeyd.server import SERVICE_NAME
 from apikeyd.v1 import api_keys_pb2 as pb
 from tests.conftest import RunningServer, authorize, create_key, rpc_error
 from tests.test_flood import _guess
@@ -83,3 +85,23 @@ def test_a_key_verified_before_the_flood_keeps_working_after_its_own_update(make
     )
     assert authorize(server.stub, created.secret).code == OK
 
+
+@pytest.mark.parametrize("method", ["Check", "Watch"])
+def test_a_health_service_name_over_its_limit_is_invalid_argument(server, method):
+    """Promise 2: Health is unauthenticated and skips request_limits; a Watch keeps its request, service
+    name and all (up to the 128 KiB message), for as long as the stream stays open, however many are open."""
+    health = health_pb2_grpc.HealthStub(server.channel)
+    request = health_pb2.HealthCheckRequest(service="x" * 100_000)
+
+    def call() -> Any:
+        if method == "Check":
+            return health.Check(request, timeout=10)
+        return next(health.Watch(request, timeout=10))
+
+    error = rpc_error(call)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "service" in (error.details() or "")
+    # The names this server answers for still work.
+    assert health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10).status == (
+        health_pb2.HealthCheckResponse.SERVING
+    )

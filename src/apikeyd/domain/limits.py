@@ -64,6 +64,11 @@ MAX_CONTEXT_EXTENSIONS = 16
 MAX_CONTEXT_EXTENSION_KEY_LENGTH = 64
 MAX_CONTEXT_EXTENSION_VALUE_LENGTH = 1024  # a list of 64 short scopes
 
+# --- health ---------------------------------------------------------------------------------------
+
+# The services health answers for are "" and apikeyd.v1.ApiKeyService; 256 leaves room for any full name.
+MAX_HEALTH_SERVICE_LENGTH = 256
+
 # --- listing --------------------------------------------------------------------------------------
 
 # A filter names each field once, and the fields are few (state, project_id, labels.*; key_id, kind,
