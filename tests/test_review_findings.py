@@ -36,7 +36,7 @@ def _hold_after_commit(server: RunningServer, method: str) -> tuple[threading.Ev
     return committed, release
 
 
-@pytest.mark.parametrize("kind", ["revoke", "delete", "disable"])
+@pytest.mark.parametrize("kind", ["revoke", "delete", "disable", "rotate"])
 def test_a_change_whose_caller_gave_up_after_the_commit_is_still_in_force(server, account, kind):
     """Promise 1: a revoke that committed but whose client's deadline passed before it returned left this
     process's cache serving the old row (the feed skips this process's own events) until the cache TTL."""
@@ -47,6 +47,7 @@ def test_a_change_whose_caller_gave_up_after_the_commit_is_still_in_force(server
     calls = {
         "revoke": lambda: server.stub.RevokeApiKey(pb.RevokeApiKeyRequest(name=name), timeout=0.5),
         "delete": lambda: server.stub.DeleteApiKey(pb.DeleteApiKeyRequest(name=name), timeout=0.5),
+        "rotate": lambda: server.stub.RotateApiKey(pb.RotateApiKeyRequest(name=name), timeout=0.5),  # grace 0
         "disable": lambda: server.stub.UpdateApiKey(
             pb.UpdateApiKeyRequest(
                 api_key=pb.ApiKey(name=name, state=pb.ApiKey.DISABLED),
@@ -64,6 +65,8 @@ def test_a_change_whose_caller_gave_up_after_the_commit_is_still_in_force(server
     # The change is in the database: another read says so.
     if kind == "delete":
         assert rpc_error(lambda: server.stub.GetApiKey(pb.GetApiKeyRequest(name=name))).code() == grpc.StatusCode.NOT_FOUND
+    elif kind == "rotate":
+        assert server.stub.GetApiKey(pb.GetApiKeyRequest(name=name)).masked_key != created.api_key.masked_key
     else:
         assert server.stub.GetApiKey(pb.GetApiKeyRequest(name=name)).state != pb.ApiKey.ACTIVE
     assert authorize(server.stub, created.secret).code != OK
