@@ -5,6 +5,7 @@ force for the next Authorize here."""
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import json
@@ -203,6 +204,12 @@ class DenialThrottle:
         window.suppressed += suppressed + 1
 
 
+def _retrieved(task: "asyncio.Task[Any]") -> None:
+    """A commit whose caller has gone: its error has nobody to re-raise it and must not be logged as lost."""
+    if not task.cancelled():
+        task.exception()
+
+
 def _validate_update(values: dict[str, Any], now: datetime) -> dict[str, Any]:
     checks: dict[str, Callable[[Any], Any]] = {
         "display_name": validate_display_name,
@@ -263,6 +270,23 @@ class KeyManager:
                 if etag or attempt == _CONFLICT_RETRIES - 1:
                     raise
         raise AssertionError("unreachable")
+
+    async def _committing(self, call: Callable[[], T], etag: str, changed: Callable[[T], ApiKey | None]) -> T:
+        """`_retrying`, then the invalidation of the key `changed` names, in a task the caller cannot cancel.
+        A caller that goes away (its deadline, a cancel, the shutdown grace) while the write runs does not
+        stop its commit, and the change feed skips this process's own events: without this, the old row
+        stayed in this process's cache until its TTL. In a context of its own, as it may outlive the call."""
+
+        async def commit() -> T:
+            result = await self._retrying(call, etag)
+            key = changed(result)
+            if key is not None:
+                self._authorizer.invalidate(key)
+            return result
+
+        task = asyncio.get_running_loop().create_task(commit(), context=contextvars.Context())
+        task.add_done_callback(_retrieved)
+        return await asyncio.shield(task)
 
     # --- callers ----------------------------------------------------------------------------------
 
@@ -478,10 +502,9 @@ class KeyManager:
             caller.check_self(current, allow_self, "delete")
 
         actor = caller.actor
-        key = await self._retrying(
-            lambda: self._repository.delete(account_id, key_id, etag, _now(), actor, check), etag
+        key = await self._committing(
+            lambda: self._repository.delete(account_id, key_id, etag, _now(), actor, check), etag, lambda key: key
         )
-        self._authorizer.invalidate(key)
         _log_change("deleted", key, actor, "key.deleted")
         return key
 
@@ -529,11 +552,11 @@ class KeyManager:
             current = may_rotate(await self._run(lambda: self._repository.get(account_id, key_id)))
             secret, parsed = keys.generate(current.prefix, current.lookup_id)
             secret_hash = await self._run(lambda: self._hasher.hash(parsed.secret))
-            rotated, replayed = await self._retrying(
-                lambda: self._repository.modify(account_id, key_id, etag, decide, now, actor, request), etag
+            rotated, replayed = await self._committing(
+                lambda: self._repository.modify(account_id, key_id, etag, decide, now, actor, request),
+                etag,
+                lambda outcome: None if outcome[1] else outcome[0],
             )
-        if not replayed:
-            self._authorizer.invalidate(rotated)
         _log_change(
             "replayed rotation of" if replayed else "rotated", rotated, actor, "key.rotated", replayed=replayed
         )
@@ -555,10 +578,9 @@ class KeyManager:
             decided.append(decide(current, credentials))
             return decided[-1]
 
-        key, _ = await self._retrying(
-            lambda: self._repository.modify(account_id, key_id, etag, recorded, now, actor), etag
+        key, _ = await self._committing(
+            lambda: self._repository.modify(account_id, key_id, etag, recorded, now, actor), etag, lambda outcome: outcome[0]
         )
-        self._authorizer.invalidate(key)
         kind = decided[-1].kind.value if decided else "changed"
         changed = list(decided[-1].changed_fields) if decided else []
         _log_change(kind, key, actor, f"key.{kind}", changed_fields=changed)

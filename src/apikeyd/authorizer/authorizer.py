@@ -168,7 +168,9 @@ class Authorizer:
                 return NOT_FOUND
             # A lookup id alone never equals a key string, so its digest is an entry of its own: an unknown
             # lookup id, remembered by `_checked`.
-            if self.cache.is_known_bad(self.cache.digest(parsed.lookup_id)) or self._budget.exhausted(parsed.lookup_id):
+            if self.cache.is_known_bad(self.cache.digest(parsed.lookup_id)):
+                return NOT_FOUND
+            if not self.cache.verified_before(digest) and self._budget.exhausted(parsed.lookup_id):
                 return NOT_FOUND
             try:
                 entry = await self._verify(digest, parsed)
@@ -285,7 +287,7 @@ class Authorizer:
         """`generation`: the key's generation when the verification began, before its database read."""
         started = time.perf_counter()
         try:
-            checked = await self._checked(parsed, generation)
+            checked = await self._checked(digest, parsed, generation)
         except QueueFull:
             raise  # the pool is busy, not the database
         except Unavailable:
@@ -320,11 +322,15 @@ class Authorizer:
         self.cache.put(digest, entry, generation)
         return entry
 
-    async def _checked(self, parsed: keys.ParsedKey, generation: int) -> tuple[ApiKey | None, Match] | None:
+    async def _checked(
+        self, digest: bytes, parsed: keys.ParsedKey, generation: int
+    ) -> tuple[ApiKey | None, Match] | None:
         """`_load_and_verify` within the lookup id's failure budget, in the lookup id's turn on the pool; None
         when the budget refuses it."""
         lookup_id = parsed.lookup_id
-        if not self._budget.admit(lookup_id):
+        # A string that verified here before is no guess: it neither needs a share of the budget nor spends one.
+        budgeted = not self.cache.verified_before(digest)
+        if budgeted and not self._budget.admit(lookup_id):
             return None
         wrong_secret_of: str | None = None
         try:
@@ -335,7 +341,8 @@ class Authorizer:
                 wrong_secret_of = key.name
             return key, match
         finally:
-            self._budget.settle(lookup_id, wrong_secret_of)
+            if budgeted:
+                self._budget.settle(lookup_id, wrong_secret_of)
 
     def _load_and_verify(self, parsed: keys.ParsedKey) -> tuple[ApiKey | None, Match]:
         """On the verification pool: the one indexed read and the one argon2 check of a miss."""

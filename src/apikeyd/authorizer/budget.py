@@ -4,7 +4,8 @@ A key string names its row by its lookup id, and anyone who has seen a key (or o
 checksum is public arithmetic) can send well-formed strings for it with made-up secrets, each costing a
 database read and an argon2 verification (two for a rotated key). After `budget` of them have failed within
 `window` seconds of the first, further strings for that lookup id that are not already verified (the cache is
-looked up first, so a secret this process has verified keeps working) are refused as NOT_FOUND with no
+looked up first, and a string this process has verified passes even once its entry has expired or been
+dropped by a change: VerifiedKeyCache.verified_before) are refused as NOT_FOUND with no
 database read and no argon2, until the window has passed. The answer is the one a wrong secret gets, so a
 refusal tells the caller nothing new.
 

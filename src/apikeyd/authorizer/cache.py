@@ -71,6 +71,10 @@ class VerifiedKeyCache:
         self._entries: OrderedDict[bytes, CachedKey] = OrderedDict()
         self._by_lookup_id: dict[str, set[bytes]] = {}
         self._negative: OrderedDict[bytes, float] = OrderedDict()
+        # Digests of strings this process has verified as a key's secret. Unlike entries, they outlive a
+        # change to the key and the TTL: the failure budget (budget.py) lets them through, since a string
+        # that verified here is no guess, so a flood cannot lock out a secret in use once its entry goes.
+        self._verified: OrderedDict[bytes, None] = OrderedDict()
         self._generations: dict[str, int] = {}
         self._generation_floor = 0
         self._generation_counter = 0
@@ -116,6 +120,10 @@ class VerifiedKeyCache:
         self.stats.stale_hits += 1
         return entry
 
+    def verified_before(self, digest: bytes) -> bool:
+        """Whether this string verified as a key's secret here, even if its entry has gone since."""
+        return digest in self._verified
+
     def generation(self, lookup_id: str) -> int:
         return self._generations.get(lookup_id, self._generation_floor)
 
@@ -129,6 +137,10 @@ class VerifiedKeyCache:
         self._entries[digest] = entry
         self._entries.move_to_end(digest)
         self._by_lookup_id.setdefault(lookup_id, set()).add(digest)
+        self._verified[digest] = None
+        self._verified.move_to_end(digest)
+        if len(self._verified) > self.max_entries:
+            self._verified.popitem(last=False)
         self._lookup_by_key_id[entry.key.key_id] = lookup_id
         while len(self._entries) > self.max_entries:
             old_digest, old_entry = next(iter(self._entries.items()))

@@ -63,6 +63,14 @@ MAX_PROJECT_ID_LENGTH = MAX_ID_LENGTH
 MAX_CONTEXT_EXTENSIONS = 16
 MAX_CONTEXT_EXTENSION_KEY_LENGTH = 64
 MAX_CONTEXT_EXTENSION_VALUE_LENGTH = 1024  # a list of 64 short scopes
+# The client's headers in a Check: Envoy forwards at most its max_headers_count (100 by default); ten times
+# that leaves room for a raised setting, and many more come only from a caller that is not a proxy.
+MAX_REQUEST_HEADERS = 1000
+
+# --- health ---------------------------------------------------------------------------------------
+
+# The services health answers for are "" and apikeyd.v1.ApiKeyService; 256 leaves room for any full name.
+MAX_HEALTH_SERVICE_LENGTH = 256
 
 # --- listing --------------------------------------------------------------------------------------
 

@@ -5,13 +5,28 @@ worker thread: every List logged an ERROR traceback. And a Watch waits for the n
 so each open stream held `Server.stop` for the whole shutdown grace before grpc cancelled it. Here Watch
 ends (status OK, after the NOT_SERVING that draining sent) once `end_watches` is called as the listener
 closes, and the server stops as soon as its other calls are done.
+
+Health takes calls from anyone, and an open Watch keeps its request for as long as it stays open: a
+service name longer than MAX_HEALTH_SERVICE_LENGTH gets INVALID_ARGUMENT before any work, as every other
+field does (service/request_limits.py).
 """
 
 import asyncio
 import contextlib
 from typing import Any
 
+import grpc
 from grpc_health.v1 import health, health_pb2
+
+from apikeyd.domain import limits
+from apikeyd.domain.errors import InvalidArgument
+
+
+async def _check_service(request: health_pb2.HealthCheckRequest, context: Any) -> None:
+    try:
+        limits.check_length("service", request.service, limits.MAX_HEALTH_SERVICE_LENGTH)
+    except InvalidArgument as error:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
 
 
 class HealthServicer(health.aio.HealthServicer):
@@ -26,7 +41,12 @@ class HealthServicer(health.aio.HealthServicer):
             }
         )
 
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: Any) -> health_pb2.HealthCheckResponse:
+        await _check_service(request, context)
+        return await super().Check(request, context)
+
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
+        await _check_service(request, context)
         watch = asyncio.ensure_future(super().Watch(request, context))
         ending = asyncio.ensure_future(self._ending.wait())
         try:

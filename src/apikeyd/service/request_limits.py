@@ -103,8 +103,11 @@ def _check(request: ext.CheckRequest) -> None:
     L.check_count("context_extensions", extensions, L.MAX_CONTEXT_EXTENSIONS)
     L.check_each_length("context_extensions keys", extensions.keys(), L.MAX_CONTEXT_EXTENSION_KEY_LENGTH)
     L.check_each_length("context_extensions values", extensions.values(), L.MAX_CONTEXT_EXTENSION_VALUE_LENGTH)
-    # The client's headers are bounded by the message size; the few Check reads are checked as it reads them
-    # (ext_authz.check_headers), since Envoy may send them in either of two forms.
+    # Their number first: each costs the loop a Python step in ext_authz.request_headers. The values of the
+    # few Check reads are checked as it reads them (ext_authz._check_client_values), in either of Envoy's forms.
+    http = request.attributes.request.http
+    L.check_count("attributes.request.http.headers", http.headers, L.MAX_REQUEST_HEADERS)
+    L.check_count("attributes.request.http.header_map.headers", http.header_map.headers, L.MAX_REQUEST_HEADERS)
 
 
 _CHECKS: dict[type, Callable[[Any], None]] = {
