@@ -213,10 +213,11 @@ def _database_reads(url: str, tokens: dict[tuple[str, _Case], str]) -> dict[tupl
 
     event.listen(repository.engine, "before_cursor_execute", capture)
     reads: dict[tuple[str, _Case], tuple[float, int]] = {}
+    token_key = repository.page_token_key()
     try:
         for (account, case), token in tokens.items():
             sent.clear()
-            after = decode_page_token(token, account, case.filter) if token else None
+            after = decode_page_token(token_key, token, account, case.filter) if token else None
             repository.list_keys(account, parse_filter(case.filter), PAGE_SIZE, after)
             statement, parameters = sent[-1]
             with repository.engine.connect() as connection:
