@@ -10,10 +10,14 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -32,6 +36,7 @@ from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
+APIKEYD = str(Path(sys.executable).with_name("apikeyd"))  # the command the venv installed
 # `apikeyd serve` started by a test inherits this: metrics on an ephemeral port, never a clash on 9464.
 os.environ.setdefault("APIKEYD_METRICS_LISTEN", "127.0.0.1:0")
 
@@ -320,3 +325,32 @@ def rpc_error(call: Callable[[], Any]) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as caught:
         call()
     return caught.value
+
+
+class ServeProcess:
+    """`apikeyd serve ARGS` in the background, its stderr collected line by line."""
+
+    def __init__(self, args: Sequence[str], env: dict[str, str]) -> None:
+        self.process = subprocess.Popen([APIKEYD, "serve", *args], stderr=subprocess.PIPE, text=True, env=env)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line)
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.lines)
+
+    def wait(self, timeout: float = 60) -> int:
+        code = self.process.wait(timeout=timeout)
+        self._reader.join(timeout=10)
+        return code
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.wait(timeout)

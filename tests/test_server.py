@@ -7,7 +7,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from apikeyd.server import App, StartupError
 from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
 from tests.conftest import (
+    APIKEYD,
     BearerCredentials,
     RunningServer,
     authorize,
@@ -33,8 +33,6 @@ from tests.conftest import (
     leaked_secrets,
     rpc_error,
 )
-
-APIKEYD = str(Path(sys.executable).with_name("apikeyd"))
 
 
 def test_health_reports_serving_for_the_server_and_the_service(server):

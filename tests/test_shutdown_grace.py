@@ -6,10 +6,8 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import psycopg
@@ -17,9 +15,8 @@ import pytest
 
 from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
-from tests.conftest import BearerCredentials, create_key, free_port, held_hasher, scratch_postgres_database
+from tests.conftest import APIKEYD, BearerCredentials, create_key, free_port, held_hasher, scratch_postgres_database
 
-APIKEYD = str(Path(sys.executable).with_name("apikeyd"))
 GRACE = 2.0
 # What the close after the grace may take on a busy machine: writing last-used times, closing the pools.
 CLOSE_BOUND = 6.0

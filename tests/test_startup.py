@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,7 +22,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from apikeyd.config import Settings
 from apikeyd.store import migrate
 from apikeyd.store.repository import create_db_engine
-from tests.conftest import POSTGRES_ADMIN_URL, RunningServer, _postgres_reachable, free_port, scratch_postgres_database
+from tests.conftest import (
+    POSTGRES_ADMIN_URL,
+    RunningServer,
+    ServeProcess,
+    _postgres_reachable,
+    free_port,
+    scratch_postgres_database,
+)
 from tests.test_server import APIKEYD
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -50,25 +56,9 @@ def _one_line(stderr: str, *expected: str) -> str:
     return line
 
 
-class Serving:
-    """`apikeyd serve` in the background, its stderr collected line by line."""
-
+class Serving(ServeProcess):
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.process = subprocess.Popen(
-            [APIKEYD, "serve", *args], stderr=subprocess.PIPE, text=True, env=env or _env()
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.append(line)
-
-    @property
-    def stderr(self) -> str:
-        return "".join(self.lines)
+        super().__init__(args, env or _env())
 
     def wait_for(self, text: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -76,16 +66,6 @@ class Serving:
             assert self.process.poll() is None or text in self.stderr, f"exited {self.process.returncode}: {self.stderr}"
             assert time.monotonic() < deadline, f"no {text!r} in: {self.stderr}"
             time.sleep(0.05)
-
-    def wait(self) -> int:
-        code = self.process.wait(timeout=60)
-        self._reader.join(timeout=10)
-        return code
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.wait()
 
 
 @contextlib.contextmanager

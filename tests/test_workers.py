@@ -12,7 +12,6 @@ import re
 import signal
 import socket
 import subprocess
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -29,6 +28,7 @@ from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
 from tests.conftest import (
     POSTGRES_ADMIN_URL,
     BearerCredentials,
+    ServeProcess,
     authorize,
     create_key,
     free_port,
@@ -38,32 +38,18 @@ from tests.conftest import (
 from tests.test_server import APIKEYD, _admin_key
 
 
-class Supervisor:
+class Supervisor(ServeProcess):
     """`apikeyd serve --workers N` with its stderr (the supervisor's and the workers' JSON lines) collected."""
 
     def __init__(
         self, tmp_path: Path, port: int, *extra: str, workers: int = 2, database_url: str = ""
     ) -> None:
         self.port = port
-        self.process = subprocess.Popen(
-            [APIKEYD, "serve", "--workers", str(workers), "--listen", f"127.0.0.1:{port}",
+        super().__init__(
+            ["--workers", str(workers), "--listen", f"127.0.0.1:{port}",
              "--database-url", database_url or f"sqlite:///{tmp_path}/apikeyd.db", "--log-format", "json", *extra],
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "APIKEYD_METRICS_LISTEN": "127.0.0.1:0"},
+            {**os.environ, "APIKEYD_METRICS_LISTEN": "127.0.0.1:0"},
         )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.append(line)
-
-    @property
-    def stderr(self) -> str:
-        return "".join(self.lines)
 
     def events(self, event: str, since: int = 0) -> list[dict[str, Any]]:
         """The JSON lines of `event`, from line number `since` on (a `len(running.lines)` taken earlier)."""
@@ -89,15 +75,6 @@ class Supervisor:
         """worker index -> its latest "worker.serving" line (pid, metrics_port), once all serve."""
         self.wait_for(lambda: self.events("workers.serving"))
         return {entry["worker"]: entry for entry in self.events("worker.serving")}
-
-    def stop(self, timeout: float = 60) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.wait(timeout)
-
-    def wait(self, timeout: float = 60) -> int:
-        code = self.process.wait(timeout=timeout)
-        self._reader.join(timeout=10)
-        return code
 
 
 @contextmanager
