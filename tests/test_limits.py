@@ -408,3 +408,29 @@ def test_the_scope_memo_caches_stay_small_whatever_lists_callers_send():
     finally:
         tracemalloc.stop()
     assert grown < 16 * 1024 * 1024, f"the caches grew by {grown / 2**20:.0f} MiB"
+
+
+def test_calls_at_once_are_bounded_so_open_watch_streams_cannot_pile_up(make_server, database_url):
+    """Anyone may open health Watch streams and keep them open; past APIKEYD_MAX_CONCURRENT_RPCS grpc refuses
+    further calls instead of keeping state for every one, and serves again once they are gone."""
+    server = make_server(max_concurrent_rpcs=L.MIN_CONCURRENT_RPCS)
+    health = health_pb2_grpc.HealthStub(server.channel)
+    watches = [health.Watch(health_pb2.HealthCheckRequest(service="")) for _ in range(L.MIN_CONCURRENT_RPCS)]
+    try:
+        for watch in watches:
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING  # each one is being served
+        refused = rpc_error(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=10))
+        assert refused.code() is Code.RESOURCE_EXHAUSTED
+    finally:
+        for watch in watches:
+            watch.cancel()
+    deadline = time.monotonic() + 30
+    while True:  # grpc frees the cancelled calls' slots as it notices them
+        try:
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+            break
+        except grpc.RpcError as error:
+            assert error.code() is Code.RESOURCE_EXHAUSTED and time.monotonic() < deadline, error
+            time.sleep(0.05)
+    with pytest.raises(StartupError, match="APIKEYD_MAX_CONCURRENT_RPCS"):
+        App(Settings.load(environ={}, database_url=database_url, max_concurrent_rpcs=L.MIN_CONCURRENT_RPCS - 1))

@@ -113,11 +113,6 @@ def test_a_health_service_name_over_its_limit_is_invalid_argument(server, method
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ext_authz logs one WARNING per misconfigured Check, unthrottled; needs the rate-limited warning of "
-    "service/wire.py made a shared helper and used here",
-)
 def test_misconfigured_checks_from_anyone_do_not_write_a_warning_each(server, caplog):
     """Promise 4's log bound: Check takes calls from anyone (APIKEYD_AUTHORIZE_REQUIRES_KEY is off by
     default) and its context_extensions come from the caller, so each misconfigured request was a line."""

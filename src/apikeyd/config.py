@@ -65,6 +65,9 @@ class Settings:
         DEFAULT_MAX_REQUEST_BYTES,
         "largest request message accepted, bytes (at least 16384); larger ones get RESOURCE_EXHAUSTED from grpc",
     )
+    max_concurrent_rpcs: int = _setting(
+        1000, "calls served at once, open health Watch streams included (at least 100); more get RESOURCE_EXHAUSTED"
+    )
     db_pool_size: int = _setting(5, "database connections kept open (PostgreSQL)")
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
     log_format: str = _setting("json", "json (one object per line) or text")

@@ -17,6 +17,7 @@ import json
 import logging
 import re
 import secrets
+import time
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -139,3 +140,25 @@ def stream_handler(log_format: str, stream: TextIO) -> logging.Handler:
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter(log_format))
     return handler
+
+
+class Throttle:
+    """At most one WARNING line per `every` seconds from a source a caller can trigger at will (garbled
+    requests, a misconfigured route), so that nobody can fill the log; the next line says how many were
+    left out."""
+
+    def __init__(self, logger: logging.Logger, every: float) -> None:
+        self._logger = logger
+        self.every = every
+        self._last = -float("inf")
+        self._left_out = 0
+
+    def warning(self, message: str, *args: Any, event: str, **values: Any) -> None:
+        now = time.monotonic()
+        if now - self._last < self.every:
+            self._left_out += 1
+            return
+        left_out, self._last, self._left_out = self._left_out, now, 0
+        if left_out:
+            message, args = message + "; %d more since the last such warning", (*args, left_out)
+        self._logger.warning(message, *args, extra=fields(event=event, left_out=left_out, **values))

@@ -86,6 +86,11 @@ def check_request_size(settings: Settings) -> None:
             f"{Settings.env_name('max_request_bytes')}={settings.max_request_bytes} is below "
             f"{limits.MIN_MAX_REQUEST_BYTES}: requests of ordinary size would be refused"
         )
+    if settings.max_concurrent_rpcs < limits.MIN_CONCURRENT_RPCS:
+        raise StartupError(
+            f"{Settings.env_name('max_concurrent_rpcs')}={settings.max_concurrent_rpcs} is below "
+            f"{limits.MIN_CONCURRENT_RPCS}: a busy sidecar alone would be refused"
+        )
 
 
 def check_feed_timing(settings: Settings) -> None:
@@ -220,7 +225,13 @@ class Server:
         reuse_port = 1 if app.settings.workers > 1 else 0
         # WireErrors: undecodable requests get INVALID_ARGUMENT on every service here (service/wire.py).
         self.wire_errors = WireErrors()
-        self.grpc = grpc.aio.server(interceptors=[self.wire_errors], options=[("grpc.so_reuseport", reuse_port), *grpc_limits(app.settings)])
+        # A bound on calls at once: each open stream (a health Watch) holds grpc's per-call memory, and anyone
+        # may open them.
+        self.grpc = grpc.aio.server(
+            interceptors=[self.wire_errors],
+            options=[("grpc.so_reuseport", reuse_port), *grpc_limits(app.settings)],
+            maximum_concurrent_rpcs=app.settings.max_concurrent_rpcs,
+        )
         self.health = HealthServicer()
         service = ApiKeyService(app.manager, app.authorizer, app.metrics, app.settings.authorize_requires_key)
         api_keys_pb2_grpc.add_ApiKeyServiceServicer_to_server(service, self.grpc)

@@ -26,6 +26,10 @@ from apikeyd.domain.model import MAX_RATE_LIMITS as MAX_RATE_LIMITS
 # are plain ASCII may go lower, down to MIN_MAX_REQUEST_BYTES, and an Envoy allowing larger headers needs more.
 DEFAULT_MAX_REQUEST_BYTES = 128 * 1024
 MIN_MAX_REQUEST_BYTES = 16 * 1024
+# Calls served at once by one process (APIKEYD_MAX_CONCURRENT_RPCS, default 1000): an open health Watch
+# holds its grpc call state for as long as its client likes, so without a bound anyone could hold any
+# number. A sidecar Envoy keeps a few dozen checks in flight; below this floor one busy proxy would be refused.
+MIN_CONCURRENT_RPCS = 100
 # Metadata: ours is what grpc clients already live with (grpc's own default soft limit); grpc's limit is
 # set twice as high, so that metadata between the two gets INVALID_ARGUMENT from us, not grpc's
 # RESOURCE_EXHAUSTED (which only metadata beyond GRPC_METADATA_BYTES still gets).

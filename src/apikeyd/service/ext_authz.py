@@ -41,6 +41,7 @@ from apikeyd.domain.echo import quote, refuse_key
 from apikeyd.domain.errors import InvalidArgument, Unavailable
 from apikeyd.domain.scopes import parse_required_scopes
 from apikeyd.lifecycle import KeyManager
+from apikeyd.logs import Throttle
 from apikeyd.metrics import Metrics
 from apikeyd.service.api_keys import authorizing_caller
 from apikeyd.service.errors import grpc_errors
@@ -244,6 +245,8 @@ class ExtAuthzService(ext_grpc.AuthorizationServicer):
         # As for Authorize: when set, the proxy itself must present a key with apikeys:authorize (in its
         # grpc_service initial_metadata), and a tenant's proxy can pass only its own account's keys.
         self._authorize_requires_key = authorize_requires_key
+        # A route's settings arrive with every Check, and anyone may send a Check: one line a minute says enough.
+        self._route_warnings = Throttle(log, 60.0)
 
     @grpc_errors
     async def Check(self, request: ext.CheckRequest, context: grpc.aio.ServicerContext) -> ext.CheckResponse:
@@ -254,7 +257,7 @@ class ExtAuthzService(ext_grpc.AuthorizationServicer):
         try:
             route = parse_route(tuple(sorted(attributes.context_extensions.items())))
         except InvalidArgument as error:
-            log.warning("an Envoy route is misconfigured: %s", error)
+            self._route_warnings.warning("an Envoy route is misconfigured: %s", error, event="ext_authz.misconfigured_route")
             return denied(500, "MISCONFIGURED", f"the route's ext_authz settings are wrong: {error}")
         headers = request_headers(attributes.request.http)
         try:

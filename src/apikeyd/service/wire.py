@@ -15,14 +15,13 @@ is counted; a WARNING line says so at most once per LOG_EVERY seconds, without t
 
 import inspect
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from apikeyd.logs import fields
+from apikeyd.logs import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +61,7 @@ class WireErrors(grpc.aio.ServerInterceptor):
         # per hosted method, whatever names callers send.
         self._handlers: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
         self.refused = 0  # undecodable requests answered INVALID_ARGUMENT; bumped on the event loop
-        self._last_warning = -float("inf")
-        self._unlogged = 0
+        self._warnings = Throttle(log, LOG_EVERY)
 
     async def intercept_service(
         self,
@@ -98,18 +96,10 @@ class WireErrors(grpc.aio.ServerInterceptor):
 
     async def _refuse(self, method: str, request: Undecodable, context: grpc.aio.ServicerContext) -> None:
         self.refused += 1
-        now = time.monotonic()
-        if now - self._last_warning >= LOG_EVERY:
-            log.warning(
-                "refused an undecodable request to %s (not a valid %s)%s",
-                method,
-                request.type_name,
-                f"; {self._unlogged} more since the last warning" if self._unlogged else "",
-                extra=fields(event="rpc.undecodable", method=method, unlogged=self._unlogged),
-            )
-            self._last_warning, self._unlogged = now, 0
-        else:
-            self._unlogged += 1
+        self._warnings.warning(
+            "refused an undecodable request to %s (not a valid %s)", method, request.type_name,
+            event="rpc.undecodable", method=method,
+        )
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {request.type_name}")
 
     def _checked(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
