@@ -12,9 +12,9 @@ from google.protobuf import text_format
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.field_mask_pb2 import FieldMask
 
+from apikeyd.denials import DENIAL_WINDOW_SECONDS, DenialThrottle
 from apikeyd.domain import keys
 from apikeyd.domain.echo import quote
-from apikeyd.lifecycle import DENIAL_WINDOW_SECONDS, DenialThrottle
 from apikeyd.v1 import api_keys_pb2 as pb
 from tests.conftest import authorize, create_key, rpc_error
 
