@@ -14,7 +14,7 @@ import contextvars
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -79,6 +79,31 @@ def _rate_decision(key: ApiKey, rate: RateOutcome) -> Decision:
     return Decision(AuthCode.OK, "", key, rate)
 
 
+def _usable(entry: CachedKey) -> CachedKey | Decision:
+    """A verified key's entry, or the denial of a key that is no longer usable: revoked, disabled, expired."""
+    key = entry.key
+    if key.state is KeyState.REVOKED:
+        when = key.revoke_time.isoformat() if key.revoke_time else "an unknown time"
+        return Decision(AuthCode.REVOKED, f"the key was revoked at {when}", key)
+    if key.state is KeyState.DISABLED:
+        return Decision(AuthCode.DISABLED, "the key is disabled; enable it to use it again", key)
+    now = time.time()
+    if entry.expire_at is not None and now >= entry.expire_at:
+        return Decision(AuthCode.EXPIRED, f"the key expired at {key.expire_time.isoformat()}", key)  # type: ignore[union-attr]
+    if entry.secret_expire_at is not None and now >= entry.secret_expire_at:
+        when = datetime.fromtimestamp(entry.secret_expire_at, UTC).isoformat()
+        return Decision(AuthCode.EXPIRED, f"this secret was rotated out and stopped working at {when}", key)
+    return entry
+
+
+@dataclass(frozen=True, slots=True)
+class _Miss:
+    """A well-formed string the cache cannot answer for: it needs a verification."""
+
+    digest: bytes
+    parsed: keys.ParsedKey
+
+
 @dataclass(slots=True)
 class _Flight:
     """A verification in flight, and the generation of its key when it began."""
@@ -137,18 +162,63 @@ class Authorizer:
     ) -> Decision:
         """The answer for a presented key; with a calling key that is not an operator's, keys outside its
         account (or project) are answered as unknown."""
+        decision = self.check(presented, required_scopes, resource, project_id, caller)
+        return decision if isinstance(decision, Decision) else await decision
+
+    def check(
+        self,
+        presented: str,
+        required_scopes: Sequence[str],
+        resource: str,
+        project_id: str,
+        caller: Caller | None = None,
+    ) -> Decision | Coroutine[None, None, Decision]:
+        """`authorize` without an await where none is needed: the decision itself when the cache answers and
+        no shared limiter is asked, or else a coroutine that gives it. The HTTP ext_authz endpoint answers a
+        cached check from its protocol callback this way, with no task and no turn of the event loop."""
         # A bad required scope is the caller's bug: InvalidArgument, not a denial.
         required = parse_required_scopes(tuple(required_scopes))
-        found = await self.identify(presented)
+        found = self._identify_now(presented)
+        if isinstance(found, _Miss):
+            return self._authorize_miss(found, required, resource, project_id, caller, required_scopes)
+        return self._conclude(found, required, resource, project_id, caller, required_scopes)
+
+    async def _authorize_miss(
+        self,
+        miss: _Miss,
+        required: tuple[tuple[str, tuple[str, str]], ...],
+        resource: str,
+        project_id: str,
+        caller: Caller | None,
+        required_scopes: Sequence[str],
+    ) -> Decision:
+        found = await self._identify_miss(miss)
+        decision = self._conclude(found, required, resource, project_id, caller, required_scopes)
+        return decision if isinstance(decision, Decision) else await decision
+
+    def _conclude(
+        self,
+        found: CachedKey | Decision,
+        required: tuple[tuple[str, tuple[str, str]], ...],
+        resource: str,
+        project_id: str,
+        caller: Caller | None,
+        required_scopes: Sequence[str],
+    ) -> Decision | Coroutine[None, None, Decision]:
         # Reach first: a key outside the caller's account must not even show that it is revoked.
         if caller is not None and found.key is not None and not caller.reaches(found.key):
-            decision = NOT_FOUND
-        elif isinstance(found, Decision):
-            decision = found
-        else:
-            decided = self._decide(found, required, resource, project_id)
-            # None only for keys with rate limits, with a shared limiter: the one await of a cached check.
-            decision = decided if decided is not None else await self._shared_rate_check(found)
+            return self._counted(NOT_FOUND, required_scopes, project_id)
+        if isinstance(found, Decision):
+            return self._counted(found, required_scopes, project_id)
+        decision = self._decide(found, required, resource, project_id)
+        if decision is None:  # a key with rate limits, with a shared limiter: the one await of a cached check
+            return self._shared_conclusion(found, project_id, required_scopes)
+        return self._counted(decision, required_scopes, project_id)
+
+    async def _shared_conclusion(self, entry: CachedKey, project_id: str, required_scopes: Sequence[str]) -> Decision:
+        return self._counted(await self._shared_rate_check(entry), required_scopes, project_id)
+
+    def _counted(self, decision: Decision, required_scopes: Sequence[str], project_id: str) -> Decision:
         self._decisions[decision.code] += 1
         if log.isEnabledFor(logging.DEBUG):
             _log_decision(decision, required_scopes, project_id)
@@ -157,42 +227,37 @@ class Authorizer:
     async def identify(self, presented: str) -> CachedKey | Decision:
         """The verified key behind a presented string, or the denial that comes before knowing what it may
         do: MALFORMED, NOT_FOUND, REVOKED, DISABLED or EXPIRED. Management callers authenticate here too."""
+        found = self._identify_now(presented)
+        return await self._identify_miss(found) if isinstance(found, _Miss) else found
+
+    def _identify_now(self, presented: str) -> CachedKey | Decision | _Miss:
+        """`identify` as far as it goes without I/O: a miss that must be verified comes back as a _Miss."""
         digest = self.cache.digest(presented)
         entry = self.cache.get(digest)
-        if entry is None:
-            # Only well-formed strings ever get an entry, so a hit needs no parse and no checksum.
-            parsed = keys.parse(presented)
-            if parsed is None:
-                return MALFORMED
-            if self.cache.is_known_bad(digest):
-                return NOT_FOUND
-            # A lookup id alone never equals a key string, so its digest is an entry of its own: an unknown
-            # lookup id, remembered by `_checked`.
-            if self.cache.is_known_bad(self.cache.digest(parsed.lookup_id)):
-                return NOT_FOUND
-            if not self.cache.verified_before(digest) and self._budget.exhausted(parsed.lookup_id):
-                return NOT_FOUND
-            try:
-                entry = await self._verify(digest, parsed)
-            except Unavailable:
-                entry = self.cache.stale(digest)
-                if entry is None:
-                    raise
+        if entry is not None:
+            return _usable(entry)
+        # Only well-formed strings ever get an entry, so a hit needs no parse and no checksum.
+        parsed = keys.parse(presented)
+        if parsed is None:
+            return MALFORMED
+        if self.cache.is_known_bad(digest):
+            return NOT_FOUND
+        # A lookup id alone never equals a key string, so its digest is an entry of its own: an unknown
+        # lookup id, remembered by `_checked`.
+        if self.cache.is_known_bad(self.cache.digest(parsed.lookup_id)):
+            return NOT_FOUND
+        if not self.cache.verified_before(digest) and self._budget.exhausted(parsed.lookup_id):
+            return NOT_FOUND
+        return _Miss(digest, parsed)
+
+    async def _identify_miss(self, miss: _Miss) -> CachedKey | Decision:
+        try:
+            entry = await self._verify(miss.digest, miss.parsed)
+        except Unavailable:
+            entry = self.cache.stale(miss.digest)
             if entry is None:
-                return NOT_FOUND
-        key = entry.key
-        if key.state is KeyState.REVOKED:
-            when = key.revoke_time.isoformat() if key.revoke_time else "an unknown time"
-            return Decision(AuthCode.REVOKED, f"the key was revoked at {when}", key)
-        if key.state is KeyState.DISABLED:
-            return Decision(AuthCode.DISABLED, "the key is disabled; enable it to use it again", key)
-        now = time.time()
-        if entry.expire_at is not None and now >= entry.expire_at:
-            return Decision(AuthCode.EXPIRED, f"the key expired at {key.expire_time.isoformat()}", key)  # type: ignore[union-attr]
-        if entry.secret_expire_at is not None and now >= entry.secret_expire_at:
-            when = datetime.fromtimestamp(entry.secret_expire_at, UTC).isoformat()
-            return Decision(AuthCode.EXPIRED, f"this secret was rotated out and stopped working at {when}", key)
-        return entry
+                raise
+        return NOT_FOUND if entry is None else _usable(entry)
 
     def database_answered(self, since: float) -> None:
         """A database call begun at monotonic time `since` succeeded (the health watcher's ping)."""
