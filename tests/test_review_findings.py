@@ -117,11 +117,11 @@ def test_misconfigured_checks_from_anyone_do_not_write_a_warning_each(server, ca
     """Promise 4's log bound: Check takes calls from anyone (APIKEYD_AUTHORIZE_REQUIRES_KEY is off by
     default) and its context_extensions come from the caller, so each misconfigured request was a line."""
     check = external_auth_pb2_grpc.AuthorizationStub(server.channel).Check
-    with caplog.at_level(logging.WARNING, logger="apikeyd.service.ext_authz"):
+    with caplog.at_level(logging.WARNING, logger="apikeyd.service.envoy_checks"):
         for _ in range(50):
             response = check(check_request({"x-api-key": "AK_whatever"}, required_scope="messages:send"), timeout=10)
             assert response.denied_response.status.code == 500
-    lines = [record for record in caplog.records if record.name == "apikeyd.service.ext_authz"]
+    lines = [record for record in caplog.records if record.name == "apikeyd.service.envoy_checks"]
     assert len(lines) <= 1
 
 
