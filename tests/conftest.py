@@ -39,6 +39,7 @@ POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 APIKEYD = str(Path(sys.executable).with_name("apikeyd"))  # the command the venv installed
 # `apikeyd serve` started by a test inherits this: metrics on an ephemeral port, never a clash on 9464.
 os.environ.setdefault("APIKEYD_METRICS_LISTEN", "127.0.0.1:0")
+os.environ.setdefault("APIKEYD_EXT_AUTHZ_LISTEN", "127.0.0.1:0")
 
 
 def _postgres_reachable() -> bool:
@@ -158,9 +159,12 @@ class RunningServer:
     """A server on its own loop thread, with a channel and stub to it."""
 
     def __init__(self, settings: Settings, listen: str = "127.0.0.1:0", operator: bool = True) -> None:
-        if settings.metrics_listen == Settings().metrics_listen:
-            # Metrics on an ephemeral port, not the fixed default: servers here run side by side.
+        defaults = Settings()
+        # Metrics and HTTP ext_authz on ephemeral ports, not the fixed defaults: servers here run side by side.
+        if settings.metrics_listen == defaults.metrics_listen:
             settings = dataclasses.replace(settings, metrics_listen="127.0.0.1:0")
+        if settings.ext_authz_listen == defaults.ext_authz_listen:
+            settings = dataclasses.replace(settings, ext_authz_listen="127.0.0.1:0")
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="apikeyd-test-server", daemon=True)
         self._thread.start()

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import http.client
 import json
+import re
 import subprocess
 import threading
 import time
@@ -35,7 +36,11 @@ from apikeyd.domain import keys
 from apikeyd.v1 import api_keys_pb2 as pb
 from tests.conftest import RunningServer, authorize, create_key, rpc_error
 
-EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "envoy" / "envoy.yaml"
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "envoy"
+EXAMPLE_CONFIG = DEPLOY / "envoy.yaml"  # asks apikeyd over HTTP
+GRPC_CONFIG = DEPLOY / "envoy-grpc.yaml"  # asks apikeyd's Check over gRPC
+# Each example config, and the port of apikeyd's in it: HTTP ext_authz's or gRPC's.
+CONFIGS = {"http": (EXAMPLE_CONFIG, 50052), "grpc": (GRPC_CONFIG, 50051)}
 READY_WITHIN = 20.0  # seconds; Envoy is usually ready in well under one
 
 
@@ -115,12 +120,15 @@ class EchoService:
 # --- Envoy -------------------------------------------------------------------------------------------
 
 
-def config_for(apikeyd_port: int, service_port: int) -> str:
-    """The example config with this test's ports; every default port is in it exactly once."""
-    text = EXAMPLE_CONFIG.read_text()
-    for default, port in ((50051, apikeyd_port), (8080, service_port), (10000, 0), (9901, 0)):
+def config_for(path: Path, apikeyd_default: int, apikeyd_port: int, service_port: int) -> str:
+    """An example config with this test's ports; every default port is in it exactly once. Its check timeout
+    (0.25 s) becomes 5 s: a cold check on a machine busy with other tests can take longer, and these tests
+    are about what is answered, not how fast."""
+    text, replaced = re.subn(r"(?<!connect_)timeout: 0\.25s", "timeout: 5s", path.read_text())
+    assert replaced == 1, f"{path} should have one check timeout of 0.25s"
+    for default, port in ((apikeyd_default, apikeyd_port), (8080, service_port), (10000, 0), (9901, 0)):
         needle = f"port_value: {default}}}"
-        assert text.count(needle) == 1, f"{EXAMPLE_CONFIG} should have {needle!r} exactly once"
+        assert text.count(needle) == 1, f"{path} should have {needle!r} exactly once"
         text = text.replace(needle, f"port_value: {port}}}")
     return text
 
@@ -241,15 +249,27 @@ class Proxy:
         )
 
 
-@pytest.fixture
-def proxy(server: RunningServer, tmp_path: Path) -> Iterator[Proxy]:
+def apikeyd_port(server: RunningServer, transport: str) -> int:
+    return server.server.http_checks.port if transport == "http" else server.port
+
+
+@contextlib.contextmanager
+def proxy_for(server: RunningServer, transport: str, workdir: Path) -> Iterator[Proxy]:
     binary = require_envoy()
     service = EchoService()
+    path, default = CONFIGS[transport]
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(service.close)
-        envoy = Envoy(binary, config_for(server.port, service.port), tmp_path)
+        envoy = Envoy(binary, config_for(path, default, apikeyd_port(server, transport), service.port), workdir)
         cleanup.callback(envoy.stop)
         yield Proxy(envoy, service)
+
+
+@pytest.fixture(params=sorted(CONFIGS))
+def proxy(request: pytest.FixtureRequest, server: RunningServer, tmp_path: Path) -> Iterator[Proxy]:
+    """Envoy on each example config: every behaviour below holds over HTTP and over gRPC alike."""
+    with proxy_for(server, request.param, tmp_path) as running:
+        yield running
 
 
 def bearer(key: str) -> str:
@@ -271,7 +291,8 @@ def assert_refused(response: Response, status: int, code: str, proxy: Proxy, *se
 # --- through Envoy -----------------------------------------------------------------------------------
 
 
-def test_the_example_config_is_valid_as_written():
+@pytest.mark.parametrize("path", [EXAMPLE_CONFIG, GRPC_CONFIG], ids=lambda path: path.name)
+def test_the_example_config_is_valid_as_written(path):
     binary = require_envoy()
     run = subprocess.run(
         [
@@ -279,7 +300,7 @@ def test_the_example_config_is_valid_as_written():
             "--mode",
             "validate",
             "-c",
-            str(EXAMPLE_CONFIG),
+            str(path),
             "--use-dynamic-base-id",
             "--log-level",
             "warn",
@@ -410,6 +431,17 @@ def test_envoy_fails_closed_when_apikeyd_is_down(proxy, server, account):
     assert response.status == 503, (response.status, response.body)  # status_on_error in the example
     assert not proxy.service.requests
     assert proxy.get("/healthz").status == 200, "the open route does not ask apikeyd"
+
+
+def test_a_clients_own_route_settings_never_count(server, account, tmp_path):
+    """Over HTTP a route's settings travel in x-apikeyd-route, which every route's http_service sets; a client
+    sending one changes nothing, on a route with settings or on the default one."""
+    key = create_key(server.stub, account, ("reports:read",)).secret
+    with proxy_for(server, "http", tmp_path) as proxy:
+        scoped = proxy.get("/v1/messages", x_api_key=key, x_apikeyd_route="any", x_sender_domain="example.com")
+        assert_refused(scoped, 403, "INSUFFICIENT_SCOPE", proxy, key)
+        default = proxy.get("/", x_api_key=key, x_apikeyd_route="required_scopes=nothing:ever")
+        assert default.status == 200, default.body
 
 
 # --- Check over gRPC ---------------------------------------------------------------------------------

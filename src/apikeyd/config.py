@@ -75,6 +75,10 @@ class Settings:
         "127.0.0.1:9464", "host:port to serve Prometheus metrics on over HTTP (/metrics); empty disables",
         empty_is_off=True,
     )
+    ext_authz_listen: str = _setting(
+        "127.0.0.1:50052", "host:port or unix:/path to answer Envoy's ext_authz over HTTP on (deploy/envoy/envoy.yaml); "
+        "empty disables", empty_is_off=True,
+    )
     feed_poll_interval: float = _setting(
         0.0, "seconds between reads of the key_events change feed; 0 picks 0.25 on SQLite, 0.5 on PostgreSQL "
         "(where LISTEN/NOTIFY wakes it at once and the read is a fallback); must be less than feed_lease"

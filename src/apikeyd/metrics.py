@@ -31,6 +31,7 @@ AUTHORIZE_DECISIONS = "apikeyd_authorize_decisions_total"
 AUTHORIZE_SECONDS = "apikeyd_authorize_duration_seconds"
 EXT_AUTHZ_CHECK_SECONDS = "apikeyd_ext_authz_check_duration_seconds"
 RPCS = "apikeyd_rpcs_total"
+EXT_AUTHZ_HTTP_ANSWERS = "apikeyd_ext_authz_http_answers_total"
 CACHE_HITS = "apikeyd_cache_hits_total"
 CACHE_MISSES = "apikeyd_cache_misses_total"
 CACHE_NEGATIVE_HITS = "apikeyd_cache_negative_hits_total"
@@ -92,7 +93,8 @@ class Metrics(Collector):
     """Every metric of one App, in its own registry.
 
     The hot-path state is plain: `decisions` (a list indexed by AuthCode, bumped by the Authorizer),
-    `rpc_counts` (a dict {(method, status code name): calls}, bumped by `grpc_errors`), and the
+    `rpc_counts` (a dict {(method, status code name): calls}, bumped by `grpc_errors`),
+    `ext_authz_http_answers` ({HTTP status: checks}), and the
     LoopHistograms `authorize_seconds`, `ext_authz_check_seconds` and `verification_seconds`; all are
     updated on the event loop thread only. `watch` connects the objects read at scrape time."""
 
@@ -100,12 +102,13 @@ class Metrics(Collector):
         self.registry = CollectorRegistry()
         self.decisions = [0] * (max(AuthCode) + 1)
         self.rpc_counts: dict[tuple[str, str], int] = {}
+        self.ext_authz_http_answers: dict[int, int] = {}  # by HTTP status, bumped by service/ext_authz_http.py
         self.authorize_seconds = LoopHistogram(
             AUTHORIZE_SECONDS, "Authorize calls from the handler's start to its answer (or error), in seconds"
         )
         self.ext_authz_check_seconds = LoopHistogram(
             EXT_AUTHZ_CHECK_SECONDS,
-            "Envoy ext_authz Check calls from the handler's start to its answer, in seconds",
+            "Envoy ext_authz checks (gRPC Check calls and HTTP checks) from their arrival to their answer, in seconds",
         )
         self.verification_seconds = LoopHistogram(
             VERIFICATION_SECONDS,
@@ -160,6 +163,12 @@ class Metrics(Collector):
         for (method, status), count in sorted(dict(self.rpc_counts).items()):
             rpcs.add_metric([method, status], count)
         yield rpcs
+        answers = CounterMetricFamily(
+            _base(EXT_AUTHZ_HTTP_ANSWERS), "Envoy ext_authz checks over HTTP answered, by HTTP status", labels=["status"]
+        )
+        for http_status, answered in sorted(dict(self.ext_authz_http_answers).items()):
+            answers.add_metric([str(http_status)], answered)
+        yield answers
         if self._cache is not None:
             stats = self._cache.stats
             for name, value, documentation in (

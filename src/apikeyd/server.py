@@ -35,6 +35,8 @@ from apikeyd.metrics import Metrics, MetricsEndpoint
 from apikeyd.ports import port_problem
 from apikeyd.service import ext_authz
 from apikeyd.service.api_keys import ApiKeyService
+from apikeyd.service.envoy_checks import EnvoyChecks
+from apikeyd.service.ext_authz_http import UNIX_PREFIX, HttpCheckEndpoint, HttpChecks
 from apikeyd.service.health import HealthServicer
 from apikeyd.service.wire import WireErrors
 from apikeyd.store import migrate
@@ -241,6 +243,10 @@ class Server:
             self.grpc,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        # The same checks over HTTP, Envoy's cheaper way to ask (service/ext_authz_http.py), on the same loop.
+        self.http_checks = HttpCheckEndpoint(
+            HttpChecks(app.manager, EnvoyChecks(app.authorizer), app.metrics, app.settings.authorize_requires_key)
+        )
         reflection.enable_server_reflection(
             (
                 SERVICE_NAME,
@@ -276,15 +282,20 @@ class Server:
         # Before the gRPC port: a gRPC server keeps a port it has bound even if it never starts.
         self._open_metrics()
         try:
+            await self._open_http_checks()
+        except StartupError:
+            self._close_metrics()
+            raise
+        try:
             if credentials is None:
                 self.port = self.grpc.add_insecure_port(listen)
             else:
                 self.port = self.grpc.add_secure_port(listen, credentials)
         except RuntimeError as error:
-            self._close_metrics()
+            await self._close_listeners()
             raise StartupError(f"cannot listen on {listen}: {error}") from None
         if self.port == 0:
-            self._close_metrics()
+            await self._close_listeners()
             raise StartupError(f"cannot listen on {listen}: the address is taken or invalid")
         await self.app.feed.start()  # its position is taken before the first check is served
         interval = self.app.settings.health_check_interval
@@ -314,6 +325,24 @@ class Server:
             listen.rpartition(":")[0] + f":{self.metrics_endpoint.port}",
             extra=fields(event="metrics.listening", port=self.metrics_endpoint.port),
         )
+
+    async def _open_http_checks(self) -> None:
+        listen = self.app.settings.ext_authz_listen
+        if not listen:
+            return
+        shared = self.app.settings.workers > 1  # the supervisor checked the port (workers.py)
+        if not shared and not listen.startswith(UNIX_PREFIX) and (problem := port_problem(listen)):
+            raise StartupError(f"cannot answer ext_authz on {listen}: {problem}")
+        try:
+            await self.http_checks.start(listen, reuse_port=shared)
+        except (OSError, ValueError) as error:
+            raise StartupError(f"cannot answer ext_authz on {listen}: {describe(error)}") from None
+        where = listen if listen.startswith(UNIX_PREFIX) else listen.rpartition(":")[0] + f":{self.http_checks.port}"
+        log.info("Envoy ext_authz over HTTP on %s", where, extra=fields(event="ext_authz.listening", listen=where))
+
+    async def _close_listeners(self) -> None:
+        await self.http_checks.stop(0.0)
+        self._close_metrics()
 
     def _close_metrics(self) -> None:
         """Blocks up to 50 ms (the endpoint's poll): at start-up, or off the event loop."""
@@ -401,7 +430,7 @@ class Server:
         if self.report_health is not None:  # the listener closes now: no longer part of the host
             await self.report_health(self, health_pb2.HealthCheckResponse.UNKNOWN)
         self.health.end_watches()  # they have seen NOT_SERVING; open ones would hold the stop for the grace
-        await self.grpc.stop(grace)
+        await asyncio.gather(self.grpc.stop(grace), self.http_checks.stop(grace))
         await self.app.feed.stop()
         if self._flusher is not None:
             self._flusher.cancel()

@@ -108,6 +108,26 @@ def metrics_listen_of(settings: Settings, index: int) -> str:
     return settings.metrics_listen.rpartition(":")[0] + f":{port + index}"
 
 
+def _check_ext_authz_listen(settings: Settings) -> None:
+    from apikeyd.server import StartupError
+    from apikeyd.service.ext_authz_http import UNIX_PREFIX
+
+    listen = settings.ext_authz_listen
+    if not listen:
+        return
+    where = f"cannot answer ext_authz on {listen}"
+    if listen.startswith(UNIX_PREFIX):
+        raise StartupError(f"{where}: workers cannot share a unix socket; use host:port with --workers N")
+    try:
+        _, port = split_listen(listen)
+    except ValueError as error:
+        raise StartupError(f"{where}: {error}") from None
+    if port == 0:
+        raise StartupError(f"{where}: --workers needs a fixed port, not 0")
+    if problem := port_problem(listen):
+        raise StartupError(f"{where}: {problem}")
+
+
 def _check_before_start(settings: Settings) -> None:
     """What would stop every worker alike is found once, here, with a clear message (exit 2)."""
     from apikeyd.server import StartupError, check_key_prefixes, prepare_database
@@ -129,6 +149,7 @@ def _check_before_start(settings: Settings) -> None:
             raise StartupError(f"cannot serve metrics on {settings.metrics_listen}: {error}") from None
         if listen and split_listen(listen)[1] != 0 and (problem := port_problem(listen)):
             raise StartupError(f"cannot serve metrics of worker {index} on {listen}: {problem}")
+    _check_ext_authz_listen(settings)
     try:
         tls.server_credentials(settings)
     except tls.TlsSettingsError as error:

@@ -195,6 +195,11 @@ class EnvoyChecks:
         # A route's settings arrive with every check, and anyone may send one: one line a minute says enough.
         self._route_warnings = Throttle(log, 60.0)
 
+    def misconfigured(self, error: InvalidArgument) -> Answer:
+        """A route whose settings are wrong: 500 until the config is fixed, never an open route."""
+        self._route_warnings.warning("an Envoy route is misconfigured: %s", error, event="ext_authz.misconfigured_route")
+        return denied(500, "MISCONFIGURED", f"the route's ext_authz settings are wrong: {error}")
+
     def answer(
         self, settings: tuple[tuple[str, str], ...], headers: Mapping[str, str], caller: Caller | None
     ) -> Answer | Coroutine[Any, Any, Answer]:
@@ -203,10 +208,7 @@ class EnvoyChecks:
         try:
             route = parse_route(settings)
         except InvalidArgument as error:
-            self._route_warnings.warning(
-                "an Envoy route is misconfigured: %s", error, event="ext_authz.misconfigured_route"
-            )
-            return denied(500, "MISCONFIGURED", f"the route's ext_authz settings are wrong: {error}")
+            return self.misconfigured(error)
         try:
             presented, credential_headers = credential(headers)
         except Refusal as refusal:
