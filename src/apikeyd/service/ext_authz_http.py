@@ -208,7 +208,12 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._fail(400, "upgrades are not served here")
         except httptools.HttpParserError as error:
-            self._fail(400, f"not an HTTP/1.1 request: {error}")
+            # httptools wraps what a callback raised; a refusal of ours keeps its own status.
+            refusal = error.__context__
+            if isinstance(refusal, BadRequestHead):
+                self._fail(refusal.status, str(refusal))
+            else:
+                self._fail(400, f"not an HTTP/1.1 request: {error}")
 
     # --- httptools callbacks ----------------------------------------------------------------------
 
@@ -269,8 +274,8 @@ class _Connection(asyncio.Protocol):
     def _send(self, answer: Answer, keep_alive: bool, started: float) -> None:
         assert self._transport is not None
         keep_alive = keep_alive and not self.closing
+        self._checks.count(answer.status, started)  # first: whoever reads the answer may read the counts next
         self._transport.write(render(answer, keep_alive))
-        self._checks.count(answer.status, started)
         if not keep_alive:
             self._transport.close()
             self._transport = None
