@@ -21,6 +21,7 @@ class ServerProcess:
     process: subprocess.Popen[bytes]
     address: str
     log_path: Path
+    ext_authz_address: str = ""  # host:port of its HTTP ext_authz endpoint
     operator_key: str = ""  # made with `apikeyd admin-key create`, as the README's quickstart does
     exit_code: int | None = None  # set once stopped
 
@@ -89,6 +90,7 @@ def running_server(
     `database_url`, already migrated), with `extra_args` added; SIGTERM on the way out."""
     workdir.mkdir(parents=True, exist_ok=True)
     address = f"127.0.0.1:{free_port()}"
+    ext_authz_address = f"127.0.0.1:{free_port()}"  # never the fixed default, which `make run` may hold
     log_path = workdir / f"{name}.log"
     database_url = database_url or f"sqlite:///{workdir / 'bench.db'}"
     command = [
@@ -100,11 +102,13 @@ def running_server(
         database_url,
         "--metrics-listen",
         "127.0.0.1:0",
+        "--ext-authz-listen",
+        ext_authz_address,
         *extra_args,
     ]
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    server = ServerProcess(process, address, log_path)
+    server = ServerProcess(process, address, log_path, ext_authz_address)
     try:
         _wait_until_serving(server)
         server.operator_key = run_apikeyd(

@@ -48,7 +48,8 @@ class Supervisor(ServeProcess):
         super().__init__(
             ["--workers", str(workers), "--listen", f"127.0.0.1:{port}",
              "--database-url", database_url or f"sqlite:///{tmp_path}/apikeyd.db", "--log-format", "json", *extra],
-            {**os.environ, "APIKEYD_METRICS_LISTEN": "127.0.0.1:0"},
+            # Workers share a fixed ext_authz port as they share the gRPC one.
+            {**os.environ, "APIKEYD_METRICS_LISTEN": "127.0.0.1:0", "APIKEYD_EXT_AUTHZ_LISTEN": f"127.0.0.1:{free_port()}"},
         )
 
     def events(self, event: str, since: int = 0) -> list[dict[str, Any]]:
