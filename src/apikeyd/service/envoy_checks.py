@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 IDENTITY_PREFIX = "x-apikey-"
 ROUTE_SETTINGS = ("required_scopes", "resource", "resource_header", "keep_credential")
 
+_ACCOUNT_KEY_IDENTITY = frozenset(("x-apikey-id", "x-apikey-name", "x-apikey-account"))
+_PROJECT_KEY_IDENTITY = _ACCOUNT_KEY_IDENTITY | {"x-apikey-project"}
 _UNAUTHORIZED = {
     AuthCode.MALFORMED,
     AuthCode.NOT_FOUND,
@@ -167,13 +169,16 @@ def refused(decision: Decision) -> Answer:
 def allowed(decision: Decision, headers: Mapping[str, str], credential_headers: tuple[str, ...]) -> Answer:
     key = decision.key
     assert key is not None  # an allowed decision always names its key
-    identity = [("x-apikey-id", key.key_id), ("x-apikey-name", key.name), ("x-apikey-account", key.account_id)]
+    identity: tuple[tuple[str, str], ...] = (
+        ("x-apikey-id", key.key_id), ("x-apikey-name", key.name), ("x-apikey-account", key.account_id)
+    )
+    names = _ACCOUNT_KEY_IDENTITY
     if key.project_id:
-        identity.append(("x-apikey-project", key.project_id))
-    names = {name for name, _ in identity}
+        identity += (("x-apikey-project", key.project_id),)
+        names = _PROJECT_KEY_IDENTITY
     # Envoy applies the removals after the additions, so a name set here must not be removed too.
     forged = tuple(name for name in headers if name.startswith(IDENTITY_PREFIX) and name not in names)
-    return Answer(200, headers=tuple(identity), remove=credential_headers + forged, client_headers=_rate_headers(decision))
+    return Answer(200, headers=identity, remove=credential_headers + forged, client_headers=_rate_headers(decision))
 
 
 def _check_client_values(

@@ -63,6 +63,9 @@ HEAD_TIMEOUT = 10.0  # seconds from a request's first byte to its last header
 _SWEEP_EVERY = 1.0
 
 _ANY_KEY = "any"
+# Headers of every check that no decision reads (as Envoy writes them, lower case): Envoy's own, not the
+# client's, so no route takes its resource from them. (Host may be a route's resource_header.)
+_UNREAD = frozenset((b"content-length", b"x-envoy-internal", b"x-envoy-expected-rq-timeout-ms"))
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
 
 
@@ -225,6 +228,8 @@ class _Connection(asyncio.Protocol):
         self._header_count += 1
         if self._header_count > limits.MAX_REQUEST_HEADERS:
             raise BadRequestHead(431, f"a check request may have at most {limits.MAX_REQUEST_HEADERS} headers")
+        if name in _UNREAD:  # what Envoy adds to every check: no need to decode it
+            return
         key = name.decode("latin-1").lower()
         text = value.decode("utf-8", "replace")
         known = self._headers.get(key)
