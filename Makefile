@@ -30,7 +30,10 @@ lint: $(STAMP)
 		--descriptor_set_out=$(VENV)/apikeyd.binpb protos/apikeyd/v1/api_keys.proto
 	$(BIN)/buf lint $(VENV)/apikeyd.binpb --path apikeyd/v1/api_keys.proto --config buf.yaml
 
+# wrk drives the Envoy section; Debian's package, installed here when missing (as root), else that section is skipped.
 bench: $(STAMP)
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get install -y -q wrk >/dev/null; } || echo "no wrk, and it cannot be installed here: the Envoy section is skipped"
 	$(BIN)/python -m bench.run
 
 # Coverage-guided fuzzing (atheris) of the pure parsers, fuzz/fuzz_*.py, sharing FUZZ_SECONDS between them.

@@ -45,6 +45,13 @@ What it measures, in this order:
    target <= 1.5x the figure without an attack, measured first in the same run), and the attack's argon2
    verifications per call (from the metrics endpoint; target <= 0.05). About 30 s.
 
+13. Envoy (bench.envoy): Envoy 1.40 (--concurrency 1, routes answered by direct_response) with no auth,
+   with its built-in api_key_auth filter, with deploy/envoy/envoy.yaml in front of `apikeyd serve` (HTTP
+   ext_authz), with deploy/envoy/envoy-grpc.yaml (gRPC ext_authz) and with the shipped config in front of a
+   trivial authorizer (the ceiling for any HTTP authorizer), interleaved over 5 rounds of wrk: req/s over 16
+   connections, sequential p50/p99, the ratio to api_key_auth (target >= 0.5), the p50 added over no auth
+   (target <= 0.3 ms), and apikeyd's CPU per check. Skipped without wrk or Envoy. About 90 s.
+
 Every loop is bounded in count and in time; everything listens on and connects to 127.0.0.1 only.
 """
 
@@ -59,7 +66,7 @@ import grpc
 
 from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
-from bench import flood, inprocess, limits, listing, load, scaleout
+from bench import envoy, flood, inprocess, limits, listing, load, scaleout
 from bench.server_process import ServerProcess, running_server
 
 COLD_KEYS = 80
@@ -163,7 +170,7 @@ def _section(title: str) -> None:
 
 
 def _report_scaleout(workdir: Path) -> None:
-    """Sections 7-12: each starts its own servers and stops them before the next."""
+    """Sections 7-13: each starts its own servers and stops them before the next."""
     for title, section in (
         ("revocation propagation: two replicas on PostgreSQL", scaleout.revocation_propagation),
         ("worker processes: `apikeyd serve --workers W` on SQLite", scaleout.worker_throughput),
@@ -171,6 +178,7 @@ def _report_scaleout(workdir: Path) -> None:
         ("listing: a page at 1,000 and at 1,000,000 keys in one account", listing.listing_at_scale),
         ("limits: health latency under the largest allowed requests", limits.health_under_largest_requests),
         ("flood: wrong secrets for one key, and unknown lookup ids", flood.flood_costs),
+        ("envoy: no auth, its api_key_auth filter, and apikeyd, under wrk", envoy.envoy_comparison),
     ):
         _section(title)
         started = time.monotonic()
