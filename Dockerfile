@@ -25,13 +25,14 @@ ENV PATH=/opt/apikeyd/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     APIKEYD_LISTEN=0.0.0.0:50051 \
     APIKEYD_METRICS_LISTEN=0.0.0.0:9464 \
+    APIKEYD_EXT_AUTHZ_LISTEN=0.0.0.0:50052 \
     APIKEYD_DATABASE_URL=sqlite:////data/apikeyd.db
 # The SQLite file lives here; with PostgreSQL the volume stays empty.
 VOLUME ["/data"]
 WORKDIR /data
 USER 10001:10001
-# gRPC, and the Prometheus metrics port.
-EXPOSE 50051 9464
+# gRPC, Envoy's ext_authz over HTTP, and the Prometheus metrics port.
+EXPOSE 50051 50052 9464
 # `apikeyd health` asks grpc.health.v1 Check at APIKEYD_ADDRESS (default 127.0.0.1:50051): exit 0 when SERVING.
 # With TLS on, give it APIKEYD_CLIENT_TLS_CA (and _SERVER_NAME, and _CERT/_KEY for mTLS): README.md, "Container".
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 CMD ["apikeyd", "health"]

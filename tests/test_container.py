@@ -133,14 +133,16 @@ def test_the_image_runs_as_a_user_without_rights(image):
     assert user.isdigit()
 
 
-def test_the_image_serves_on_every_interface_exposes_grpc_and_metrics_and_keeps_sqlite_on_a_volume(image):
+def test_the_image_serves_on_every_interface_exposes_grpc_ext_authz_and_metrics_and_keeps_sqlite_on_a_volume(image):
     assert image.command == ["apikeyd", "serve"]
     host, _, port = image.env["APIKEYD_LISTEN"].rpartition(":")
     assert host == "0.0.0.0"
     metrics_host, _, metrics_port = image.env["APIKEYD_METRICS_LISTEN"].rpartition(":")
     assert (metrics_host, metrics_port) == ("0.0.0.0", str(METRICS_PORT))
+    ext_authz_host, _, ext_authz_port = image.env["APIKEYD_EXT_AUTHZ_LISTEN"].rpartition(":")
+    assert ext_authz_host == "0.0.0.0"
     exposed = {word.split("/")[0] for args in image.final.all("EXPOSE") for word in args.split()}
-    assert {port, metrics_port} <= exposed
+    assert {port, metrics_port, ext_authz_port} <= exposed
     database = image.env["APIKEYD_DATABASE_URL"]
     assert database.startswith("sqlite:////")
     assert str(Path(database.removeprefix("sqlite:///")).parent) in image.volumes

@@ -53,6 +53,7 @@ def test_probes_ports_and_grace_fit_the_settings():
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     _, grpc_port = split_listen(settings.listen)
     assert ports["grpc"] == grpc_port == container["readinessProbe"]["grpc"]["port"]
+    assert ports["ext-authz"] == split_listen(settings.ext_authz_listen)[1]
     workers = int(container["args"][container["args"].index("--workers") + 1])
     _, metrics_port = split_listen(settings.metrics_listen)
     metrics_ports = sorted(port for name, port in ports.items() if name.startswith("metrics"))
