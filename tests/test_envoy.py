@@ -395,6 +395,27 @@ def test_a_key_revoked_through_the_api_is_refused_on_the_very_next_request(proxy
     assert_refused(proxy.get("/", authorization=bearer(key)), 401, "REVOKED", proxy, key)
 
 
+def test_a_key_revoked_on_another_replica_is_refused_within_the_lease(make_server, account, tmp_path):
+    """Envoy asks replica A; the key is revoked through replica B (same database). From B's return on, no
+    request that starts later than the lease (APIKEYD_FEED_LEASE) is allowed, however busy the machine."""
+    here, there = make_server(), make_server()
+    created = create_key(here.stub, account)
+    key = created.secret
+    lease = here.app.settings.feed_lease
+    with proxy_for(here, "http", tmp_path) as proxy:
+        assert proxy.get("/", x_api_key=key).status == 200  # cached on A
+        there.stub.RevokeApiKey(pb.RevokeApiKeyRequest(name=created.api_key.name, reason="leaked"))
+        revoked_at = time.monotonic()
+        while True:
+            proxy.service.requests.clear()  # the allowed ones reach it, until the refusal
+            started = time.monotonic()
+            response = proxy.get("/", x_api_key=key)
+            if response.status != 200:
+                break
+            assert started - revoked_at < lease, f"allowed {started - revoked_at:.3f} s after the revoke"
+        assert_refused(response, 401, "REVOKED", proxy, key)
+
+
 def test_envoy_fails_closed_when_apikeyd_is_down(proxy, server, account):
     key = create_key(server.stub, account).secret
     assert proxy.get("/", x_api_key=key).status == 200
