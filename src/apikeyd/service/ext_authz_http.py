@@ -36,7 +36,7 @@ import time
 from collections import deque
 from collections.abc import Coroutine, Mapping
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 import httptools
 
@@ -186,10 +186,9 @@ class _Connection(asyncio.Protocol):
     # --- asyncio.Protocol -------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport subclasses
         if not self._endpoint.opened(self):
-            transport.abort()
+            self._transport.abort()
             return
         peer = transport.get_extra_info("peername")
         self._peer = f"ipv4:{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix:"
