@@ -30,7 +30,7 @@ def test_entries_expire_after_the_ttl():
     clock = Clock()
     cache = VerifiedKeyCache(ttl=60, clock=clock)
     digest = cache.digest("some key")
-    assert cache.put(digest, _entry("l1", clock.now + 60), cache.generation("l1"))
+    assert cache.put(digest, _entry("l1", clock.now + 60), "l1", cache.generation("l1"))
     clock.now += 59.9
     assert cache.get(digest) is not None
     clock.now += 0.2
@@ -43,9 +43,9 @@ def test_the_least_recently_used_entry_goes_first_and_the_size_stays_bounded():
     cache = VerifiedKeyCache(max_entries=3, clock=clock)
     digests = [cache.digest(f"key {i}") for i in range(4)]
     for i, digest in enumerate(digests[:3]):
-        cache.put(digest, _entry(f"l{i}", clock.now + 60), cache.generation(f"l{i}"))
+        cache.put(digest, _entry(f"l{i}", clock.now + 60), f"l{i}", cache.generation(f"l{i}"))
     cache.get(digests[0])  # now the most recent
-    cache.put(digests[3], _entry("l3", clock.now + 60), cache.generation("l3"))
+    cache.put(digests[3], _entry("l3", clock.now + 60), "l3", cache.generation("l3"))
     assert len(cache) == 3 and cache.stats.evictions == 1
     assert cache.get(digests[1]) is None
     assert all(cache.get(d) is not None for d in (digests[0], digests[2], digests[3]))
@@ -55,30 +55,30 @@ def test_a_verification_that_started_before_an_invalidation_is_not_cached():
     cache = VerifiedKeyCache()
     digest = cache.digest("key")
     snapshot = cache.generation("l1")
-    cache.invalidate("l1")
-    assert not cache.put(digest, _entry("l1", 1e12), snapshot)
+    cache.invalidate("l1", "id-l1")
+    assert not cache.put(digest, _entry("l1", 1e12), "l1", snapshot)
     assert cache.get(digest) is None
-    assert cache.put(digest, _entry("l1", 1e12), cache.generation("l1"))
+    assert cache.put(digest, _entry("l1", 1e12), "l1", cache.generation("l1"))
 
 
 def test_the_generation_rule_survives_forgetting_old_generations():
     cache = VerifiedKeyCache()
     snapshot = cache.generation("target")
     for i in range(100_001):  # more keys than generations are remembered for
-        cache.invalidate(f"other-{i}")
-    cache.invalidate("target")
+        cache.invalidate(f"other-{i}", f"id-other-{i}")
+    cache.invalidate("target", "id-target")
     for i in range(100_001):
-        cache.invalidate(f"more-{i}")
+        cache.invalidate(f"more-{i}", f"id-more-{i}")
     assert cache.generation("target") != snapshot
-    assert not cache.put(cache.digest("key"), _entry("target", 1e12), snapshot)
+    assert not cache.put(cache.digest("key"), _entry("target", 1e12), "target", snapshot)
 
 
 def test_invalidate_drops_every_digest_of_the_key():
     cache = VerifiedKeyCache()
     old, new = cache.digest("old secret"), cache.digest("new secret")
-    cache.put(old, _entry("l1", 1e12), cache.generation("l1"))
-    cache.put(new, _entry("l1", 1e12), cache.generation("l1"))
-    cache.invalidate("l1")
+    cache.put(old, _entry("l1", 1e12), "l1", cache.generation("l1"))
+    cache.put(new, _entry("l1", 1e12), "l1", cache.generation("l1"))
+    cache.invalidate("l1", "id-l1")
     assert cache.get(old) is None and cache.get(new) is None and len(cache) == 0
 
 

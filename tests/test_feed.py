@@ -182,13 +182,13 @@ def test_the_cache_applies_remote_changes_by_key_id_and_spoils_verifications_in_
     from tests.test_cache import _entry
 
     cache = VerifiedKeyCache()
-    cache.put(b"d1", _entry("l1", 1e12), cache.generation("l1"))
-    cache.put(b"d2", _entry("l2", 1e12), cache.generation("l2"))
+    cache.put(b"d1", _entry("l1", 1e12), "l1", cache.generation("l1"))
+    cache.put(b"d2", _entry("l2", 1e12), "l2", cache.generation("l2"))
     in_flight = cache.generation("l3")  # a verification of another key has read the database
     cache.remember_bad(b"bad")
     cache.apply_remote_changes(["id-l1"], created=False)
     assert cache.get(b"d1") is None and cache.get(b"d2") is not None
-    assert not cache.put(b"d3", _entry("l3", 1e12), in_flight)  # its key may be the one changed
+    assert not cache.put(b"d3", _entry("l3", 1e12), "l3", in_flight)  # its key may be the one changed
     assert cache.is_known_bad(b"bad")
     cache.apply_remote_changes(["id-unknown"], created=True)
     assert not cache.is_known_bad(b"bad")  # a create elsewhere forgets the unknown strings
@@ -203,7 +203,7 @@ def test_a_following_cache_trusts_its_entries_for_the_lease_past_each_sync_only(
 
     clock = Clock()
     cache = VerifiedKeyCache(clock=clock)
-    assert cache.put(b"d1", _entry("l1", 1e12), cache.generation("l1"))
+    assert cache.put(b"d1", _entry("l1", 1e12), "l1", cache.generation("l1"))
     assert cache.get(b"d1") is not None  # no feed: this process sees every change itself
     cache.follow(lease=1.0)
     assert cache.get(b"d1") is None and not cache.trusted  # not before the feed's first read
@@ -228,10 +228,10 @@ def test_a_suspended_cache_keeps_its_entries_but_trusts_none_until_the_feed_has_
     cache = VerifiedKeyCache(clock=clock)
     cache.follow(lease=1.0)
     cache.synced(clock.now)
-    cache.put(b"d1", _entry("l1", 1e12), cache.generation("l1"))
+    cache.put(b"d1", _entry("l1", 1e12), "l1", cache.generation("l1"))
     cache.suspend()
     assert cache.get(b"d1") is None and len(cache) == 1
-    assert cache.put(b"d2", _entry("l2", 1e12), cache.generation("l2"))  # a fresh read is as good as any
+    assert cache.put(b"d2", _entry("l2", 1e12), "l2", cache.generation("l2"))  # a fresh read is as good as any
     cache.apply_remote_changes(["id-l1"], created=False)  # the catch-up read applies what was missed
     clock.now += 0.1
     cache.synced(clock.now)
@@ -245,9 +245,9 @@ def test_stale_entries_serve_within_stale_if_error_past_the_last_sync_and_never_
     cache = VerifiedKeyCache(ttl=60, stale_if_error=30, clock=clock)
     cache.follow(lease=1.0)
     cache.synced(clock.now)
-    cache.put(b"d1", _entry("l1", clock.now + 60), cache.generation("l1"))
-    cache.put(b"d2", _entry("l2", clock.now + 60), cache.generation("l2"))
-    cache.invalidate("l2")  # changed here: gone, not stale
+    cache.put(b"d1", _entry("l1", clock.now + 60), "l1", cache.generation("l1"))
+    cache.put(b"d2", _entry("l2", clock.now + 60), "l2", cache.generation("l2"))
+    cache.invalidate("l2", "id-l2")  # changed here: gone, not stale
     cache.suspend()
     clock.now += 29.9
     assert cache.get(b"d1") is None
@@ -261,7 +261,7 @@ def test_stale_entries_serve_within_stale_if_error_past_the_last_sync_and_never_
     cache.suspend()
     assert cache.stale(b"d1") is not None
     refusing = VerifiedKeyCache(stale_if_error=0, clock=clock)
-    refusing.put(b"d1", _entry("l1", clock.now + 60), refusing.generation("l1"))
+    refusing.put(b"d1", _entry("l1", clock.now + 60), "l1", refusing.generation("l1"))
     assert refusing.stale(b"d1") is None
 
 

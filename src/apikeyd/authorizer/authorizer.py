@@ -265,7 +265,7 @@ class Authorizer:
 
     def invalidate(self, key: ApiKey) -> None:
         """Called on this process after every committed change to a key, before the RPC returns."""
-        self.cache.invalidate(key.lookup_id)
+        self.cache.invalidate(key.lookup_id, key.key_id)
 
     # --- what a usable key may do, in the contract's order -----------------------------------------
 
@@ -384,7 +384,7 @@ class Authorizer:
             secret_expire_at=_timestamp(key.previous_secret_expire_time) if match == "previous" else None,
             fresh_until=time.monotonic() + self.cache.ttl,
         )
-        self.cache.put(digest, entry, generation)
+        self.cache.put(digest, entry, parsed.lookup_id, generation)
         return entry
 
     async def _checked(
