@@ -95,29 +95,35 @@ def validate_scopes(scopes: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(scopes))  # drop repeats, keep the caller's order
 
 
-class ScopeSet:
-    """Granted scopes indexed for the hot path: one dict look-up per required scope."""
+# Up to this many granted scopes are scanned; more are hashed. A scan of a handful of strings, most of which
+# differ in length, is as fast as a hash look-up and costs no memory; a hundred must not be scanned per check.
+_SCANNED = 8
 
-    __slots__ = ("_any", "_everything", "_values")
+
+class ScopeSet:
+    """Granted scopes for the hot path. A scope has one way to be written (parse_scope's pattern), so
+    `resource:action` is granted for a resource exactly when one of three texts is among the granted ones:
+    `resource:action`, `resource:action:all` or `resource:action:{resource}`. The set holds nothing but the
+    key's own scope strings (issue 10: memory per cached key)."""
+
+    __slots__ = ("_everything", "_granted")
 
     def __init__(self, granted: tuple[str, ...]) -> None:
-        self._everything = False
-        self._any: set[tuple[str, str]] = set()
-        self._values: dict[tuple[str, str], set[str]] = {}
-        for text in granted:
-            scope = parse_scope(text)
-            if scope is None:
-                self._everything = True
-            elif scope.value is None:
-                self._any.add((scope.resource, scope.action))
-            else:
-                self._values.setdefault((scope.resource, scope.action), set()).add(scope.value)
+        self._everything = WILDCARD in granted
+        self._granted: tuple[str, ...] | frozenset[str] = granted if len(granted) <= _SCANNED else frozenset(granted)
 
     def grants(self, required: tuple[str, str], resource: str) -> bool:
-        if self._everything or required in self._any:
-            return True
-        values = self._values.get(required)
-        return values is not None and resource in values
+        return self._grants_text(f"{required[0]}:{required[1]}", resource)
+
+    def _grants_text(self, required: str, resource: str) -> bool:
+        """`required` is a required scope's text, `resource:action`."""
+        granted = self._granted
+        return (
+            self._everything
+            or required in granted
+            or f"{required}:all" in granted
+            or f"{required}:{{{resource}}}" in granted
+        )
 
     def covers(self, text: str) -> bool:
         """Whether these scopes include all that `text` grants: a key may hand out only what it holds, and a
@@ -127,11 +133,10 @@ class ScopeSet:
         scope = parse_scope(text)
         if scope is None:
             return False
-        pair = (scope.resource, scope.action)
-        if pair in self._any:
+        if self._grants_text(f"{scope.resource}:{scope.action}", ""):
             return True
-        return scope.value is not None and scope.value in self._values.get(pair, ())
+        return scope.value is not None and text in self._granted
 
     def missing(self, required: tuple[tuple[str, tuple[str, str]], ...], resource: str) -> list[str]:
         """The required scopes (from parse_required_scopes) that are not granted, in order."""
-        return [text for text, parts in required if not self.grants(parts, resource)]
+        return [text for text, _ in required if not self._grants_text(text, resource)]
