@@ -55,6 +55,7 @@ KEYS_PER_ACCOUNT = 50
 TARGET_BYTES = 1024  # per cached key (issue 10)
 CONCURRENT_CHECKS = 16  # first checks in flight at once, as a busy server would have them
 _CHEAPEST_ARGON2 = Argon2Parameters(time_cost=1, memory_cost_kib=8, parallelism=1)
+_NO_EXPIRY = 86_400.0  # the cache TTL: no entry may expire between its two checks, however slow the machine
 _PROJECTS = ("", "", "", "web-frontend", "mobile-app")  # most keys account-wide, some in one of two projects
 _SERVICES = ("billing", "notifications", "checkout", "support", "marketing")
 
@@ -168,7 +169,7 @@ def _fill(database: str, presented: list[str], hashes: dict[str, str], traced: b
     """In a process of its own: the memory that reading and checking every key leaves behind (traced, else
     RSS), in bytes, and the seconds it took."""
     repository = Repository.from_url(database)
-    cache = VerifiedKeyCache(max_entries=len(presented))
+    cache = VerifiedKeyCache(max_entries=len(presented), ttl=_NO_EXPIRY)
     accounts = -(-len(presented) // KEYS_PER_ACCOUNT)
     with ThreadPoolExecutor(4) as executor:
         gc.collect()
