@@ -102,7 +102,7 @@ def _caller(
     key_id: str = "caller",
 ) -> Caller:
     key = _key(key_id, account_id, project_id, scopes)
-    return Caller(key, ScopeSet(scopes), operator, "ipv4:127.0.0.1:5000", "UpdateApiKey")
+    return Caller(key.verified(), ScopeSet(scopes), operator, "ipv4:127.0.0.1:5000", "UpdateApiKey")
 
 
 ADMIN = Caller(None, None, True, "", "admin-key")  # `apikeyd admin-key`: no key, no scope set

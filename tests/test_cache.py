@@ -1,10 +1,8 @@
 """The verified-key cache on its own, with a clock the test moves: TTL, LRU bound, generations."""
 
-from datetime import UTC, datetime
-
 from apikeyd.authorizer.cache import CachedKey, VerifiedKeyCache
 from apikeyd.domain.decision import AuthCode, Decision
-from apikeyd.domain.model import ApiKey, KeyState
+from apikeyd.domain.model import KeyState, VerifiedKey
 from apikeyd.domain.scopes import ScopeSet
 
 
@@ -17,11 +15,10 @@ class Clock:
 
 
 def _entry(lookup_id: str, fresh_until: float) -> CachedKey:
-    now = datetime.now(UTC)
-    key = ApiKey(
-        key_id=f"id-{lookup_id}", account_id="a", project_id="", display_name="k", description="",
-        scopes=("x:y",), labels={}, state=KeyState.ACTIVE, prefix="AK_", lookup_id=lookup_id,
-        masked_key="AK_...", expire_time=None, rate_limits=(), create_time=now, update_time=now, revision=1,
+    """An entry of the key with this lookup id, whose key id is `id-` and the lookup id."""
+    key = VerifiedKey(
+        key_id=f"id-{lookup_id}", account_id="a", project_id="", display_name="k", scopes=("x:y",), labels={},
+        state=KeyState.ACTIVE, rate_limits=(), revoke_time=None,
     )
     return CachedKey(key, Decision(AuthCode.OK, "", key), ScopeSet(key.scopes), None, None, fresh_until)
 

@@ -31,7 +31,7 @@ from apikeyd.domain.access import Caller
 from apikeyd.domain.decision import MALFORMED, NOT_FOUND, AuthCode, Decision
 from apikeyd.domain.echo import quote
 from apikeyd.domain.errors import Unavailable
-from apikeyd.domain.model import ApiKey, KeyState
+from apikeyd.domain.model import ApiKey, KeyState, VerifiedKey
 from apikeyd.domain.ratelimit import RateOutcome
 from apikeyd.domain.scopes import ScopeSet, parse_required_scopes
 from apikeyd.logs import fields
@@ -47,6 +47,11 @@ _DATABASE_RETRY = 1.0  # seconds after a failed verification read during which m
 
 def _timestamp(value: datetime | None) -> float | None:
     return None if value is None else value.timestamp()
+
+
+def _isoformat(timestamp: float) -> str:
+    """The time _timestamp made this from, to the microsecond: a float keeps times of this century to a quarter of one."""
+    return datetime.fromtimestamp(timestamp, UTC).isoformat()
 
 
 def _log_decision(decision: Decision, required_scopes: Sequence[str], project_id: str) -> None:
@@ -68,7 +73,7 @@ def _log_decision(decision: Decision, required_scopes: Sequence[str], project_id
     )
 
 
-def _rate_decision(key: ApiKey, rate: RateOutcome) -> Decision:
+def _rate_decision(key: VerifiedKey, rate: RateOutcome) -> Decision:
     if not rate.allowed:
         return Decision(
             AuthCode.RATE_LIMITED,
@@ -89,9 +94,9 @@ def _usable(entry: CachedKey) -> CachedKey | Decision:
         return Decision(AuthCode.DISABLED, "the key is disabled; enable it to use it again", key)
     now = time.time()
     if entry.expire_at is not None and now >= entry.expire_at:
-        return Decision(AuthCode.EXPIRED, f"the key expired at {key.expire_time.isoformat()}", key)  # type: ignore[union-attr]
+        return Decision(AuthCode.EXPIRED, f"the key expired at {_isoformat(entry.expire_at)}", key)
     if entry.secret_expire_at is not None and now >= entry.secret_expire_at:
-        when = datetime.fromtimestamp(entry.secret_expire_at, UTC).isoformat()
+        when = _isoformat(entry.secret_expire_at)
         return Decision(AuthCode.EXPIRED, f"this secret was rotated out and stopped working at {when}", key)
     return entry
 
@@ -376,10 +381,11 @@ class Authorizer:
         if key is None or match == "none":
             self.cache.remember_bad(digest, parsed.lookup_id, generation)
             return None
+        verified = key.verified()
         entry = CachedKey(
-            key=key,
-            allowed=Decision(AuthCode.OK, "", key),
-            scopes=ScopeSet(key.scopes),
+            key=verified,
+            allowed=Decision(AuthCode.OK, "", verified),
+            scopes=ScopeSet(verified.scopes),
             expire_at=_timestamp(key.expire_time),
             secret_expire_at=_timestamp(key.previous_secret_expire_time) if match == "previous" else None,
             fresh_until=time.monotonic() + self.cache.ttl,

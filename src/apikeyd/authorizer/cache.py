@@ -24,13 +24,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from apikeyd.domain.decision import Decision
-from apikeyd.domain.model import ApiKey
+from apikeyd.domain.model import VerifiedKey
 from apikeyd.domain.scopes import ScopeSet
 
 
 @dataclass(slots=True)
 class CachedKey:
-    key: ApiKey
+    key: VerifiedKey
     allowed: Decision  # made once: the answer for every allowed check of a key without rate limits
     scopes: ScopeSet
     expire_at: float | None  # the key's expire_time, as a Unix time

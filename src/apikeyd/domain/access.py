@@ -10,7 +10,7 @@ from typing import Any
 
 from apikeyd.domain.echo import quote
 from apikeyd.domain.errors import FailedPrecondition, PermissionDenied
-from apikeyd.domain.model import ApiKey, KeyState, RateLimit
+from apikeyd.domain.model import ApiKey, KeyState, RateLimit, VerifiedKey
 from apikeyd.domain.scopes import ScopeSet
 
 READ = ("apikeys", "read")
@@ -82,7 +82,7 @@ class Actor:
 class Caller:
     """An authenticated management caller; `key` is None for `apikeyd admin-key`, which acts as the operator."""
 
-    key: ApiKey | None
+    key: VerifiedKey | None
     scopes: ScopeSet | None
     operator: bool
     peer: str = ""
@@ -112,7 +112,7 @@ class Caller:
         if not self.operator and account_id != self.account_id:
             raise Refused(RULE_ACCOUNT, f"the calling key cannot act on {quote(f'accounts/{account_id}')}")
 
-    def reaches(self, key: ApiKey) -> bool:
+    def reaches(self, key: ApiKey | VerifiedKey) -> bool:
         """Whether the key is within the caller's account and project; outside, it is as if missing."""
         if self.operator:
             return True

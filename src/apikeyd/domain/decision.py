@@ -3,7 +3,7 @@
 import enum
 from dataclasses import dataclass, field
 
-from apikeyd.domain.model import ApiKey
+from apikeyd.domain.model import VerifiedKey
 from apikeyd.domain.ratelimit import RateOutcome
 
 
@@ -26,7 +26,7 @@ class AuthCode(enum.IntEnum):
 class Decision:
     code: AuthCode
     message: str = ""
-    key: ApiKey | None = None
+    key: VerifiedKey | None = None
     rate: RateOutcome | None = None
     missing_scopes: tuple[str, ...] = field(default=())
 

@@ -2,6 +2,7 @@
 
 import enum
 import re
+import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -67,6 +68,43 @@ class ApiKey:
     @property
     def etag(self) -> str:
         return f"r{self.revision}"
+
+    def verified(self) -> "VerifiedKey":
+        """What the verified-key cache keeps of this key."""
+        return VerifiedKey(
+            key_id=self.key_id,
+            account_id=sys.intern(self.account_id),
+            project_id=sys.intern(self.project_id),
+            display_name=self.display_name,
+            scopes=tuple(map(sys.intern, self.scopes)),
+            labels={sys.intern(label): sys.intern(value) for label, value in self.labels.items()},
+            state=self.state,
+            rate_limits=self.rate_limits,
+            revoke_time=self.revoke_time,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedKey:
+    """A key as a check of its secret sees it: what the checks read and what an answer names (Authorize's
+    response, ext_authz's headers, a management caller's audit records). The verified-key cache keeps this
+    rather than the ApiKey, whose description, masked key and times no check reads, and its strings that
+    many keys repeat (account, project, scopes, labels) are interned, so that each is held once
+    (issue 10: memory per cached key). Expiry times are the cache entry's."""
+
+    key_id: str
+    account_id: str
+    project_id: str
+    display_name: str
+    scopes: tuple[str, ...]
+    labels: dict[str, str]
+    state: KeyState
+    rate_limits: tuple[RateLimit, ...]
+    revoke_time: datetime | None
+
+    @property
+    def name(self) -> str:
+        return key_name(self.account_id, self.key_id)
 
 
 @dataclass(frozen=True, slots=True)
