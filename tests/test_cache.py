@@ -79,6 +79,25 @@ def test_invalidate_drops_every_digest_of_the_key():
     assert cache.get(old) is None and cache.get(new) is None and len(cache) == 0
 
 
+def test_a_verified_string_is_still_known_once_its_entry_is_evicted_or_dropped_within_a_bound():
+    cache = VerifiedKeyCache(max_entries=2)
+    digests = [cache.digest(f"key {i}") for i in range(5)]
+
+    def put(i: int) -> None:
+        assert cache.put(digests[i], _entry(f"l{i}", 1e12), f"l{i}", cache.generation(f"l{i}"))
+
+    for i in range(3):
+        put(i)
+    assert cache.get(digests[0]) is None and cache.verified_before(digests[0])  # evicted
+    cache.invalidate("l1", "id-l1")
+    assert cache.get(digests[1]) is None and cache.verified_before(digests[1])  # dropped by a change
+    assert cache.verified_before(digests[2]) and not cache.verified_before(digests[3])
+    put(3)
+    put(4)  # evicts 2: of the three gone, the first to go is forgotten
+    assert not cache.verified_before(digests[0])
+    assert all(cache.verified_before(digest) for digest in digests[1:])
+
+
 def test_bad_strings_are_remembered_for_the_negative_ttl_only():
     clock = Clock()
     cache = VerifiedKeyCache(negative_ttl=10, clock=clock)

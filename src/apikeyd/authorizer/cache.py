@@ -77,10 +77,12 @@ class VerifiedKeyCache:
         # events (authorizer/feed.py) name.
         self._digests: dict[str, tuple[bytes, ...]] = {}
         self._negative: OrderedDict[bytes, float] = OrderedDict()
-        # Digests of strings this process has verified as a key's secret. Unlike entries, they outlive a
-        # change to the key and the TTL: the failure budget (budget.py) lets them through, since a string
-        # that verified here is no guess, so a flood cannot lock out a secret in use once its entry goes.
-        self._verified: OrderedDict[bytes, None] = OrderedDict()
+        # Digests of strings this process has verified as a key's secret whose entries have gone since
+        # (dropped by a change to the key, or evicted), at most max_entries, the oldest dropped first: with
+        # the entries' own, what verified_before() knows. The failure budget (budget.py) lets them through,
+        # since a string that verified here is no guess, so a flood cannot lock out a secret in use once its
+        # entry goes. Kept apart from the entries' digests so that a cached key costs no entry here.
+        self._verified_gone: OrderedDict[bytes, None] = OrderedDict()
         self._generations: dict[str, int] = {}
         self._generation_floor = 0
         self._generation_counter = 0
@@ -126,7 +128,7 @@ class VerifiedKeyCache:
 
     def verified_before(self, digest: bytes) -> bool:
         """Whether this string verified as a key's secret here, even if its entry has gone since."""
-        return digest in self._verified
+        return digest in self._entries or digest in self._verified_gone
 
     def generation(self, lookup_id: str) -> int:
         return self._generations.get(lookup_id, self._generation_floor)
@@ -143,13 +145,11 @@ class VerifiedKeyCache:
             self._forget_digest(replaced.key.key_id, digest)
         self._entries[digest] = entry
         self._digests[entry.key.key_id] = (*self._digests.get(entry.key.key_id, ()), digest)
-        self._verified[digest] = None
-        self._verified.move_to_end(digest)
-        if len(self._verified) > self.max_entries:
-            self._verified.popitem(last=False)
+        self._verified_gone.pop(digest, None)
         while len(self._entries) > self.max_entries:
             old_digest, old_entry = self._entries.popitem(last=False)
             self._forget_digest(old_entry.key.key_id, old_digest)
+            self._entry_gone(old_digest)
             self.stats.evictions += 1
         return True
 
@@ -167,6 +167,12 @@ class VerifiedKeyCache:
         """Every cached entry of one key (one per secret presented: current and, in a rotation, previous)."""
         for digest in self._digests.pop(key_id, ()):
             del self._entries[digest]
+            self._entry_gone(digest)
+
+    def _entry_gone(self, digest: bytes) -> None:
+        self._verified_gone[digest] = None
+        if len(self._verified_gone) > self.max_entries:
+            self._verified_gone.popitem(last=False)
 
     def _forget_digest(self, key_id: str, digest: bytes) -> None:
         """After its entry has gone: the digest no longer names an entry of the key."""
