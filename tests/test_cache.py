@@ -79,6 +79,17 @@ def test_invalidate_drops_every_digest_of_the_key():
     assert cache.get(old) is None and cache.get(new) is None and len(cache) == 0
 
 
+def test_a_key_with_two_cached_secrets_loses_one_to_eviction_and_then_the_other_to_a_change():
+    cache = VerifiedKeyCache(max_entries=2)
+    old, new, other = cache.digest("old secret"), cache.digest("new secret"), cache.digest("other key")
+    cache.put(old, _entry("l1", 1e12), "l1", cache.generation("l1"))
+    cache.put(new, _entry("l1", 1e12), "l1", cache.generation("l1"))
+    cache.put(new, _entry("l1", 1e12), "l1", cache.generation("l1"))  # verified again (its TTL had passed)
+    cache.put(other, _entry("l2", 1e12), "l2", cache.generation("l2"))  # evicts `old`
+    cache.invalidate("l1", "id-l1")
+    assert cache.get(old) is None and cache.get(new) is None and cache.get(other) is not None and len(cache) == 1
+
+
 def test_a_verified_string_is_still_known_once_its_entry_is_evicted_or_dropped_within_a_bound():
     cache = VerifiedKeyCache(max_entries=2)
     digests = [cache.digest(f"key {i}") for i in range(5)]

@@ -72,10 +72,11 @@ class VerifiedKeyCache:
         # time, so its table ends up twice the size (110 rather than 52 B an entry) and is rebuilt at once
         # every so often, which held the loop for 14 ms at 100,000 entries and 130 ms at a million.
         self._entries: OrderedDict[bytes, CachedKey] = OrderedDict()
-        # Each cached key's digests, to drop its entries on a change: one, or in a rotation's grace period two
-        # (current and previous secret). By key id, which both this process's changes and the change feed's
-        # events (authorizer/feed.py) name.
-        self._digests: dict[str, tuple[bytes, ...]] = {}
+        # Each cached key's digests, to drop its entries on a change. By key id, which both this process's
+        # changes and the change feed's events (authorizer/feed.py) name. Most keys have one, kept as it is (a
+        # tuple of one would cost 48 B a key); a key in its rotation's grace period has two, current and
+        # previous secret, kept as a tuple.
+        self._digests: dict[str, bytes | tuple[bytes, ...]] = {}
         self._negative: OrderedDict[bytes, float] = OrderedDict()
         # Digests of strings this process has verified as a key's secret whose entries have gone since
         # (dropped by a change to the key, or evicted), at most max_entries, the oldest dropped first: with
@@ -144,7 +145,7 @@ class VerifiedKeyCache:
         if replaced is not None:
             self._forget_digest(replaced.key.key_id, digest)
         self._entries[digest] = entry
-        self._digests[entry.key.key_id] = (*self._digests.get(entry.key.key_id, ()), digest)
+        self._set_digests(entry.key.key_id, (*self._digests_of(entry.key.key_id), digest))
         self._verified_gone.pop(digest, None)
         while len(self._entries) > self.max_entries:
             old_digest, old_entry = self._entries.popitem(last=False)
@@ -165,9 +166,10 @@ class VerifiedKeyCache:
 
     def _drop(self, key_id: str) -> None:
         """Every cached entry of one key (one per secret presented: current and, in a rotation, previous)."""
-        for digest in self._digests.pop(key_id, ()):
+        for digest in self._digests_of(key_id):
             del self._entries[digest]
             self._entry_gone(digest)
+        self._digests.pop(key_id, None)
 
     def _entry_gone(self, digest: bytes) -> None:
         self._verified_gone[digest] = None
@@ -176,11 +178,17 @@ class VerifiedKeyCache:
 
     def _forget_digest(self, key_id: str, digest: bytes) -> None:
         """After its entry has gone: the digest no longer names an entry of the key."""
-        digests = tuple(other for other in self._digests[key_id] if other != digest)
-        if digests:
-            self._digests[key_id] = digests
+        self._set_digests(key_id, tuple(other for other in self._digests_of(key_id) if other != digest))
+
+    def _digests_of(self, key_id: str) -> tuple[bytes, ...]:
+        digests = self._digests.get(key_id, ())
+        return (digests,) if isinstance(digests, bytes) else digests
+
+    def _set_digests(self, key_id: str, digests: tuple[bytes, ...]) -> None:
+        if not digests:
+            self._digests.pop(key_id, None)
         else:
-            del self._digests[key_id]
+            self._digests[key_id] = digests[0] if len(digests) == 1 else digests
 
     # --- changes made by other processes (the change feed) ----------------------------------------
 
