@@ -1,5 +1,6 @@
 """Resource names and the rules for the values a caller may set on a key."""
 
+import json
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,6 +13,8 @@ from hypothesis import strategies as st
 from apikeyd.domain.errors import InvalidArgument
 from apikeyd.domain.model import (
     MAX_LIMIT_TIMES_PERIOD,
+    ApiKey,
+    KeyState,
     RateLimit,
     key_name,
     parse_key_name,
@@ -287,3 +290,34 @@ def test_expire_time_in_the_future_or_none_is_accepted(expire: datetime | None) 
 def test_expire_time_now_or_in_the_past_is_rejected(expire: datetime) -> None:
     with raises_invalid("expire_time"):
         validate_expire_time(expire, NOW)
+
+
+# --- what the verified-key cache keeps of a key ---------------------------------------------------------
+
+
+def _as_stored(key_id: str, scopes: list[str], labels: dict[str, str]) -> ApiKey:
+    """A key with strings, tuple and dict of its own, as the store hands out one per row."""
+    row = json.loads(json.dumps({"account": "acct-1", "project": "web", "scopes": scopes, "labels": labels}))
+    now = datetime.now(UTC)
+    return ApiKey(
+        key_id=key_id, account_id=row["account"], project_id=row["project"], display_name=f"key {key_id}",
+        description="a description", scopes=tuple(row["scopes"]), labels=row["labels"], state=KeyState.ACTIVE,
+        prefix="AKP_", lookup_id=f"lookup{key_id}", masked_key="AKP_...", expire_time=now + timedelta(days=1),
+        rate_limits=(RateLimit(10, 60),), create_time=now, update_time=now, revision=3, revoke_time=None,
+    )
+
+
+def test_a_verified_key_says_what_its_key_says_and_shares_what_other_keys_repeat() -> None:
+    scopes, labels = ["messages:send:{a.example.com}", "messages:read"], {"env": "prod", "team": "mail"}
+    first, second = _as_stored("k1", scopes, labels), _as_stored("k2", scopes, labels)
+    assert first.account_id is not second.account_id and first.scopes is not second.scopes
+    one, two = first.verified(), second.verified()
+    assert (one.key_id, one.name, one.display_name, one.state, one.rate_limits) == (
+        "k1", first.name, "key k1", KeyState.ACTIVE, (RateLimit(10, 60),)
+    )
+    assert (one.scopes, one.labels) == (first.scopes, first.labels)
+    assert one.account_id is two.account_id and one.project_id is two.project_id
+    assert one.scopes is two.scopes and one.labels is two.labels
+    many = [f"scope{i}:read" for i in range(9)]  # more than are shared: equal, each its own
+    three, four = _as_stored("k3", many, labels).verified(), _as_stored("k4", many, labels).verified()
+    assert three.scopes == four.scopes == tuple(many) and three.scopes is not four.scopes

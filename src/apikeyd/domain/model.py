@@ -1,8 +1,10 @@
 """Key records, their states and the rules for the values a caller may set."""
 
 import enum
+import functools
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -71,13 +73,15 @@ class ApiKey:
 
     def verified(self) -> "VerifiedKey":
         """What the verified-key cache keeps of this key."""
+        scopes = tuple(map(sys.intern, self.scopes))
+        labels = tuple((sys.intern(label), sys.intern(value)) for label, value in self.labels.items())
         return VerifiedKey(
             key_id=self.key_id,
             account_id=sys.intern(self.account_id),
             project_id=sys.intern(self.project_id),
             display_name=self.display_name,
-            scopes=tuple(map(sys.intern, self.scopes)),
-            labels={sys.intern(label): sys.intern(value) for label, value in self.labels.items()},
+            scopes=_shared_scopes(scopes) if len(scopes) <= _SHARED_ITEMS else scopes,
+            labels=_shared_labels(labels) if len(labels) <= _SHARED_ITEMS else dict(labels),
             state=self.state,
             rate_limits=self.rate_limits,
             revoke_time=self.revoke_time,
@@ -88,16 +92,17 @@ class ApiKey:
 class VerifiedKey:
     """A key as a check of its secret sees it: what the checks read and what an answer names (Authorize's
     response, ext_authz's headers, a management caller's audit records). The verified-key cache keeps this
-    rather than the ApiKey, whose description, masked key and times no check reads, and its strings that
-    many keys repeat (account, project, scopes, labels) are interned, so that each is held once
-    (issue 10: memory per cached key). Expiry times are the cache entry's."""
+    rather than the ApiKey, whose description, masked key and times no check reads, and what many keys
+    repeat (account, project, scopes, labels) is held once: strings interned, small scope tuples and label
+    sets shared through the memos below (issue 10: memory per cached key). Expiry times are the cache
+    entry's."""
 
     key_id: str
     account_id: str
     project_id: str
     display_name: str
     scopes: tuple[str, ...]
-    labels: dict[str, str]
+    labels: Mapping[str, str]  # shared with other keys: never changed
     state: KeyState
     rate_limits: tuple[RateLimit, ...]
     revoke_time: datetime | None
@@ -105,6 +110,23 @@ class VerifiedKey:
     @property
     def name(self) -> str:
         return key_name(self.account_id, self.key_id)
+
+
+# An account's keys tend to repeat their scopes and labels. These memos hand back the first of equal values
+# they have seen, as sys.intern does for strings, so that cached keys share one tuple or dict. Only small
+# values go in, which bounds a memo's bytes: 1024 values of at most _SHARED_ITEMS scopes (of at most 320
+# characters, limits.MAX_SCOPE_LENGTH) or labels (63 for a key or a value) come to under 4 MB.
+_SHARED_ITEMS = 8
+
+
+@functools.lru_cache(maxsize=1024)
+def _shared_scopes(scopes: tuple[str, ...]) -> tuple[str, ...]:
+    return scopes
+
+
+@functools.lru_cache(maxsize=1024)
+def _shared_labels(labels: tuple[tuple[str, str], ...]) -> Mapping[str, str]:
+    return dict(labels)
 
 
 @dataclass(frozen=True, slots=True)
