@@ -16,7 +16,9 @@ What it measures, in this order:
 4. SIGTERM to the server, which must exit 0; any other exit fails the run.
 5. Single-flight, against a Server in this process so that argon2 verifications can be counted: 100
    concurrent first checks of one fresh key should cost one verification.
-6. The argon2id parameters and what one verification costs here.
+6. Memory per cached key (bench.cache_memory): 100,000 keys verified through the Authorizer's real miss path
+   in a fresh process, bytes per key by tracemalloc and by RSS (target <= 1 KB).
+   Then the argon2id parameters and what one verification costs here.
 7. Revocation propagation (bench.scaleout): two `apikeyd serve` replicas on a fresh PostgreSQL database;
    for 30 keys, create on A, authorize on B (B caches it), revoke on A, poll B until REVOKED; p50/p99/max
    of the delay from A's RevokeApiKey returning to B's first REVOKED. Skipped when PostgreSQL does not
@@ -66,7 +68,7 @@ import grpc
 
 from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
-from bench import envoy, flood, inprocess, limits, listing, load, scaleout
+from bench import cache_memory, envoy, flood, inprocess, limits, listing, load, scaleout
 from bench.server_process import ServerProcess, running_server
 
 COLD_KEYS = 80
@@ -155,6 +157,8 @@ def _report_in_process(workdir: Path) -> None:
         f"argon2 verifications for {flight.calls} concurrent cold checks of one key: {flight.verifications} "
         f"(expected 1; {flight.misses} calls missed the cache, {flight.allowed} allowed)",
     )
+    for label, text in cache_memory.measure().lines():
+        _line(label, text)
     cost = inprocess.argon2_cost()
     params = cost.parameters
     _line(
