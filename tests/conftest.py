@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import grpc
 import psycopg
 import pytest
+import uvloop
 
 from apikeyd.config import Settings
 from apikeyd.domain import keys
@@ -161,7 +162,7 @@ class RunningServer:
         if settings.metrics_listen == Settings().metrics_listen:
             # Metrics on an ephemeral port, not the fixed default: servers here run side by side.
             settings = dataclasses.replace(settings, metrics_listen="127.0.0.1:0")
-        self.loop = asyncio.new_event_loop()
+        self.loop = uvloop.new_event_loop()  # the loop `apikeyd serve` runs on
         self._thread = threading.Thread(target=self.loop.run_forever, name="apikeyd-test-server", daemon=True)
         self._thread.start()
         self.app = App(settings)
