@@ -14,8 +14,13 @@
 4. With --profile SECONDS: `py-spy record --native` samples apikeyd's event loop thread while the client
    drives cached Authorize, and the samples are split into apikeyd's parts (the WireErrors wrapper,
    grpc_errors and metrics, the servicer, the authorizer; each with what it calls) and the rest (grpc's
-   cygrpc extension, grpc.aio's Python, the syscalls grpc makes, protobuf, the event loop). Needs py-spy on PATH or in the venv
-   and the right to ptrace the server (root, or kernel.yama.ptrace_scope 0).
+   cygrpc extension, grpc.aio's Python, the syscalls grpc makes, protobuf, the event loop). py-spy samples
+   wall-clock time: on a busy machine a thread waiting for a core counts where it was preempted, mostly
+   in syscalls, so trust the shares of the Python parts more than the kernel's. Needs py-spy (PyPI) and
+   the right to ptrace the server (root, or kernel.yama.ptrace_scope 0).
+5. With --perf SECONDS: `perf record -e cpu-clock` (on-CPU time, every thread) of apikeyd and then of the
+   floor under the same load, split by shared object (cygrpc, the interpreter, kernel, libc, uvloop,
+   protobuf) in us/call side by side: the interpreter's difference is apikeyd's Python. Needs perf.
 
 Linux only (/proc). Every loop is bounded in count and in time; everything is on 127.0.0.1.
 """
@@ -321,17 +326,53 @@ def _py_spy() -> str:
     return found
 
 
-def profile(target: Target, key: str, seconds: float, concurrency: int, out: Path) -> None:
-    """py-spy on the server's main thread while a client process drives cached Authorize."""
-    command = [
-        _py_spy(), "record", "--native", "--threads", "--format", "raw", "--rate", str(PROFILE_RATE),
-        "--duration", str(round(seconds)), "--pid", str(target.pid), "--output", str(out),
-    ]
+def _sampled(target: Target, key: str, seconds: float, concurrency: int, command: list[str]) -> None:
+    """`command` (a sampler that stops by itself after `seconds`) while a client process drives `target`."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         load = pool.apply_async(load_for, (target, key, seconds + 4.0, concurrency))
         time.sleep(2.0)  # the client's channel is up and calls flow before sampling starts
         subprocess.run(command, check=True, capture_output=True, timeout=seconds + 60.0)
         load.get(seconds + 60.0)
+
+
+def profile(target: Target, key: str, seconds: float, concurrency: int, out: Path) -> None:
+    """py-spy on the server while a client process drives cached Authorize."""
+    command = [
+        _py_spy(), "record", "--native", "--threads", "--format", "raw", "--rate", str(PROFILE_RATE),
+        "--duration", str(round(seconds)), "--pid", str(target.pid), "--output", str(out),
+    ]
+    _sampled(target, key, seconds, concurrency, command)
+
+
+# Shared objects by what runs in them; the interpreter runs all Python code, apikeyd's and grpc.aio's alike.
+_LIBRARIES = (
+    ("cygrpc", "grpc's cygrpc (Cython layer and C core)"),
+    ("libpython", "the interpreter (all Python code)"),
+    ("[kernel", "kernel (sockets, eventfd, scheduling)"),
+    ("libc", "libc (malloc, memcpy, locks)"),
+    ("loop.cpython", "uvloop"),
+    ("_message", "protobuf (upb)"),
+)
+
+
+def perf_split(target: Target, key: str, seconds: float, concurrency: int, out: Path) -> dict[str, float]:
+    """Shares of the server's on-CPU samples (all threads) by shared object, from `perf record -e
+    cpu-clock`: CPU time, where py-spy samples wall-clock time and so counts a thread waiting for a core
+    as busy wherever it was."""
+    command = ["perf", "record", "-e", "cpu-clock", "-F", "999", "-p", str(target.pid), "-o", str(out)]
+    _sampled(target, key, seconds, concurrency, [*command, "--", "sleep", str(seconds)])
+    report = subprocess.run(
+        ["perf", "report", "-i", str(out), "--sort", "dso", "--stdio", "-g", "none", "-n"],
+        check=True, capture_output=True, text=True, timeout=120.0,
+    ).stdout
+    samples: dict[str, float] = collections.defaultdict(float)
+    for line in report.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[0].endswith("%") and fields[1].isdigit():
+            part = next((name for mark, name in _LIBRARIES if fields[2].startswith(mark)), "other")
+            samples[part] += int(fields[1])
+    total = sum(samples.values())
+    return {part: count / total for part, count in samples.items()}
 
 
 # --- the report -------------------------------------------------------------------------------------
@@ -376,6 +417,13 @@ def report_profile(raw: Path, pid: int, event_loop_us: float) -> Iterator[tuple[
         yield "", "innermost frames of 'other': " + "; ".join(f"{f} {n}" for f, n in others.most_common(6))
 
 
+def report_perf(ours: dict[str, float], floor: dict[str, float], ours_us: float, floor_us: float) -> Iterator[tuple[str, str]]:
+    yield "perf (CPU time)", "us/call by shared object: Authorize on apikeyd, on the floor, and the difference"
+    for _, part in (*_LIBRARIES, ("", "other")):
+        mine, theirs = ours.get(part, 0.0) * ours_us, floor.get(part, 0.0) * floor_us
+        yield f"{mine:6.0f} {theirs:6.0f} {mine - theirs:+5.0f}", part
+
+
 def cpu_per_call(
     workdir: Path,
     rounds: int = ROUNDS,
@@ -384,6 +432,7 @@ def cpu_per_call(
     asyncio_floor: bool = False,
     profile_seconds: float = 0.0,
     profile_out: Path | None = None,
+    perf_seconds: float = 0.0,
 ) -> Iterator[tuple[str, str]]:
     """The section, as (label, text) lines; `apikeyd serve` and the floors are stopped at the end."""
     with running_server(workdir / "grpc-cpu") as server, contextlib.ExitStack() as floors:
@@ -411,6 +460,11 @@ def cpu_per_call(
             profile(targets[1], key, profile_seconds, concurrency, raw)
             event_loop_us = statistics.median(run.threads_us["event loop"] for run in runs[AUTHORIZE])
             yield from report_profile(raw, server.pid, event_loop_us)
+        if perf_seconds > 0:
+            ours = perf_split(targets[1], key, perf_seconds, concurrency, workdir / "perf-apikeyd.data")
+            floor = perf_split(targets[2], key, perf_seconds, concurrency, workdir / "perf-floor.data")
+            cpu = {name: statistics.median(run.server_cpu_us for run in runs[name]) for name in (AUTHORIZE, FLOOR)}
+            yield from report_perf(ours, floor, cpu[AUTHORIZE], cpu[FLOOR])
 
 
 def main() -> int:
@@ -421,10 +475,12 @@ def main() -> int:
     parser.add_argument("--asyncio-floor", action="store_true", help="a second floor, on asyncio's own loop")
     parser.add_argument("--profile", type=float, default=0.0, metavar="SECONDS", help="py-spy the event loop too")
     parser.add_argument("--profile-out", type=Path, help="where to keep py-spy's raw output")
+    parser.add_argument("--perf", type=float, default=0.0, metavar="SECONDS", help="perf record apikeyd and the floor")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="apikeyd-grpc-cpu-") as tmp:
         lines = cpu_per_call(
-            Path(tmp), args.rounds, args.calls, args.concurrency, args.asyncio_floor, args.profile, args.profile_out
+            Path(tmp), args.rounds, args.calls, args.concurrency, args.asyncio_floor, args.profile, args.profile_out,
+            args.perf,
         )
         for label, text in lines:
             print(f"{label:<{LABEL}}{text}", flush=True)
