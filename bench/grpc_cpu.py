@@ -16,8 +16,9 @@
    grpc_errors and metrics, the servicer, the authorizer; each with what it calls) and the rest (grpc's
    cygrpc extension, grpc.aio's Python, the syscalls grpc makes, protobuf, the event loop). py-spy samples
    wall-clock time: on a busy machine a thread waiting for a core counts where it was preempted, mostly
-   in syscalls, so trust the shares of the Python parts more than the kernel's. Needs py-spy (PyPI) and
-   the right to ptrace the server (root, or kernel.yama.ptrace_scope 0).
+   in syscalls, so the event loop's kernel time is taken from /proc instead, and py-spy's samples outside
+   syscalls split its user time. Needs py-spy (PyPI) and the right to ptrace the server (root, or
+   kernel.yama.ptrace_scope 0).
 5. With --perf SECONDS: `perf record -e cpu-clock` (on-CPU time, every thread) of apikeyd and then of the
    floor under the same load, split by shared object (cygrpc, the interpreter, kernel, libc, uvloop,
    protobuf) in us/call side by side: the interpreter's difference is apikeyd's Python. Needs perf.
@@ -32,7 +33,6 @@ import contextlib
 import multiprocessing
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -49,6 +49,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
+from bench import cpu_profile
 from bench.load import REQUIRED_SCOPES, Spread
 from bench.server_process import create_keys, running_server
 
@@ -59,9 +60,9 @@ WARMUP_CALLS = 2000
 CALL_TIMEOUT = 10.0  # seconds; a stuck call fails the run instead of hanging it
 CLIENT_TIMEOUT = 900.0  # seconds for the whole client process
 FLOOR_START_TIMEOUT = 30.0
-PROFILE_RATE = 250  # py-spy samples a second
 LABEL = 28
 
+EVENT_LOOP, EVENT_LOOP_KERNEL = "event loop", "of which kernel"
 HEALTH, AUTHORIZE, FLOOR, ASYNCIO_FLOOR = "health Check", "Authorize (cached)", "floor Authorize", "floor on asyncio's loop"
 
 
@@ -115,8 +116,8 @@ def floor_server(response: bytes, on_uvloop: bool = True) -> Iterator[tuple[str,
 # --- CPU time from /proc ----------------------------------------------------------------------------
 
 
-def _stat_cpu(path: str) -> tuple[str, float] | None:
-    """(command name, utime + stime in seconds) from a /proc stat file; None once the task is gone."""
+def _stat_cpu(path: str) -> tuple[str, float, float] | None:
+    """(command name, utime, stime) in seconds from a /proc stat file; None once the task is gone."""
     try:
         with open(path) as stat:
             text = stat.read()
@@ -124,26 +125,31 @@ def _stat_cpu(path: str) -> tuple[str, float] | None:
         return None
     name = text[text.index("(") + 1 : text.rindex(")")]
     fields = text.rsplit(")", 1)[1].split()  # the name may hold spaces and parentheses
-    return name, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = os.sysconf("SC_CLK_TCK")
+    return name, int(fields[11]) / ticks, int(fields[12]) / ticks
 
 
 def process_cpu(pid: int) -> float:
     stat = _stat_cpu(f"/proc/{pid}/stat")
     if stat is None:
         raise RuntimeError(f"no /proc/{pid}/stat: this bench needs Linux and a live server")
-    return stat[1]
+    return stat[1] + stat[2]
 
 
 def thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds by thread group: the main thread (the event loop) as "event loop", the others by their
-    name with any trailing number dropped, so a pool's threads add up. Threads gone by now are missing
-    here, but not from process_cpu."""
+    """CPU seconds by thread group: the main thread (the event loop) as EVENT_LOOP, with its time in the
+    kernel again as EVENT_LOOP_KERNEL; the others by their name with any trailing number dropped, so a
+    pool's threads add up. Threads gone by now are missing here, but not from process_cpu."""
     groups: dict[str, float] = collections.defaultdict(float)
     for tid in os.listdir(f"/proc/{pid}/task"):
         stat = _stat_cpu(f"/proc/{pid}/task/{tid}/stat")
-        if stat is not None:
-            name = "event loop" if int(tid) == pid else re.sub(r"[-_]?\d+$", "", stat[0]) or stat[0]
-            groups[name] += stat[1]
+        if stat is None:
+            continue
+        if int(tid) == pid:
+            groups[EVENT_LOOP] += stat[1] + stat[2]
+            groups[EVENT_LOOP_KERNEL] += stat[2]
+        else:
+            groups[re.sub(r"[-_]?\d+$", "", stat[0]) or stat[0]] += stat[1] + stat[2]
     return groups
 
 
@@ -259,71 +265,7 @@ def _authorize_response(address: str, key: str) -> bytes:
     return reply.SerializeToString()
 
 
-# --- the profile ------------------------------------------------------------------------------------
-
-# A sample of the event loop thread goes to its innermost apikeyd frame's part (with whatever that
-# called), else to its innermost frame's. The cygrpc extension is stripped, so its Cython layer and
-# grpc's C core show as one. The loop runner's own apikeyd frames (cli, server.py) decide nothing.
-_OURS = (
-    ("apikeyd: WireErrors, the handler wrapper", ("apikeyd/service/wire.py",)),
-    ("apikeyd: grpc_errors, metrics, log context", ("apikeyd/service/errors.py", "apikeyd/metrics.py", "apikeyd/logs.py")),
-    ("apikeyd: health servicer", ("apikeyd/service/health.py", "grpc_health/")),
-    ("apikeyd: authorizer", ("apikeyd/authorizer/",)),
-    ("apikeyd: servicer (api_keys, convert, request_limits, domain)", ("apikeyd/service/", "apikeyd/domain/")),
-)
-_SYSCALLS = ("sendmsg (", "recvmsg (", "write (", "read (", "send (", "recv (", "getpid (")
-_GRPCS = (
-    ("grpc: cygrpc (its Cython layer and C core)", ("grpc/_cython/cygrpc",)),
-    ("grpc: grpc.aio Python", ("grpc/",)),
-    ("protobuf (upb)", ("google/protobuf", "_message.abi3")),
-    ("the event loop (uvloop, asyncio)", ("(loop.c:", "uvloop/", "asyncio/", "selectors.py", "_asynciomodule")),
-)
-_WAITS = ("epoll_wait (", "epoll_pwait (", "pthread_cond_wait (", "pthread_cond_timedwait (", "sem_wait (", "poll (")
-IDLE = "idle (epoll_wait, waits for the GIL)"
-
-
-def _matching(frames: list[str], categories: tuple[tuple[str, tuple[str, ...]], ...]) -> str | None:
-    for frame in reversed(frames):
-        for category, marks in categories:
-            if any(mark in frame for mark in marks):
-                return category
-    return None
-
-
-def _sample_category(frames: list[str]) -> str:
-    if any(frame.startswith(_WAITS) for frame in frames[-3:]):
-        return IDLE
-    if (ours := _matching(frames, _OURS)) is not None:
-        return ours
-    if frames[-1].startswith(_SYSCALLS):
-        return "kernel: socket and eventfd syscalls (grpc's sendmsg, write, ...)"
-    return _matching(frames, _GRPCS) or "other (interpreter)"
-
-
-def split_profile(raw: Path, pid: int) -> tuple[dict[str, int], collections.Counter[str]]:
-    """Samples of thread `pid` (the main one) by part, and the innermost frames of "other", from py-spy's
-    raw format with --threads: one `thread (tid): name;frame;...;frame count` line per stack, outermost
-    first."""
-    by_category: collections.Counter[str] = collections.Counter()
-    others: collections.Counter[str] = collections.Counter()
-    thread = f"thread ({pid}):"
-    for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        frames = stack.split(";")
-        if not frames[0].startswith(thread):
-            continue
-        category = _sample_category(frames)
-        by_category[category] += int(count)
-        if category.startswith("other"):
-            others[frames[-1]] += int(count)
-    return dict(by_category.most_common()), others
-
-
-def _py_spy() -> str:
-    found = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    if not Path(found).exists():
-        raise RuntimeError("--profile needs py-spy: pip install py-spy")
-    return found
+# --- the samplers (bench/cpu_profile.py) ------------------------------------------------------------
 
 
 def _sampled(target: Target, key: str, seconds: float, concurrency: int, command: list[str]) -> None:
@@ -335,51 +277,12 @@ def _sampled(target: Target, key: str, seconds: float, concurrency: int, command
         load.get(seconds + 60.0)
 
 
-def profile(target: Target, key: str, seconds: float, concurrency: int, out: Path) -> None:
-    """py-spy on the server while a client process drives cached Authorize."""
-    command = [
-        _py_spy(), "record", "--native", "--threads", "--format", "raw", "--rate", str(PROFILE_RATE),
-        "--duration", str(round(seconds)), "--pid", str(target.pid), "--output", str(out),
-    ]
-    _sampled(target, key, seconds, concurrency, command)
-
-
-# Shared objects by what runs in them; the interpreter runs all Python code, apikeyd's and grpc.aio's alike.
-_LIBRARIES = (
-    ("cygrpc", "grpc's cygrpc (Cython layer and C core)"),
-    ("libpython", "the interpreter (all Python code)"),
-    ("[kernel", "kernel (sockets, eventfd, scheduling)"),
-    ("libc", "libc (malloc, memcpy, locks)"),
-    ("loop.cpython", "uvloop"),
-    ("_message", "protobuf (upb)"),
-)
-
-
-def perf_split(target: Target, key: str, seconds: float, concurrency: int, out: Path) -> dict[str, float]:
-    """Shares of the server's on-CPU samples (all threads) by shared object, from `perf record -e
-    cpu-clock`: CPU time, where py-spy samples wall-clock time and so counts a thread waiting for a core
-    as busy wherever it was."""
-    command = ["perf", "record", "-e", "cpu-clock", "-F", "999", "-p", str(target.pid), "-o", str(out)]
-    _sampled(target, key, seconds, concurrency, [*command, "--", "sleep", str(seconds)])
-    report = subprocess.run(
-        ["perf", "report", "-i", str(out), "--sort", "dso", "--stdio", "-g", "none", "-n"],
-        check=True, capture_output=True, text=True, timeout=120.0,
-    ).stdout
-    samples: dict[str, float] = collections.defaultdict(float)
-    for line in report.splitlines():
-        fields = line.split()
-        if len(fields) >= 3 and fields[0].endswith("%") and fields[1].isdigit():
-            part = next((name for mark, name in _LIBRARIES if fields[2].startswith(mark)), "other")
-            samples[part] += int(fields[1])
-    total = sum(samples.values())
-    return {part: count / total for part, count in samples.items()}
-
-
 # --- the report -------------------------------------------------------------------------------------
 
 
 def _threads(runs: list[Run]) -> str:
-    names = sorted({name for run in runs for name in run.threads_us}, key=lambda n: (n != "event loop", n))
+    first = {EVENT_LOOP: 0, EVENT_LOOP_KERNEL: 1}
+    names = sorted({name for run in runs for name in run.threads_us}, key=lambda n: (first.get(n, 2), n))
     medians = {name: statistics.median(run.threads_us.get(name, 0.0) for run in runs) for name in names}
     return ", ".join(f"{name} {value:.0f}" for name, value in medians.items() if value >= 1.0)
 
@@ -403,25 +306,6 @@ def report(runs: dict[str, list[Run]]) -> Iterator[tuple[str, str]]:
             f"{extra.median:.0f} us/call (rounds {extra.low:.0f} to {extra.high:.0f}); "
             f"ratio {ratio.median:.2f} (rounds {ratio.low:.2f}-{ratio.high:.2f})",
         )
-
-
-def report_profile(raw: Path, pid: int, event_loop_us: float) -> Iterator[tuple[str, str]]:
-    by_category, others = split_profile(raw, pid)
-    idle = by_category.pop(IDLE, 0)
-    total = sum(by_category.values())
-    yield "profile", f"{total} busy samples of the event loop thread ({idle} idle), {raw}"
-    yield "", f"us/call: each part's share of the event loop's {event_loop_us:.0f} us/call"
-    for category, count in by_category.items():
-        yield f"{count / total:8.1%} {count / total * event_loop_us:5.0f} us", category
-    if others:
-        yield "", "innermost frames of 'other': " + "; ".join(f"{f} {n}" for f, n in others.most_common(6))
-
-
-def report_perf(ours: dict[str, float], floor: dict[str, float], ours_us: float, floor_us: float) -> Iterator[tuple[str, str]]:
-    yield "perf (CPU time)", "us/call by shared object: Authorize on apikeyd, on the floor, and the difference"
-    for _, part in (*_LIBRARIES, ("", "other")):
-        mine, theirs = ours.get(part, 0.0) * ours_us, floor.get(part, 0.0) * floor_us
-        yield f"{mine:6.0f} {theirs:6.0f} {mine - theirs:+5.0f}", part
 
 
 def cpu_per_call(
@@ -457,14 +341,19 @@ def cpu_per_call(
         yield from report(runs)
         if profile_seconds > 0:
             raw = profile_out or workdir / "profile.txt"
-            profile(targets[1], key, profile_seconds, concurrency, raw)
-            event_loop_us = statistics.median(run.threads_us["event loop"] for run in runs[AUTHORIZE])
-            yield from report_profile(raw, server.pid, event_loop_us)
+            _sampled(targets[1], key, profile_seconds, concurrency, cpu_profile.py_spy_command(server.pid, profile_seconds, raw))
+            loop, kernel = (
+                statistics.median(run.threads_us[name] for run in runs[AUTHORIZE]) for name in (EVENT_LOOP, EVENT_LOOP_KERNEL)
+            )
+            yield from cpu_profile.report_profile(raw, server.pid, loop - kernel, kernel)
         if perf_seconds > 0:
-            ours = perf_split(targets[1], key, perf_seconds, concurrency, workdir / "perf-apikeyd.data")
-            floor = perf_split(targets[2], key, perf_seconds, concurrency, workdir / "perf-floor.data")
-            cpu = {name: statistics.median(run.server_cpu_us for run in runs[name]) for name in (AUTHORIZE, FLOOR)}
-            yield from report_perf(ours, floor, cpu[AUTHORIZE], cpu[FLOOR])
+            shares = []
+            for target in targets[1:3]:  # apikeyd's Authorize, then the floor's
+                out = workdir / f"perf-{target.pid}.data"
+                _sampled(target, key, perf_seconds, concurrency, cpu_profile.perf_command(target.pid, perf_seconds, out))
+                shares.append(cpu_profile.perf_split(out))
+            ours_us, floor_us = (statistics.median(run.server_cpu_us for run in runs[name]) for name in (AUTHORIZE, FLOOR))
+            yield from cpu_profile.report_perf(shares[0], shares[1], ours_us, floor_us)
 
 
 def main() -> int:
