@@ -12,6 +12,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from apikeyd.v1 import api_keys_pb2 as pb
+from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
+
 STARTUP_TIMEOUT = 30.0  # seconds: imports and the SQLite migration take a few on a slow machine
 STOP_TIMEOUT = 20.0  # seconds: above the server's default 10 s shutdown grace
 
@@ -80,6 +83,24 @@ def run_apikeyd(*args: str, timeout: float = 60.0) -> str:
     return subprocess.run(
         [_apikeyd(), *args], stdin=subprocess.DEVNULL, capture_output=True, text=True, check=True, timeout=timeout
     ).stdout.strip()
+
+
+def create_keys(server: ServerProcess, count: int) -> list[str]:
+    """Full key strings for `count` new keys in accounts/bench; only CreateApiKey ever shows them."""
+    credential = [("authorization", f"Bearer {server.operator_key}")]
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.ApiKeyServiceStub(channel)
+        return [
+            stub.CreateApiKey(
+                pb.CreateApiKeyRequest(
+                    parent="accounts/bench",
+                    api_key=pb.ApiKey(display_name=f"bench {n}", scopes=["messages:send:all"]),
+                ),
+                timeout=30.0,
+                metadata=credential,
+            ).secret
+            for n in range(count)
+        ]
 
 
 @contextlib.contextmanager

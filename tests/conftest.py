@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import grpc
 import psycopg
 import pytest
+import uvloop
 
 from apikeyd.config import Settings
 from apikeyd.domain import keys
@@ -165,7 +166,7 @@ class RunningServer:
             settings = dataclasses.replace(settings, metrics_listen="127.0.0.1:0")
         if settings.ext_authz_listen == defaults.ext_authz_listen:
             settings = dataclasses.replace(settings, ext_authz_listen="127.0.0.1:0")
-        self.loop = asyncio.new_event_loop()
+        self.loop = uvloop.new_event_loop()  # the loop `apikeyd serve` runs on
         self._thread = threading.Thread(target=self.loop.run_forever, name="apikeyd-test-server", daemon=True)
         self._thread.start()
         self.app = App(settings)

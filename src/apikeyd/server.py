@@ -225,14 +225,16 @@ class Server:
         # share a taken port silently. `--workers N` (N > 1) shares it on purpose: its supervisor has
         # checked the port is free first (src/apikeyd/workers.py).
         reuse_port = 1 if app.settings.workers > 1 else 0
-        # WireErrors: undecodable requests get INVALID_ARGUMENT on every service here (service/wire.py).
+        # WireErrors: undecodable requests get INVALID_ARGUMENT on every service registered with self.grpc
+        # (service/wire.py); it wraps the handlers once, as they are registered, not on every call.
         self.wire_errors = WireErrors()
         # A bound on calls at once: each open stream (a health Watch) holds grpc's per-call memory, and anyone
         # may open them.
-        self.grpc = grpc.aio.server(
-            interceptors=[self.wire_errors],
-            options=[("grpc.so_reuseport", reuse_port), *grpc_limits(app.settings)],
-            maximum_concurrent_rpcs=app.settings.max_concurrent_rpcs,
+        self.grpc = self.wire_errors.guard(
+            grpc.aio.server(
+                options=[("grpc.so_reuseport", reuse_port), *grpc_limits(app.settings)],
+                maximum_concurrent_rpcs=app.settings.max_concurrent_rpcs,
+            )
         )
         self.health = HealthServicer()
         service = ApiKeyService(app.manager, app.authorizer, app.metrics, app.settings.authorize_requires_key)

@@ -389,6 +389,8 @@ def supervise(settings: Settings) -> int:
 
 
 def _worker_main() -> int:
+    import uvloop
+
     from apikeyd.server import Server, StartupError, serve
 
     settings = Settings(**json.loads(os.environ[SETTINGS_ENV]))
@@ -423,7 +425,7 @@ def _worker_main() -> int:
         tasks.add(task)
 
     try:
-        asyncio.run(serve(settings, prepare=False, started=started, report_health=host_health.report))
+        uvloop.run(serve(settings, prepare=False, started=started, report_health=host_health.report))
     except StartupError as error:
         print(f"apikeyd: worker {index}: {error}", file=sys.stderr)
         return 2

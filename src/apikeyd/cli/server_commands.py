@@ -112,6 +112,8 @@ def _one_line_errors(settings: Settings) -> Iterator[None]:
 @_quiet_interrupt
 def serve_command(**overrides: Any) -> None:
     """Serve gRPC until SIGTERM or Ctrl-C, then drain and exit 0."""
+    import uvloop
+
     from apikeyd.server import serve
 
     settings = _load(**overrides)
@@ -122,7 +124,7 @@ def serve_command(**overrides: Any) -> None:
             from apikeyd.workers import supervise  # N processes on the one port: src/apikeyd/workers.py
 
             sys.exit(supervise(settings))
-        asyncio.run(serve(settings))
+        uvloop.run(serve(settings))  # as workers do (workers.py); see pyproject.toml
 
 
 @click.command()

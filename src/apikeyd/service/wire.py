@@ -6,16 +6,21 @@ DecodeError there escapes to grpc's own handler, which answers UNKNOWN "Unexpect
 ERROR with a traceback for every garbled request, an unauthenticated way to fill the log. Raising anything
 else from the deserializer ends the same way, and without a context there is no way to set a status.
 
-So WireErrors, an interceptor, wraps each method handler once: its deserializer turns undecodable bytes
-into an `Undecodable` marker instead of raising, and its behaviour, which does have a context, answers a
-marker with `context.abort(INVALID_ARGUMENT, ...)` before the servicer sees it. For streamed requests the
-check sits on the request iterator, so every message of the stream is checked as it arrives. Each refusal
-is counted; a WARNING line says so at most once per LOG_EVERY seconds, without the bytes.
+So WireErrors wraps each method handler: its deserializer turns undecodable bytes into an `Undecodable`
+marker instead of raising, and its behaviour, which does have a context, answers a marker with
+`context.abort(INVALID_ARGUMENT, ...)` before the servicer sees it. For streamed requests the check sits on
+the request iterator, so every message of the stream is checked as it arrives. Each refusal is counted; a
+WARNING line says so at most once per LOG_EVERY seconds, without the bytes.
+
+The handlers are wrapped once, as they are registered: `guard(server)` is the server the services are
+added to. An interceptor could do the same, but grpc.aio runs interceptors on every call, a chain of
+coroutines through its Python before the handler is even found. Generic handlers, which grpc asks on each
+call for a method with no registered handler, are wrapped as they answer, so no service escapes the check.
 """
 
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -55,31 +60,18 @@ def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return deserialize
 
 
-class WireErrors(grpc.aio.ServerInterceptor):
+class WireErrors:
     def __init__(self) -> None:
-        # Wrapped handlers by method: only names grpc resolved to a handler get here, so this holds one entry
-        # per hosted method, whatever names callers send.
-        self._handlers: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
         self.refused = 0  # undecodable requests answered INVALID_ARGUMENT; bumped on the event loop
         self._warnings = Throttle(log, LOG_EVERY)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.request_deserializer is None:
-            return handler
-        method = handler_call_details.method
-        cached = self._handlers.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(method, handler)
-        self._handlers[method] = (handler, wrapped)
-        return wrapped
+    def guard(self, server: grpc.aio.Server) -> grpc.aio.Server:
+        """`server`, with every handler registered through the result wrapped."""
+        return _GuardedServer(server, self)
 
-    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if handler.request_deserializer is None:
+            return handler
         kind = (handler.request_streaming, handler.response_streaming)
         behavior = {
             (False, False): handler.unary_unary,
@@ -139,3 +131,75 @@ class WireErrors(grpc.aio.ServerInterceptor):
             return await behavior(requests(iterator, context), context)
 
         return unary
+
+
+class _GuardedGeneric(grpc.GenericRpcHandler):
+    def __init__(self, handler: grpc.GenericRpcHandler, wire: WireErrors) -> None:
+        self._handler = handler
+        self._wire = wire
+        # Wrapped handlers by method: only names the handler resolved get here, so one entry per method it
+        # hosts, whatever names callers send.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = self._handler.service(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wire.wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+
+class _MethodTable(grpc.GenericRpcHandler):
+    """The registered methods of every service, looked up by full method name."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        return self.handlers.get(handler_call_details.method)
+
+
+class _GuardedServer(grpc.aio.Server):
+    """Registers wrapped handlers with the server it stands for; everything else is passed on as it is.
+
+    Registered methods are served through one generic handler, `_MethodTable`, added first, so that they
+    still take precedence over the other generic handlers, as grpc documents. grpc.aio keeps one pending
+    request per registered method and, for every call it accepts, `asyncio.wait`s on all of them again
+    (a done-callback added to and removed from each): every hosted method would add to the CPU of every
+    call, of any method. One generic handler keeps one request pending (bench/grpc_cpu.py measures it)."""
+
+    def __init__(self, server: grpc.aio.Server, wire: WireErrors) -> None:
+        self._server = server
+        self._wire = wire
+        self._methods = _MethodTable()
+        server.add_generic_rpc_handlers([self._methods])
+
+    def add_generic_rpc_handlers(self, generic_rpc_handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers([_GuardedGeneric(handler, self._wire) for handler in generic_rpc_handlers])
+
+    def add_registered_method_handlers(
+        self, service_name: str, method_handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        for name, handler in method_handlers.items():
+            method = f"/{service_name}/{name}"
+            self._methods.handlers[method] = self._wire.wrap(method, handler)
+
+    def add_insecure_port(self, address: str) -> int:
+        return int(self._server.add_insecure_port(address))
+
+    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
+        return int(self._server.add_secure_port(address, server_credentials))
+
+    async def start(self) -> None:
+        await self._server.start()
+
+    async def stop(self, grace: float | None) -> None:
+        await self._server.stop(grace)
+
+    async def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return bool(await self._server.wait_for_termination(timeout))
