@@ -34,9 +34,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from apikeyd.v1 import api_keys_pb2 as pb
-from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
-from bench.server_process import ServerProcess, free_port, running_server
+from bench.server_process import create_keys, free_port, running_server
 
 Lines = Iterator[tuple[str, str]]
 
@@ -226,18 +224,6 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / 100.0  # utime + stime, in clock ticks of 1/100 s
 
 
-def _apikeyd_key(server: ServerProcess) -> str:
-    import grpc  # only here: the rest of this module drives Envoy, not apikeyd
-
-    with grpc.insecure_channel(server.address) as channel:
-        stub = pb_grpc.ApiKeyServiceStub(channel)
-        created = stub.CreateApiKey(
-            pb.CreateApiKeyRequest(parent="accounts/bench-envoy", api_key=pb.ApiKey(display_name="envoy bench", scopes=["messages:send:all"])),
-            metadata=[("authorization", f"Bearer {server.operator_key}")],
-        )
-        return created.secret
-
-
 def _problem() -> str:
     if shutil.which("wrk") is None:
         return "wrk is not installed (make bench installs it with apt-get when it can)"
@@ -258,7 +244,7 @@ def envoy_comparison(workdir: Path) -> Lines:
         )
         stack.callback(lambda: (trivial.terminate(), trivial.wait(10)))
         assert trivial.stdout is not None and trivial.stdout.readline().strip() == "ready"
-        key = _apikeyd_key(server)
+        (key,) = create_keys(server, 1)
         ext_authz_port = int(server.ext_authz_address.rpartition(":")[2])
         grpc_port = int(server.address.rpartition(":")[2])
         shipped = _answered_by_envoy(SHIPPED.read_text())

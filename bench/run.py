@@ -54,6 +54,10 @@ What it measures, in this order:
    connections, sequential p50/p99, the ratio to api_key_auth (target >= 0.5), the p50 added over no auth
    (target <= 0.3 ms), and apikeyd's CPU per check. Skipped without wrk or Envoy. About 90 s.
 
+14. gRPC CPU (bench.grpc_cpu): server CPU per call of a cached Authorize and of the empty health Check
+   against a bare grpc.aio servicer returning a constant AuthorizeResponse (the floor: what grpc itself
+   costs), interleaved rounds, with the share that is apikeyd's.
+
 Every loop is bounded in count and in time; everything listens on and connects to 127.0.0.1 only.
 """
 
@@ -66,34 +70,14 @@ from pathlib import Path
 
 import grpc
 
-from apikeyd.v1 import api_keys_pb2 as pb
-from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
-from bench import cache_memory, envoy, flood, inprocess, limits, listing, load, scaleout
-from bench.server_process import ServerProcess, running_server
+from bench import cache_memory, envoy, flood, grpc_cpu, inprocess, limits, listing, load, scaleout
+from bench.server_process import ServerProcess, create_keys, running_server
 
 COLD_KEYS = 80
 CLIENT_TIMEOUT = 180.0  # seconds for the whole load client; it needs about 40
 THROUGHPUT_TARGET = 0.9  # cached Authorize calls/s over health calls/s, at least
 LATENCY_TARGET = 1.1  # cached Authorize p50 over health p50, at most
 LABEL = 22  # width of the first column
-
-
-def _create_keys(server: ServerProcess, count: int) -> list[str]:
-    """Full key strings for `count` new keys; only CreateApiKey ever shows them."""
-    credential = [("authorization", f"Bearer {server.operator_key}")]
-    with grpc.insecure_channel(server.address) as channel:
-        stub = pb_grpc.ApiKeyServiceStub(channel)
-        return [
-            stub.CreateApiKey(
-                pb.CreateApiKeyRequest(
-                    parent="accounts/bench",
-                    api_key=pb.ApiKey(display_name=f"bench {n}", scopes=["messages:send:all"]),
-                ),
-                timeout=30.0,
-                metadata=credential,
-            ).secret
-            for n in range(count)
-        ]
 
 
 def _line(label: str, text: str) -> None:
@@ -174,7 +158,7 @@ def _section(title: str) -> None:
 
 
 def _report_scaleout(workdir: Path) -> None:
-    """Sections 7-13: each starts its own servers and stops them before the next."""
+    """Sections 7-14: each starts its own servers and stops them before the next."""
     for title, section in (
         ("revocation propagation: two replicas on PostgreSQL", scaleout.revocation_propagation),
         ("worker processes: `apikeyd serve --workers W` on SQLite", scaleout.worker_throughput),
@@ -183,6 +167,7 @@ def _report_scaleout(workdir: Path) -> None:
         ("limits: health latency under the largest allowed requests", limits.health_under_largest_requests),
         ("flood: wrong secrets for one key, and unknown lookup ids", flood.flood_costs),
         ("envoy: no auth, its api_key_auth filter, and apikeyd, under wrk", envoy.envoy_comparison),
+        ("gRPC CPU per cached Authorize: apikeyd against a bare grpc.aio floor", grpc_cpu.cpu_per_call),
     ):
         _section(title)
         started = time.monotonic()
@@ -196,7 +181,7 @@ def main() -> int:
         workdir = Path(tmp)
         with running_server(workdir) as server:
             _header(server)
-            warm_key, *cold_keys = _create_keys(server, 1 + COLD_KEYS)
+            warm_key, *cold_keys = create_keys(server, 1 + COLD_KEYS)
             target = load.Target(server.address, server.pid, warm_key, cold_keys)
             _report_load(load.measure_in_own_process(target, CLIENT_TIMEOUT))
         _line("server stop", f"SIGTERM -> exit code {server.exit_code}")
