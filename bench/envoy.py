@@ -8,6 +8,7 @@ so that no upstream service is measured. The variants:
 - apikeyd: deploy/envoy/envoy.yaml as shipped (HTTP ext_authz), in front of a real `apikeyd serve` with a
   cached key;
 - apikeyd over gRPC: deploy/envoy/envoy-grpc.yaml, the gRPC ext_authz form;
+- apikeyd, unix socket: the shipped config with apikeyd's cluster on a unix socket, for a sidecar on one host;
 - trivial HTTP authorizer: the shipped config in front of a responder that answers every check with a fixed
   200 and does nothing else, the most any HTTP authorizer can reach through Envoy here (the ceiling).
 
@@ -84,6 +85,13 @@ def with_ports(text: str, where: str, ports: dict[int, int]) -> str:
 def _answered_by_envoy(text: str) -> str:
     """Every route answered by Envoy itself: no upstream service is measured."""
     return text.replace("route: {cluster: service}", 'direct_response: {status: 200, body: {inline_string: "ok"}}')
+
+
+def _over_unix_socket(config: str, path: Path) -> str:
+    """The shipped config with its apikeyd cluster on a unix socket (APIKEYD_EXT_AUTHZ_LISTEN=unix:...)."""
+    tcp = "socket_address: {address: 127.0.0.1, port_value: 50052}"
+    assert config.count(tcp) == 1, "envoy.yaml should name apikeyd's ext_authz address once"
+    return with_ports(config.replace(tcp, f"pipe: {{path: {path}}}"), "envoy.yaml", {8080: 1})
 
 
 def _plain_config(filters: str) -> str:
@@ -237,14 +245,20 @@ def envoy_comparison(workdir: Path) -> Lines:
         return
     binary = envoy_binary()[0]
     assert binary is not None
+    socket_path = workdir / "ext-authz.sock"
     with contextlib.ExitStack() as stack, running_server(workdir / "envoy-apikeyd") as server:
+        unix_server = stack.enter_context(
+            running_server(workdir / "envoy-apikeyd-unix", extra_args=("--ext-authz-listen", f"unix:{socket_path}"))
+        )
         trivial_port = free_port()
         trivial = subprocess.Popen(
             [sys.executable, "-c", TRIVIAL_AUTHORIZER, str(trivial_port)], stdout=subprocess.PIPE, text=True
         )
-        stack.callback(lambda: (trivial.terminate(), trivial.wait(10)))
+        stack.callback(trivial.wait, 10)
+        stack.callback(trivial.terminate)  # callbacks run last first: terminate, then wait
         assert trivial.stdout is not None and trivial.stdout.readline().strip() == "ready"
         (key,) = create_keys(server, 1)
+        (unix_key,) = create_keys(unix_server, 1)
         ext_authz_port = int(server.ext_authz_address.rpartition(":")[2])
         grpc_port = int(server.address.rpartition(":")[2])
         shipped = _answered_by_envoy(SHIPPED.read_text())
@@ -263,6 +277,7 @@ def envoy_comparison(workdir: Path) -> Lines:
                 with_ports(_answered_by_envoy(SHIPPED_GRPC.read_text()), "envoy-grpc.yaml", {50051: grpc_port, 8080: 1}),
                 key,
             ),
+            start("apikeyd, unix socket", _over_unix_socket(shipped, socket_path), unix_key),
             start("trivial authorizer", with_ports(shipped, "envoy.yaml", {50052: trivial_port, 8080: 1}), key),
         ]
         for variant in variants:  # warm: apikeyd's cache (one cold check), then connections
