@@ -108,6 +108,20 @@ def metrics_listen_of(settings: Settings, index: int) -> str:
     return settings.metrics_listen.rpartition(":")[0] + f":{port + index}"
 
 
+def _check_shared_port(listen: str, where: str, hint: str = "") -> None:
+    """A port every worker binds with SO_REUSEPORT: fixed, and free before any of them starts."""
+    from apikeyd.server import StartupError
+
+    try:
+        _, port = split_listen(listen)
+    except ValueError as error:
+        raise StartupError(f"{where}: {error}") from None
+    if port == 0:
+        raise StartupError(f"{where}: --workers needs a fixed port, not 0")
+    if problem := port_problem(listen):
+        raise StartupError(f"{where}: {problem}{hint}")
+
+
 def _check_ext_authz_listen(settings: Settings) -> None:
     from apikeyd.server import StartupError
     from apikeyd.service.ext_authz_http import UNIX_PREFIX
@@ -118,14 +132,7 @@ def _check_ext_authz_listen(settings: Settings) -> None:
     where = f"cannot answer ext_authz on {listen}"
     if listen.startswith(UNIX_PREFIX):
         raise StartupError(f"{where}: workers cannot share a unix socket; use host:port with --workers N")
-    try:
-        _, port = split_listen(listen)
-    except ValueError as error:
-        raise StartupError(f"{where}: {error}") from None
-    if port == 0:
-        raise StartupError(f"{where}: --workers needs a fixed port, not 0")
-    if problem := port_problem(listen):
-        raise StartupError(f"{where}: {problem}")
+    _check_shared_port(listen, where)
 
 
 def _check_before_start(settings: Settings) -> None:
@@ -133,15 +140,9 @@ def _check_before_start(settings: Settings) -> None:
     from apikeyd.server import StartupError, check_key_prefixes, prepare_database
     from apikeyd.store.repository import create_db_engine
 
-    try:
-        _, port = split_listen(settings.listen)
-    except ValueError as error:
-        raise StartupError(f"cannot listen on {settings.listen}: {error}") from None
-    if port == 0:
-        raise StartupError(f"cannot listen on {settings.listen}: --workers needs a fixed port, not 0")
-    if problem := port_problem(settings.listen):
-        hint = "; --workers shares a port only among its own workers"
-        raise StartupError(f"cannot listen on {settings.listen}: {problem}{hint}")
+    _check_shared_port(
+        settings.listen, f"cannot listen on {settings.listen}", "; --workers shares a port only among its own workers"
+    )
     for index in range(settings.workers):
         try:
             listen = metrics_listen_of(settings, index)
