@@ -15,8 +15,9 @@ from google.protobuf.field_mask_pb2 import FieldMask
 from sqlalchemy import create_engine, func, select
 
 from apikeyd.authorizer.cache import VerifiedKeyCache
-from apikeyd.authorizer.feed import ChangeFeed, FeedEvent
+from apikeyd.authorizer.feed import ChangeFeed
 from apikeyd.domain import keys
+from apikeyd.domain.model import EventKind, KeyChange
 from apikeyd.store.models import KeyEventRow
 from apikeyd.v1 import api_keys_pb2 as pb
 from tests.conftest import POSTGRES_ADMIN_URL, RunningServer, authorize, create_key, held_hasher
@@ -272,11 +273,12 @@ def test_the_feed_looks_again_for_ids_skipped_below_its_position():
     try:
         feed._apply(10, [], [i for i in range(1, 11) if i != 7])  # 7 was not committed at start
         assert set(feed._gaps) == {7}
-        feed._apply(None, [FeedEvent(12, "k12", "revoked")], [])  # 11 commits later than 12
+        feed._apply(None, [KeyChange(12, "k12", "a", "", EventKind.REVOKED)], [])  # 11 commits later than 12
         assert set(feed._gaps) == {7, 11} and feed.position == 12
-        feed._apply(None, [FeedEvent(11, "k11", "revoked")], [])
+        feed._apply(None, [KeyChange(11, "k11", "a", "", EventKind.REVOKED)], [])
         assert set(feed._gaps) == {7} and feed.position == 12
         assert feed.applied == 2
+        assert feed.low_water == 6  # what a change stream may say it has sent everything up to
     finally:
         feed._executor.shutdown()
         engine.dispose()

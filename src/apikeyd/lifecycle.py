@@ -177,6 +177,9 @@ class KeyManager:
         self._max_live_keys = max_live_keys
         self.denials = denials if denials is not None else DenialThrottle()
         self._page_token_key: bytes | None = None  # signs page tokens (domain/listing.py)
+        # Told after every committed change, once this process's cache has dropped the key: the change feed,
+        # which reads at once, so change streams carry a change made here without waiting for its next poll.
+        self.committed: Callable[[], None] = lambda: None
 
     async def page_token_key(self) -> bytes:
         """Read once, by the first listing: migration 0005 made it, and `serve` checks the schema at start."""
@@ -208,6 +211,7 @@ class KeyManager:
             key = changed(result)
             if key is not None:
                 self._authorizer.invalidate(key)
+                self.committed()
             return result
 
         task = asyncio.get_running_loop().create_task(commit(), context=contextvars.Context())

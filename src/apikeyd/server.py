@@ -25,6 +25,7 @@ from apikeyd.authorizer.fairqueue import FairQueue
 from apikeyd.authorizer.feed import ChangeFeed, effective_poll_interval
 from apikeyd.authorizer.hashing import Argon2Parameters, SecretHasher
 from apikeyd.authorizer.redis_ratelimits import FAILURE_POLICIES, RedisRateLimiter
+from apikeyd.change_stream import ChangeStreams
 from apikeyd.config import Settings
 from apikeyd.domain import keys, limits
 from apikeyd.domain.errors import Unavailable
@@ -150,6 +151,14 @@ class App:
             settings.operator_account,
             settings.max_keys_per_account,
         )
+        # The feed's reads, fanned out to WatchApiKeyChanges streams (change_stream.py).
+        self.streams = ChangeStreams(
+            self.repository.engine,
+            self.store_executor,
+            lambda: None if self.feed.position is None else self.feed.low_water,
+        )
+        self.feed.subscriber = self.streams.publish
+        self.manager.committed = self.feed.wake
         self.metrics.watch(
             cache=self.cache,
             hasher=self.hasher,
@@ -237,7 +246,9 @@ class Server:
             )
         )
         self.health = HealthServicer()
-        service = ApiKeyService(app.manager, app.authorizer, app.metrics, app.settings.authorize_requires_key)
+        service = ApiKeyService(
+            app.manager, app.authorizer, app.metrics, app.streams, app.settings.authorize_requires_key
+        )
         api_keys_pb2_grpc.add_ApiKeyServiceServicer_to_server(service, self.grpc)
         # Envoy's external authorization, on the same port and with the same Authorizer as Authorize.
         ext_authz.add_to_server(
@@ -432,6 +443,7 @@ class Server:
         if self.report_health is not None:  # the listener closes now: no longer part of the host
             await self.report_health(self, health_pb2.HealthCheckResponse.UNKNOWN)
         self.health.end_watches()  # they have seen NOT_SERVING; open ones would hold the stop for the grace
+        self.app.streams.end_all()  # likewise; their clients resume elsewhere
         await asyncio.gather(self.grpc.stop(grace), self.http_checks.stop(grace))
         await self.app.feed.stop()
         if self._flusher is not None:

@@ -26,12 +26,11 @@ from apikeyd.authorizer.fairqueue import FairQueue, QueueFull
 from apikeyd.authorizer.hashing import SecretHasher
 from apikeyd.authorizer.ratelimits import LocalRateLimiter
 from apikeyd.authorizer.redis_ratelimits import RateLimitUnavailable, RedisRateLimiter
-from apikeyd.domain import keys
+from apikeyd.domain import decide, keys
 from apikeyd.domain.access import Caller
 from apikeyd.domain.decision import MALFORMED, NOT_FOUND, AuthCode, Decision
-from apikeyd.domain.echo import quote
 from apikeyd.domain.errors import Unavailable
-from apikeyd.domain.model import ApiKey, KeyState, VerifiedKey
+from apikeyd.domain.model import ApiKey, VerifiedKey
 from apikeyd.domain.ratelimit import RateOutcome
 from apikeyd.domain.scopes import ScopeSet, parse_required_scopes
 from apikeyd.logs import fields
@@ -47,11 +46,6 @@ _DATABASE_RETRY = 1.0  # seconds after a failed verification read during which m
 
 def _timestamp(value: datetime | None) -> float | None:
     return None if value is None else value.timestamp()
-
-
-def _isoformat(timestamp: float) -> str:
-    """The time _timestamp made this from, to the microsecond: a float keeps times of this century to a quarter of one."""
-    return datetime.fromtimestamp(timestamp, UTC).isoformat()
 
 
 def _log_decision(decision: Decision, required_scopes: Sequence[str], project_id: str) -> None:
@@ -86,19 +80,8 @@ def _rate_decision(key: VerifiedKey, rate: RateOutcome) -> Decision:
 
 def _usable(entry: CachedKey) -> CachedKey | Decision:
     """A verified key's entry, or the denial of a key that is no longer usable: revoked, disabled, expired."""
-    key = entry.key
-    if key.state is KeyState.REVOKED:
-        when = key.revoke_time.isoformat() if key.revoke_time else "an unknown time"
-        return Decision(AuthCode.REVOKED, f"the key was revoked at {when}", key)
-    if key.state is KeyState.DISABLED:
-        return Decision(AuthCode.DISABLED, "the key is disabled; enable it to use it again", key)
-    now = time.time()
-    if entry.expire_at is not None and now >= entry.expire_at:
-        return Decision(AuthCode.EXPIRED, f"the key expired at {_isoformat(entry.expire_at)}", key)
-    if entry.secret_expire_at is not None and now >= entry.secret_expire_at:
-        when = _isoformat(entry.secret_expire_at)
-        return Decision(AuthCode.EXPIRED, f"this secret was rotated out and stopped working at {when}", key)
-    return entry
+    denial = decide.unusable(entry, time.time())
+    return entry if denial is None else denial
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,24 +263,13 @@ class Authorizer:
         """After identify: project, scopes, rate limits. None: all passed but the rate limits, which a shared
         limiter checks in `authorize`."""
         key = entry.key
-        if key.project_id and key.project_id != project_id:
-            asked = f"project {quote(project_id)}" if project_id else "no project"
-            return Decision(
-                AuthCode.PROJECT_MISMATCH,
-                f"the key belongs to project {quote(key.project_id)} and the request is for {asked}",
-                key,
-            )
+        denial = decide.wrong_project(entry, project_id)
+        if denial is not None:
+            return denial
         self._last_used[key.key_id] = time.time()
-        if required:
-            missing = entry.scopes.missing(required, resource)
-            if missing:
-                return Decision(
-                    AuthCode.INSUFFICIENT_SCOPE,
-                    f"the key lacks the scope{'s' if len(missing) > 1 else ''} {', '.join(map(quote, missing))}"
-                    + (f" for resource {quote(resource)}" if resource else ""),
-                    key,
-                    missing_scopes=tuple(missing),
-                )
+        denial = decide.lacking_scopes(entry, required, resource)
+        if denial is not None:
+            return denial
         if not key.rate_limits:
             return entry.allowed
         if self._shared_limiter is not None:
@@ -382,12 +354,14 @@ class Authorizer:
             self.cache.remember_bad(digest, parsed.lookup_id, generation)
             return None
         verified = key.verified()
+        expire_at = _timestamp(key.expire_time)
+        secret_expire_at = _timestamp(key.previous_secret_expire_time) if match == "previous" else None
         entry = CachedKey(
             key=verified,
-            allowed=Decision(AuthCode.OK, "", verified),
+            allowed=decide.allowed(verified, expire_at, secret_expire_at),
             scopes=ScopeSet(verified.scopes),
-            expire_at=_timestamp(key.expire_time),
-            secret_expire_at=_timestamp(key.previous_secret_expire_time) if match == "previous" else None,
+            expire_at=expire_at,
+            secret_expire_at=secret_expire_at,
             fresh_until=time.monotonic() + self.cache.ttl,
         )
         self.cache.put(digest, entry, parsed.lookup_id, generation)

@@ -43,18 +43,18 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from sqlalchemy import Engine, event, func, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Engine, event
 
 from apikeyd.authorizer.cache import VerifiedKeyCache
-from apikeyd.domain.model import EventKind
+from apikeyd.domain.model import EventKind, KeyChange
 from apikeyd.exception_text import describe
 from apikeyd.logs import fields
+from apikeyd.store import key_changes
 from apikeyd.store.models import KeyEventRow
 from apikeyd.store.repository import FEED_CHANNEL
 
@@ -82,11 +82,10 @@ def effective_poll_interval(postgres: bool, poll_interval: float, lease: float) 
     return interval
 
 
-@dataclass(frozen=True, slots=True)
-class FeedEvent:
-    event_id: int
-    key_id: str
-    kind: str
+# After every successful read, on the loop: the changes it found (of every kind but DENIED, this process's
+# own included), the low-water mark (every event id up to it has been read), and when the read began
+# (None for a batch of a longer backlog, the rest of which is still to be read).
+Subscriber = Callable[[list[KeyChange], int, float | None], None]
 
 
 class ChangeFeed:
@@ -110,6 +109,20 @@ class ChangeFeed:
         self.applied = 0  # events applied to the cache (of every kind but DENIED)
         self.reads = 0
         self.failures = 0
+        self.subscriber: Subscriber | None = None  # the change stream (change_stream.py)
+        self._woken = asyncio.Event()
+        self._found: list[KeyChange] = []  # the current read's changes, for the subscriber
+
+    def wake(self) -> None:
+        """Read now rather than at the next poll: this process has just committed a change, which the change
+        stream's watchers should hear of at once (on PostgreSQL its NOTIFY does this)."""
+        self._woken.set()
+
+    @property
+    def low_water(self) -> int:
+        """Every event id up to this one has been read (or given up on as a rolled-back insert)."""
+        assert self.position is not None
+        return min(self._gaps, default=self.position + 1) - 1
 
     # --- life -------------------------------------------------------------------------------------
 
@@ -164,7 +177,9 @@ class ChangeFeed:
     async def _wait(self) -> None:
         """Until a notification arrives (PostgreSQL) or the poll interval has passed."""
         if self._listener is None:
-            await asyncio.sleep(self.poll_interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._woken.wait(), self.poll_interval)
+            self._woken.clear()
             return
         async for _ in self._listener.notifies(timeout=self.poll_interval, stop_after=1):
             pass
@@ -189,7 +204,9 @@ class ChangeFeed:
             more = self._apply(*result)
             if not more:
                 break
+            self._publish(None)  # a long backlog goes out batch by batch
         self._cache.synced(synced_at)
+        self._publish(synced_at)
         if self.lost:
             self.lost = False
             log.info(
@@ -197,28 +214,20 @@ class ChangeFeed:
                 extra=fields(event="feed.resumed", position=self.position),
             )
 
-    def _fetch(self, position: int | None, gaps: tuple[int, ...]) -> tuple[int | None, list[FeedEvent], list[int]]:
+    def _publish(self, synced_at: float | None) -> None:
+        found, self._found = self._found, []
+        if self.subscriber is not None and self.position is not None:
+            self.subscriber(found, self.low_water, synced_at)
+
+    def _fetch(self, position: int | None, gaps: tuple[int, ...]) -> tuple[int | None, list[KeyChange], list[int]]:
         """On the feed's thread: (the start position and the ids present just below it) on the first read,
         else the events after the position or in a gap."""
-        with Session(self._engine) as session, session.begin():
-            if position is None:
-                top = session.execute(select(func.max(KeyEventRow.id))).scalar_one_or_none() or 0
-                present = session.scalars(
-                    select(KeyEventRow.id).where(KeyEventRow.id > top - _START_WINDOW, KeyEventRow.id <= top)
-                ).all()
-                return int(top), [], [int(i) for i in present]
-            condition = KeyEventRow.id > position
-            if gaps:
-                condition = or_(condition, KeyEventRow.id.in_(gaps))
-            rows = session.execute(
-                select(KeyEventRow.id, KeyEventRow.key_id, KeyEventRow.kind)
-                .where(condition)
-                .order_by(KeyEventRow.id)
-                .limit(_BATCH)
-            ).all()
-            return None, [FeedEvent(int(r.id), r.key_id, r.kind) for r in rows], []
+        if position is None:
+            top, present = key_changes.start_position(self._engine, _START_WINDOW)
+            return top, [], present
+        return None, key_changes.changes_since(self._engine, position, gaps, _BATCH), []
 
-    def _apply(self, start: int | None, events: list[FeedEvent], present: list[int]) -> bool:
+    def _apply(self, start: int | None, events: list[KeyChange], present: list[int]) -> bool:
         """On the loop: note the position and gaps, invalidate; whether a full batch asks for another read."""
         now = time.monotonic()
         if start is not None:
@@ -236,13 +245,15 @@ class ChangeFeed:
                 self.position = item.event_id
             else:
                 self._gaps.pop(item.event_id, None)
+            if item.kind is EventKind.DENIED:
+                self._own.discard(item.event_id)
+                continue
+            self._found.append(item)
             if item.event_id in self._own:
                 self._own.discard(item.event_id)
                 continue
-            if item.kind == EventKind.DENIED.value:
-                continue
             changed.append(item.key_id)
-            created = created or item.kind == EventKind.CREATED.value
+            created = created or item.kind is EventKind.CREATED
         if changed:
             self._cache.apply_remote_changes(changed, created)
             self.applied += len(changed)

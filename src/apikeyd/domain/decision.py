@@ -29,6 +29,10 @@ class Decision:
     key: VerifiedKey | None = None
     rate: RateOutcome | None = None
     missing_scopes: tuple[str, ...] = field(default=())
+    # For a key whose secret verified: when it, or this rotated-out secret, stops working (Unix times), so
+    # that a client-side cache can decide again later (domain/decide.py).
+    expire_at: float | None = None
+    secret_expire_at: float | None = None
 
     @property
     def allowed(self) -> bool:

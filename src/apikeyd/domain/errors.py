@@ -42,3 +42,7 @@ class PermissionDenied(ApiKeyError):
 
 class ResourceExhausted(ApiKeyError):
     """A quota is full; the message names the limit."""
+
+
+class OutOfRange(ApiKeyError):
+    """A position or page beyond what exists; the message says where to start instead."""

@@ -130,6 +130,17 @@ def _shared_labels(labels: tuple[tuple[str, str], ...]) -> Mapping[str, str]:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyChange:
+    """An event as the change feed and the change stream see it: which key changed, and how."""
+
+    event_id: int
+    key_id: str
+    account_id: str
+    project_id: str
+    kind: EventKind
+
+
+@dataclass(frozen=True, slots=True)
 class AuditEvent:
     event_id: int
     kind: str  # an EventKind value, or "denied"

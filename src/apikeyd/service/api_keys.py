@@ -7,6 +7,7 @@ import grpc
 from google.protobuf.empty_pb2 import Empty
 
 from apikeyd.authorizer.authorizer import Authorizer
+from apikeyd.change_stream import ChangeStreams
 from apikeyd.domain.access import AUTHORIZE, Caller
 from apikeyd.domain.decision import Decision
 from apikeyd.domain.echo import refuse_key
@@ -23,6 +24,7 @@ from apikeyd.service.convert import (
     update_from_pb,
 )
 from apikeyd.service.errors import grpc_errors
+from apikeyd.service.key_changes import stream_changes
 from apikeyd.service.request_limits import check_request
 from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
@@ -58,9 +60,11 @@ class ApiKeyService(pb_grpc.ApiKeyServiceServicer):
         manager: KeyManager,
         authorizer: Authorizer,
         metrics: Metrics,
+        streams: ChangeStreams,
         authorize_requires_key: bool = False,
     ) -> None:
         self._manager = manager
+        self._streams = streams
         self._authorizer = authorizer
         self._authorize_requires_key = authorize_requires_key
         # grpc_errors counts every call here and times the ones named in rpc_timers (apikeyd.metrics).
@@ -152,6 +156,18 @@ class ApiKeyService(pb_grpc.ApiKeyServiceServicer):
         return pb.ListAuditEventsResponse(
             audit_events=[audit_event_to_pb(event) for event in events], next_page_token=token
         )
+
+    @grpc_errors
+    async def WatchApiKeyChanges(self, request: pb.WatchApiKeyChangesRequest, context: Context) -> None:
+        check_request(request, context)
+        token = bearer_token(context)
+
+        async def caller() -> Caller:
+            found = await self._manager.authenticate(token, context.peer(), "WatchApiKeyChanges")
+            found.require(AUTHORIZE)
+            return found
+
+        await stream_changes(self._streams, await caller(), caller, request, context)
 
     @grpc_errors
     async def Authorize(self, request: pb.AuthorizeRequest, context: Context) -> pb.AuthorizeResponse:

@@ -173,6 +173,14 @@ def decision_to_pb(decision: Decision) -> pb.AuthorizeResponse:
         response.project_id = key.project_id
         response.scopes.extend(key.scopes)
         response.labels.update(key.labels)
+        response.display_name = key.display_name
+        response.has_limits = bool(key.rate_limits)
+        if key.revoke_time is not None:
+            response.revoke_time.FromDatetime(key.revoke_time)
+    if decision.expire_at is not None:
+        response.expire_time.FromDatetime(datetime.fromtimestamp(decision.expire_at, UTC))
+    if decision.secret_expire_at is not None:
+        response.secret_expire_time.FromDatetime(datetime.fromtimestamp(decision.secret_expire_at, UTC))
     rate = decision.rate
     if rate is not None:
         response.limit = rate.limit

@@ -15,6 +15,7 @@ from apikeyd.domain.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    OutOfRange,
     PermissionDenied,
     ResourceExhausted,
     Unauthenticated,
@@ -33,6 +34,7 @@ _CODES: dict[type[ApiKeyError], grpc.StatusCode] = {
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
 }
 
 R = TypeVar("R")

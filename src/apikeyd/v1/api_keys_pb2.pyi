@@ -197,7 +197,7 @@ class AuthorizeRequest(_message.Message):
     def __init__(self, key: _Optional[str] = ..., required_scopes: _Optional[_Iterable[str]] = ..., resource: _Optional[str] = ..., project_id: _Optional[str] = ...) -> None: ...
 
 class AuthorizeResponse(_message.Message):
-    __slots__ = ("allowed", "code", "message", "key_id", "name", "account_id", "project_id", "scopes", "labels", "limit", "remaining", "retry_after", "missing_scopes")
+    __slots__ = ("allowed", "code", "message", "key_id", "name", "account_id", "project_id", "scopes", "labels", "limit", "remaining", "retry_after", "missing_scopes", "display_name", "expire_time", "secret_expire_time", "revoke_time", "has_limits")
     class Code(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         OK: _ClassVar[AuthorizeResponse.Code]
@@ -238,6 +238,11 @@ class AuthorizeResponse(_message.Message):
     REMAINING_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_FIELD_NUMBER: _ClassVar[int]
     MISSING_SCOPES_FIELD_NUMBER: _ClassVar[int]
+    DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
+    EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    SECRET_EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    REVOKE_TIME_FIELD_NUMBER: _ClassVar[int]
+    HAS_LIMITS_FIELD_NUMBER: _ClassVar[int]
     allowed: bool
     code: AuthorizeResponse.Code
     message: str
@@ -251,7 +256,42 @@ class AuthorizeResponse(_message.Message):
     remaining: int
     retry_after: _duration_pb2.Duration
     missing_scopes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, allowed: _Optional[bool] = ..., code: _Optional[_Union[AuthorizeResponse.Code, str]] = ..., message: _Optional[str] = ..., key_id: _Optional[str] = ..., name: _Optional[str] = ..., account_id: _Optional[str] = ..., project_id: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., limit: _Optional[int] = ..., remaining: _Optional[int] = ..., retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., missing_scopes: _Optional[_Iterable[str]] = ...) -> None: ...
+    display_name: str
+    expire_time: _timestamp_pb2.Timestamp
+    secret_expire_time: _timestamp_pb2.Timestamp
+    revoke_time: _timestamp_pb2.Timestamp
+    has_limits: bool
+    def __init__(self, allowed: _Optional[bool] = ..., code: _Optional[_Union[AuthorizeResponse.Code, str]] = ..., message: _Optional[str] = ..., key_id: _Optional[str] = ..., name: _Optional[str] = ..., account_id: _Optional[str] = ..., project_id: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., limit: _Optional[int] = ..., remaining: _Optional[int] = ..., retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., missing_scopes: _Optional[_Iterable[str]] = ..., display_name: _Optional[str] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., secret_expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoke_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., has_limits: _Optional[bool] = ...) -> None: ...
+
+class WatchApiKeyChangesRequest(_message.Message):
+    __slots__ = ("resume_after",)
+    RESUME_AFTER_FIELD_NUMBER: _ClassVar[int]
+    resume_after: int
+    def __init__(self, resume_after: _Optional[int] = ...) -> None: ...
+
+class ApiKeyChange(_message.Message):
+    __slots__ = ("event_id", "api_key", "key_id", "kind")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    API_KEY_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    event_id: int
+    api_key: str
+    key_id: str
+    kind: AuditEvent.Kind
+    def __init__(self, event_id: _Optional[int] = ..., api_key: _Optional[str] = ..., key_id: _Optional[str] = ..., kind: _Optional[_Union[AuditEvent.Kind, str]] = ...) -> None: ...
+
+class WatchApiKeyChangesResponse(_message.Message):
+    __slots__ = ("changes", "position", "sync_age", "heartbeat")
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    SYNC_AGE_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    changes: _containers.RepeatedCompositeFieldContainer[ApiKeyChange]
+    position: int
+    sync_age: _duration_pb2.Duration
+    heartbeat: bool
+    def __init__(self, changes: _Optional[_Iterable[_Union[ApiKeyChange, _Mapping]]] = ..., position: _Optional[int] = ..., sync_age: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., heartbeat: _Optional[bool] = ...) -> None: ...
 
 class AuditEvent(_message.Message):
     __slots__ = ("name", "event_id", "kind", "event_time", "api_key", "key_id", "account_id", "project_id", "actor", "actor_key_id", "actor_display_name", "peer", "method", "changed_fields", "reason", "details")

@@ -85,6 +85,11 @@ class ApiKeyServiceStub:
                 request_serializer=apikeyd_dot_v1_dot_api__keys__pb2.ListAuditEventsRequest.SerializeToString,
                 response_deserializer=apikeyd_dot_v1_dot_api__keys__pb2.ListAuditEventsResponse.FromString,
                 _registered_method=True)
+        self.WatchApiKeyChanges = channel.unary_stream(
+                '/apikeyd.v1.ApiKeyService/WatchApiKeyChanges',
+                request_serializer=apikeyd_dot_v1_dot_api__keys__pb2.WatchApiKeyChangesRequest.SerializeToString,
+                response_deserializer=apikeyd_dot_v1_dot_api__keys__pb2.WatchApiKeyChangesResponse.FromString,
+                _registered_method=True)
 
 
 class ApiKeyServiceServicer:
@@ -158,6 +163,17 @@ class ApiKeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchApiKeyChanges(self, request, context):
+        """Streams the changes to keys in the caller's reach as they happen, with a heartbeat after every read of
+        the server's change feed: what a client-side cache of Authorize answers needs to drop a changed key
+        within a stated bound (apikeyd.client). Needs a key with scope `apikeys:authorize`; it sees its own
+        account (a project key, its project), an operator key every account. It runs until the client cancels
+        it or the server drains, which ends it with UNAVAILABLE: reconnect with `resume_after`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ApiKeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -205,6 +221,11 @@ def add_ApiKeyServiceServicer_to_server(servicer, server):
                     servicer.ListAuditEvents,
                     request_deserializer=apikeyd_dot_v1_dot_api__keys__pb2.ListAuditEventsRequest.FromString,
                     response_serializer=apikeyd_dot_v1_dot_api__keys__pb2.ListAuditEventsResponse.SerializeToString,
+            ),
+            'WatchApiKeyChanges': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchApiKeyChanges,
+                    request_deserializer=apikeyd_dot_v1_dot_api__keys__pb2.WatchApiKeyChangesRequest.FromString,
+                    response_serializer=apikeyd_dot_v1_dot_api__keys__pb2.WatchApiKeyChangesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -455,6 +476,33 @@ class ApiKeyService:
             '/apikeyd.v1.ApiKeyService/ListAuditEvents',
             apikeyd_dot_v1_dot_api__keys__pb2.ListAuditEventsRequest.SerializeToString,
             apikeyd_dot_v1_dot_api__keys__pb2.ListAuditEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchApiKeyChanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/apikeyd.v1.ApiKeyService/WatchApiKeyChanges',
+            apikeyd_dot_v1_dot_api__keys__pb2.WatchApiKeyChangesRequest.SerializeToString,
+            apikeyd_dot_v1_dot_api__keys__pb2.WatchApiKeyChangesResponse.FromString,
             options,
             channel_credentials,
             insecure,

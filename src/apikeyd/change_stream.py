@@ -1,0 +1,159 @@
+"""The change stream behind WatchApiKeyChanges: every read of the change feed (authorizer/feed.py), fanned
+out to the clients that cache Authorize answers (apikeyd.client), each seeing only the keys in its reach.
+
+* **What a stream carries.** The changes to keys (every event kind but DENIED; this process's own changes
+  too), and after every successful read of the feed a heartbeat with the feed's low-water mark and when that
+  read began: every change committed before then has been sent on this stream. A client trusts its cache for
+  the lease past that, and so keeps the same bound as the server's own cache (feed.py, "The bound"). When
+  the feed is lost, no heartbeat goes out and clients stop trusting their caches within the lease.
+* **Resume.** A client that reconnects gives the last position it received. The stream subscribes first and
+  then replays the events after that position from the table, so nothing committed in between is missed;
+  some may be sent twice, which only drops an entry twice. More than `REPLAY_LIMIT` events behind, or a
+  position past the table's largest id (another database), is OUT_OF_RANGE: the client starts afresh.
+* **Cost.** A subscription holds its reach, a list of references to shared change objects (at most
+  `MAX_PENDING`; a client that falls that far behind is ended with RESOURCE_EXHAUSTED and resumes), and an
+  event. Publishing is a loop over the subscriptions; each stream's own task does its writes.
+* **Drain.** `end_all` ends every stream (status OK); clients reconnect elsewhere with their position.
+"""
+
+import asyncio
+import functools
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+
+from apikeyd.domain.access import Caller
+from apikeyd.domain.errors import OutOfRange, ResourceExhausted
+from apikeyd.domain.model import EventKind, KeyChange
+from apikeyd.store import key_changes
+
+MAX_PENDING = 10_000  # changes waiting for one slow stream before it is ended
+REPLAY_LIMIT = 10_000  # events a resumed stream may be behind
+
+
+@dataclass(frozen=True, slots=True)
+class Reach:
+    """Whose keys' changes a stream sees: the calling key's account (a project key: its project), or every
+    account for the operator's keys."""
+
+    everything: bool
+    account_id: str
+    project_id: str
+
+    @classmethod
+    def of(cls, caller: Caller) -> "Reach":
+        return cls(caller.operator, caller.account_id, caller.project_id)
+
+    def sees(self, change: KeyChange) -> bool:
+        if self.everything:
+            return True
+        return change.account_id == self.account_id and (not self.project_id or change.project_id == self.project_id)
+
+
+@dataclass(slots=True)
+class Batch:
+    """What a stream sends next: changes, the position, and for a heartbeat the monotonic time its feed read
+    began."""
+
+    changes: list[KeyChange]
+    position: int
+    synced_at: float | None
+
+
+class Subscription:
+    __slots__ = ("_changes", "_position", "_ready", "_synced_at", "ended", "overflowed", "reach")
+
+    def __init__(self, reach: Reach, position: int) -> None:
+        self.reach = reach
+        self._changes: list[KeyChange] = []
+        self._position = position
+        self._synced_at: float | None = None
+        self._ready = asyncio.Event()
+        self.ended = False
+        self.overflowed = False
+
+    def offer(self, changes: list[KeyChange], position: int, synced_at: float | None) -> None:
+        seen = [change for change in changes if self.reach.sees(change)] if changes else changes
+        if len(self._changes) + len(seen) > MAX_PENDING:
+            self.overflowed = True
+        else:
+            self._changes.extend(seen)
+        self._position = max(self._position, position)
+        if synced_at is not None:
+            self._synced_at = synced_at
+        if seen or synced_at is not None:
+            self._ready.set()
+
+    def end(self) -> None:
+        self.ended = True
+        self._ready.set()
+
+    async def next(self) -> Batch | None:
+        """The changes and heartbeat gathered since the last call; None once the stream is to end."""
+        await self._ready.wait()
+        self._ready.clear()
+        if self.overflowed:
+            raise ResourceExhausted(
+                f"this stream fell more than {MAX_PENDING} changes behind; reconnect with resume_after"
+            )
+        if self.ended:
+            return None
+        batch = Batch(self._changes, self._position, self._synced_at)
+        self._changes, self._synced_at = [], None
+        return batch
+
+
+class ChangeStreams:
+    def __init__(self, engine: Engine, executor: Executor, position: Callable[[], int | None]) -> None:
+        self._engine = engine
+        self._executor = executor
+        self._position = position  # the feed's low-water mark, None before its first read
+        self._subscriptions: set[Subscription] = set()
+
+    def __len__(self) -> int:
+        return len(self._subscriptions)
+
+    def publish(self, changes: list[KeyChange], position: int, synced_at: float | None) -> None:
+        """The change feed's subscriber: on the loop, after each of its reads."""
+        for subscription in self._subscriptions:
+            subscription.offer(changes, position, synced_at)
+
+    def subscribe(self, reach: Reach) -> Subscription:
+        subscription = Subscription(reach, self._position() or 0)
+        self._subscriptions.add(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        self._subscriptions.discard(subscription)
+
+    async def replay(self, subscription: Subscription, after: int) -> Batch:
+        """After `subscribe`: the changes in reach since event `after`, and the position they bring the stream
+        to; OutOfRange when `after` is not a position of this database or too far behind."""
+        start = subscription._position
+        if after == 0:
+            return Batch([], start, None)
+        reach = subscription.reach
+        read = functools.partial(
+            key_changes.changes_after, self._engine, after, REPLAY_LIMIT + 1,
+            None if reach.everything else reach.account_id, reach.project_id,
+        )
+        changes, top = await asyncio.get_running_loop().run_in_executor(self._executor, read)
+        if after > top:
+            raise OutOfRange(
+                f"resume_after: {after} is past this server's last event ({top}): it is another database's "
+                "position; start afresh (resume_after 0) with an empty cache"
+            )
+        if len(changes) > REPLAY_LIMIT:
+            raise OutOfRange(
+                f"resume_after: more than {REPLAY_LIMIT} changes have happened since {after}; start afresh "
+                "(resume_after 0) with an empty cache"
+            )
+        seen = [change for change in changes if change.kind is not EventKind.DENIED]
+        # Everything up to the position at subscription was committed (or rolled back) before the read.
+        return Batch(seen, max(after, start), None)
+
+    def end_all(self) -> None:
+        for subscription in self._subscriptions:
+            subscription.end()

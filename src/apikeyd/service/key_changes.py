@@ -1,0 +1,53 @@
+"""WatchApiKeyChanges over gRPC: the change stream (change_stream.py) written to one call."""
+
+import time
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+
+import grpc
+
+from apikeyd.change_stream import Batch, ChangeStreams, Reach
+from apikeyd.domain.access import Caller
+from apikeyd.domain.errors import InvalidArgument
+from apikeyd.domain.model import KeyChange, key_name
+from apikeyd.v1 import api_keys_pb2 as pb
+
+
+def _change(change: KeyChange) -> pb.ApiKeyChange:
+    return pb.ApiKeyChange(
+        event_id=change.event_id,
+        api_key=key_name(change.account_id, change.key_id),
+        key_id=change.key_id,
+        kind=pb.AuditEvent.Kind.Value(change.kind.name),
+    )
+
+
+def _response(batch: Batch) -> pb.WatchApiKeyChangesResponse:
+    response = pb.WatchApiKeyChangesResponse(changes=map(_change, batch.changes), position=batch.position)
+    if batch.synced_at is not None:
+        response.heartbeat = True
+        response.sync_age.FromTimedelta(timedelta(seconds=max(time.monotonic() - batch.synced_at, 0.0)))
+    return response
+
+
+async def stream_changes(
+    streams: ChangeStreams,
+    caller: Caller,
+    reauthenticate: Callable[[], Awaitable[Caller]],
+    request: pb.WatchApiKeyChangesRequest,
+    context: grpc.aio.ServicerContext,
+) -> None:
+    """Until the client goes away or the server drains. Before every heartbeat the calling key is checked
+    again, through the cache, so a stream ends once its own key is revoked, disabled, expired or loses
+    `apikeys:authorize`."""
+    if request.resume_after < 0:
+        raise InvalidArgument("resume_after", "must be a position from an earlier response, or 0 to start afresh")
+    subscription = streams.subscribe(Reach.of(caller))
+    try:
+        await context.write(_response(await streams.replay(subscription, request.resume_after)))
+        while (batch := await subscription.next()) is not None:
+            if batch.synced_at is not None:
+                await reauthenticate()
+            await context.write(_response(batch))
+    finally:
+        streams.unsubscribe(subscription)
