@@ -209,6 +209,14 @@ class VerifiedKeyCache:
         if created:
             self._negative.clear()
 
+    def clear(self) -> None:
+        """Forget every entry, every negative answer and every verification in flight's right to be stored: a
+        client's cache whose change stream starts afresh cannot tell which of its entries are stale."""
+        self._new_epoch()
+        self._entries.clear()
+        self._digests.clear()
+        self._negative.clear()
+
     # --- trust, which the change feed gives -------------------------------------------------------
 
     def follow(self, lease: float) -> None:

@@ -2,10 +2,8 @@
 and the one-line errors a failed call becomes."""
 
 import functools
-import os
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import click
@@ -14,9 +12,9 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from apikeyd.cli.options import TIMEOUT
+from apikeyd.client.settings import DEFAULT_ADDRESS, ClientTls, read_pem, system_roots
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
 
-DEFAULT_ADDRESS = "127.0.0.1:50051"
 EXIT_ERROR = 1  # a gRPC error (or a refused confirmation)
 EXIT_DENIED = 1  # `authorize`: the key may not make the request
 EXIT_AUTHORIZE_ERROR = 3  # `authorize`: the check itself could not be made, so "denied" and "down" differ
@@ -62,52 +60,12 @@ def _tls_option(name: str) -> str:
     return f"{flag} ({variable})"
 
 
-@dataclass(frozen=True)
-class ClientTls:
-    """What a TLS channel needs, read and checked before any connection. The key never shows in a repr."""
-
-    root_certificates: bytes | None  # None: grpc's own bundled roots
-    certificate_chain: bytes | None = field(default=None, repr=False)
-    private_key: bytes | None = field(default=None, repr=False)
-    server_name: str | None = None
-
-    def credentials(self) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(
-            root_certificates=self.root_certificates,
-            private_key=self.private_key,
-            certificate_chain=self.certificate_chain,
-        )
-
-    def channel_options(self) -> list[tuple[str, str]]:
-        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
-
-
 def _read_pem(name: str, path: str) -> bytes:
     """A PEM file named by option `name`; a usage error naming the option and the file otherwise."""
     try:
-        with open(path, "rb") as file:
-            data = file.read()
-    except OSError as error:
-        raise click.BadParameter(
-            f"cannot read {path}: {error.strerror or error}", param_hint=_tls_option(name)
-        ) from None
-    if b"-----BEGIN " not in data:
-        raise click.BadParameter(f"{path} is not a PEM file", param_hint=_tls_option(name))
-    return data
-
-
-def _system_roots() -> bytes | None:
-    """The system's CA bundle, as OpenSSL finds it (SSL_CERT_FILE overrides); None if there is no such file,
-    and grpc then uses the roots it ships with."""
-    paths = ssl.get_default_verify_paths()
-    for path in (paths.cafile, paths.openssl_cafile):
-        if path and os.path.isfile(path):
-            try:
-                with open(path, "rb") as file:
-                    return file.read()
-            except OSError:
-                continue
-    return None
+        return read_pem(path)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint=_tls_option(name)) from None
 
 
 def _encrypted_key() -> bytes:
@@ -144,7 +102,7 @@ def client_tls(
                 f"{tls_ca} holds no usable CA certificate: {error.reason or error}", param_hint=_tls_option("tls_ca")
             ) from None
     else:
-        roots = _system_roots()
+        roots = system_roots()
     certificate = key = None
     if tls_cert and tls_key:
         certificate = _read_pem("tls_cert", tls_cert)

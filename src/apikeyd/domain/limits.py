@@ -112,3 +112,12 @@ def check_each_length(field: str, values: Iterable[str], limit: int) -> None:
     for index, value in enumerate(values):
         if len(value) > limit:
             raise InvalidArgument(field, f"each entry at most {limit} characters, entry {index} has {len(value)}")
+
+
+def check_authorize(key: str, required_scopes: Collection[str], resource: str, project_id: str) -> None:
+    """An Authorize request's bounds, on the server and in the client library alike."""
+    check_length("key", key, MAX_KEY_LENGTH)
+    check_count("required_scopes", required_scopes, MAX_REQUIRED_SCOPES)
+    check_each_length("required_scopes", required_scopes, MAX_REQUIRED_SCOPE_LENGTH)
+    check_length("resource", resource, MAX_RESOURCE_LENGTH)
+    check_length("project_id", project_id, MAX_PROJECT_ID_LENGTH)

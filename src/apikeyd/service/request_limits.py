@@ -91,11 +91,7 @@ def _rotate(request: pb.RotateApiKeyRequest) -> None:
 
 
 def _authorize(request: pb.AuthorizeRequest) -> None:
-    L.check_length("key", request.key, L.MAX_KEY_LENGTH)
-    L.check_count("required_scopes", request.required_scopes, L.MAX_REQUIRED_SCOPES)
-    L.check_each_length("required_scopes", request.required_scopes, L.MAX_REQUIRED_SCOPE_LENGTH)
-    L.check_length("resource", request.resource, L.MAX_RESOURCE_LENGTH)
-    L.check_length("project_id", request.project_id, L.MAX_PROJECT_ID_LENGTH)
+    L.check_authorize(request.key, request.required_scopes, request.resource, request.project_id)
 
 
 def _check(request: ext.CheckRequest) -> None:

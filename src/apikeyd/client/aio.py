@@ -1,0 +1,114 @@
+"""The asyncio client: `await AsyncClient.authorize(...)`, the change stream as a task on the same loop."""
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Sequence
+from types import TracebackType
+
+import grpc
+
+from apikeyd.client.errors import AuthorizeError, from_rpc_error
+from apikeyd.client.follow import Follower
+from apikeyd.client.local import LocalCache, Miss
+from apikeyd.client.management import Keys
+from apikeyd.client.settings import Connection
+from apikeyd.client.sync import lookup
+from apikeyd.domain.decision import Decision
+from apikeyd.v1 import api_keys_pb2 as pb
+from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
+
+
+class AsyncClient:
+    """Client's twin for asyncio: the same cache, decisions and errors. Create it, and call `close`, on the
+    loop it is used from; `keys` holds the management calls, to await."""
+
+    def __init__(
+        self,
+        connection: Connection | None = None,
+        *,
+        watch: bool = True,
+        lease: float = 1.0,
+        max_entries: int = 10_000,
+        ttl: float = 60.0,
+        negative_ttl: float = 10.0,
+    ) -> None:
+        self.connection = connection if connection is not None else Connection.from_env()
+        self._channel = self.connection.aio_channel()
+        self._stub = pb_grpc.ApiKeyServiceStub(self._channel)
+        self.keys = Keys(self._stub, self.connection)
+        self.cache = LocalCache(lease, max_entries if watch else 0, ttl, negative_ttl if watch else 0.0)
+        self.follower = Follower(self.cache)
+        self._flights: dict[bytes, tuple[int, asyncio.Future[None]]] = {}
+        self._task: asyncio.Task[None] | None = None
+        if watch:
+            self._task = asyncio.get_running_loop().create_task(self._follow(), name="apikeyd-change-stream")
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *_: type[BaseException] | BaseException | TracebackType | None) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._channel.close()
+
+    async def authorize(
+        self, key: str, scopes: Sequence[str] = (), resource: str = "", project_id: str = ""
+    ) -> Decision:
+        """As Client.authorize; a cached answer costs no await of anything."""
+        found = lookup(self.cache, key, scopes, resource, project_id)
+        if isinstance(found, Decision):
+            return found
+        flight = self._flights.get(found.digest)
+        if flight is not None and flight[0] == found.generation:
+            with contextlib.suppress(AuthorizeError):
+                await asyncio.shield(flight[1])
+            found = lookup(self.cache, key, scopes, resource, project_id)
+            return found if isinstance(found, Decision) else await self._ask(found, key, scopes, resource, project_id)
+        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._flights[found.digest] = (found.generation, mine)
+        try:
+            return await self._ask(found, key, scopes, resource, project_id)
+        except AuthorizeError as error:
+            mine.set_exception(error)
+            mine.exception()  # retrieved: joiners make their own call
+            raise
+        finally:
+            if not mine.done():
+                mine.set_result(None)
+            if self._flights.get(found.digest, (0, None))[1] is mine:
+                del self._flights[found.digest]
+
+    async def _ask(self, miss: Miss, key: str, scopes: Sequence[str], resource: str, project_id: str) -> Decision:
+        request = pb.AuthorizeRequest(key=key, required_scopes=scopes, resource=resource, project_id=project_id)
+        try:
+            response = await self._stub.Authorize(
+                request, timeout=self.connection.timeout, metadata=self.connection.metadata
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return self.cache.learn(miss, response)
+
+    async def _follow(self) -> None:
+        while True:
+            code, details = None, ""
+            stream = self._stub.WatchApiKeyChanges(self.follower.request(), metadata=self.connection.metadata)
+            try:
+                while True:
+                    response = await asyncio.wait_for(stream.read(), self.follower.stall_after)
+                    if response is grpc.aio.EOF:
+                        break
+                    self.follower.receive(response, time.monotonic())
+            except TimeoutError:
+                pass  # stalled: given up, and replaced
+            except grpc.RpcError as error:
+                failure = from_rpc_error(error)
+                code, details = failure.code, failure.details
+            finally:
+                stream.cancel()
+            await asyncio.sleep(self.follower.ended(code, details))

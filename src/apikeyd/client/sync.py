@@ -1,0 +1,167 @@
+"""The blocking client: `Client.authorize` from any thread, the change stream on a thread of its own."""
+
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from types import TracebackType
+
+import grpc
+
+from apikeyd.client.errors import AuthorizeError, from_rpc_error
+from apikeyd.client.follow import Follower
+from apikeyd.client.local import LocalCache, Miss
+from apikeyd.client.management import Keys
+from apikeyd.client.settings import Connection
+from apikeyd.domain.decision import Decision
+from apikeyd.domain.echo import refuse_key
+from apikeyd.domain.errors import InvalidArgument
+from apikeyd.domain.limits import check_authorize
+from apikeyd.v1 import api_keys_pb2 as pb
+from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
+
+
+def lookup(cache: LocalCache, key: str, scopes: Sequence[str], resource: str, project_id: str) -> Decision | Miss:
+    """The cache's answer, after the server's bounds on the request: a request the server would refuse with
+    INVALID_ARGUMENT is refused here with the same message."""
+    try:
+        check_authorize(key, scopes, resource, project_id)
+        refuse_key("project_id", project_id)
+        return cache.lookup(key, scopes, resource, project_id)
+    except InvalidArgument as error:
+        raise AuthorizeError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+
+
+class Client:
+    """Authorize with a local cache that the server's change stream keeps fresh (apikeyd.client.local).
+
+    `watch=False` keeps no cache: every check is a call. `keys` holds the management calls."""
+
+    def __init__(
+        self,
+        connection: Connection | None = None,
+        *,
+        watch: bool = True,
+        lease: float = 1.0,
+        max_entries: int = 10_000,
+        ttl: float = 60.0,
+        negative_ttl: float = 10.0,
+    ) -> None:
+        self.connection = connection if connection is not None else Connection.from_env()
+        self._channel = self.connection.channel()
+        self._stub = pb_grpc.ApiKeyServiceStub(self._channel)
+        self.keys = Keys(self._stub, self.connection)
+        self.cache = LocalCache(lease, max_entries if watch else 0, ttl, negative_ttl if watch else 0.0)
+        self.follower = Follower(self.cache)
+        self._flights: dict[bytes, tuple[int, Future[None]]] = {}
+        self._flights_lock = threading.Lock()
+        self._closed = threading.Event()
+        self._stream: grpc.Future | None = None
+        self._thread: threading.Thread | None = None
+        if watch:
+            self._thread = threading.Thread(target=self._follow, name="apikeyd-change-stream", daemon=True)
+            self._thread.start()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *_: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._closed.set()
+        stream = self._stream
+        if stream is not None:
+            stream.cancel()
+        if self._thread is not None:
+            self._thread.join(5.0)
+        self._channel.close()
+
+    def authorize(
+        self, key: str, scopes: Sequence[str] = (), resource: str = "", project_id: str = ""
+    ) -> Decision:
+        """The server's decision for a presented key, from the cache when it can be trusted; AuthorizeError
+        when the server cannot be asked (never an allow)."""
+        found = lookup(self.cache, key, scopes, resource, project_id)
+        if isinstance(found, Decision):
+            return found
+        with self._flights_lock:
+            flight = self._flights.get(found.digest)
+            joined = flight is not None and flight[0] == found.generation
+            if not joined:
+                mine: Future[None] = Future()
+                self._flights[found.digest] = (found.generation, mine)
+        if joined:
+            assert flight is not None
+            try:
+                flight[1].result()
+            except AuthorizeError:
+                pass  # its caller's failure; this check makes its own call
+            found = lookup(self.cache, key, scopes, resource, project_id)
+            return found if isinstance(found, Decision) else self._ask(found, key, scopes, resource, project_id)
+        try:
+            return self._ask(found, key, scopes, resource, project_id)
+        except AuthorizeError as error:
+            mine.set_exception(error)
+            raise
+        finally:
+            if not mine.done():
+                mine.set_result(None)
+            with self._flights_lock:
+                if self._flights.get(found.digest, (0, None))[1] is mine:
+                    del self._flights[found.digest]
+
+    def _ask(self, miss: Miss, key: str, scopes: Sequence[str], resource: str, project_id: str) -> Decision:
+        request = pb.AuthorizeRequest(key=key, required_scopes=scopes, resource=resource, project_id=project_id)
+        try:
+            response = self._stub.Authorize(request, timeout=self.connection.timeout, metadata=self.connection.metadata)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return self.cache.learn(miss, response)
+
+    # --- the change stream --------------------------------------------------------------------------
+
+    def _follow(self) -> None:
+        while not self._closed.is_set():
+            code, details = None, ""
+            stream = self._stub.WatchApiKeyChanges(self.follower.request(), metadata=self.connection.metadata)
+            self._stream = stream
+            watchdog = _Watchdog(stream, self.follower.stall_after)
+            try:
+                for response in stream:
+                    received = time.monotonic()
+                    watchdog.fed(received)
+                    self.follower.receive(response, received)
+            except grpc.RpcError as error:
+                if not watchdog.fired:
+                    code, details = from_rpc_error(error).code, from_rpc_error(error).details
+            finally:
+                watchdog.stop()
+            delay = self.follower.ended(code, details)
+            self._closed.wait(delay)
+
+
+class _Watchdog:
+    """Cancels a stream that has been silent for `after` seconds: a stalled server or a dead connection."""
+
+    def __init__(self, stream: grpc.Future, after: float) -> None:
+        self._stream = stream
+        self._after = after
+        self._last = time.monotonic()
+        self._stopped = threading.Event()
+        self.fired = False
+        self._thread = threading.Thread(target=self._watch, name="apikeyd-stream-watchdog", daemon=True)
+        self._thread.start()
+
+    def fed(self, at: float) -> None:
+        self._last = at
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(self._after / 4):
+            if time.monotonic() - self._last > self._after:
+                self.fired = True
+                self._stream.cancel()
+                return
