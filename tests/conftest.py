@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
@@ -93,7 +94,7 @@ ISSUED_HASHES: set[str] = set()  # every argon2 hash the suite's servers stored:
 ARGON2_MARK = "$argon2"  # how every argon2 hash string starts, whoever made it
 
 
-class BearerCredentials(grpc.UnaryUnaryClientInterceptor):
+class BearerCredentials(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
     """Sends the bearer key, and notes every secret a response carries for the log check."""
 
     def __init__(self, token: str | None) -> None:
@@ -104,6 +105,9 @@ class BearerCredentials(grpc.UnaryUnaryClientInterceptor):
         outcome = continuation(details, request)
         outcome.add_done_callback(self._note_secret)
         return outcome
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(details._replace(metadata=list(details.metadata or []) + self._metadata), request)
 
     @staticmethod
     def _note_secret(outcome: Any) -> None:
@@ -359,3 +363,13 @@ class ServeProcess:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         return self.wait(timeout)
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
+    """`condition()`'s first truthy value, polled every millisecond; fails naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout} s")
+        time.sleep(0.001)
+    return value

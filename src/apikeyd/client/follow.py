@@ -23,6 +23,7 @@ class Follower:
         self.stall_after = 2 * cache.lease  # heartbeats come every 0.25 to 0.5 s
         self.streams = 0  # streams opened, for tests and diagnostics
         self.last_error: grpc.StatusCode | None = None
+        self.last_heartbeat = float("-inf")  # monotonic receipt of the last heartbeat
         self._first = True
         self._fresh = True
         self._failures = 0
@@ -47,6 +48,7 @@ class Follower:
         self.position = max(self.position, response.position)
         if response.heartbeat:
             self._failures = 0
+            self.last_heartbeat = received_at
             self._cache.synced(received_at - response.sync_age.ToTimedelta().total_seconds())
 
     def ended(self, code: grpc.StatusCode | None, details: str = "") -> float:
