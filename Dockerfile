@@ -10,8 +10,9 @@ RUN python -m venv /opt/apikeyd
 WORKDIR /build
 COPY pyproject.toml README.md ./
 COPY src ./src
+# The `server` extra: a plain install of the wheel is the client library only.
 RUN /opt/apikeyd/bin/pip wheel --no-deps --wheel-dir /build/dist . \
-    && /opt/apikeyd/bin/pip install /build/dist/apikeyd-*.whl
+    && /opt/apikeyd/bin/pip install "$(ls /build/dist/apikeyd-*.whl)[server]"
 
 # Final: the same Python, the virtualenv, no build tools, a user without rights.
 FROM python:3.11-slim
