@@ -45,6 +45,7 @@ ARGON2_VERIFICATIONS = "apikeyd_argon2_verifications_total"
 FAILURE_BUDGET_REFUSALS = "apikeyd_failure_budget_refusals_total"
 VERIFICATION_QUEUE_REFUSALS = "apikeyd_verification_queue_refusals_total"
 VERIFICATIONS_QUEUED = "apikeyd_verifications_queued"
+CHANGE_STREAMS = "apikeyd_change_streams"
 
 # From 50 us (a cached check) to 2.5 s (a miss queued behind busy verifications).
 FAST_BUCKETS = (
@@ -122,6 +123,7 @@ class Metrics(Collector):
         self._in_flight: Callable[[], int] = lambda: 0
         self._budget: Any = None
         self._queue: Any = None
+        self._streams: Any = None
         self.registry.register(self)
         ProcessCollector(registry=self.registry)
         GCCollector(registry=self.registry)
@@ -135,13 +137,14 @@ class Metrics(Collector):
         denials: Any = None,
         budget: Any = None,
         queue: Any = None,
+        streams: Any = None,
     ) -> None:
         """The objects read at scrape time: the VerifiedKeyCache (its CacheStats and size), the
         SecretHasher (its verification count), how many verifications are in flight, the lifecycle's
         DenialThrottle (refusals left out of the audit log), the FailureBudget and the FairQueue (their
-        refusals; the queue's length)."""
+        refusals; the queue's length), and the ChangeStreams (how many are open)."""
         self._cache, self._hasher, self._in_flight, self._denials = cache, hasher, in_flight, denials
-        self._budget, self._queue = budget, queue
+        self._budget, self._queue, self._streams = budget, queue, streams
 
     def collect(self) -> Iterator[Metric]:
         decisions = CounterMetricFamily(
@@ -220,6 +223,11 @@ class Metrics(Collector):
             value=self._in_flight(),
         )
         yield self.verification_seconds.family()
+        if self._streams is not None:
+            yield GaugeMetricFamily(
+                CHANGE_STREAMS, "WatchApiKeyChanges streams open (client-side caches following changes)",
+                value=len(self._streams),
+            )
 
 
 # --- the HTTP endpoint ----------------------------------------------------------------------------

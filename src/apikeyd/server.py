@@ -166,6 +166,7 @@ class App:
             denials=self.manager.denials,
             budget=self.failure_budget,
             queue=self.verify_queue,
+            streams=self.streams,
         )
 
     def close(self) -> int:
