@@ -21,7 +21,7 @@ from apikeyd.authorizer.authorizer import Authorizer
 from apikeyd.authorizer.hashing import SecretHasher
 from apikeyd.denials import DenialKey, DenialThrottle
 from apikeyd.domain import keys, listing
-from apikeyd.domain.access import READ, WRITE, Actor, Caller
+from apikeyd.domain.access import AUTHORIZE, READ, WRITE, Actor, Caller
 from apikeyd.domain.decision import Decision
 from apikeyd.domain.echo import quote
 from apikeyd.domain.errors import (
@@ -226,6 +226,13 @@ class KeyManager:
         if isinstance(found, Decision):
             raise Unauthenticated(f"the bearer key is not usable: {found.message}")
         return Caller(found.key, found.scopes, found.key.account_id == self.operator_account, peer, method)
+
+    async def watcher(self, token: str, peer: str) -> Caller:
+        """A caller of WatchApiKeyChanges: a key with apikeys:authorize; a refusal is audited like any."""
+        caller = await self.authenticate(token, peer, "WatchApiKeyChanges")
+        async with self._denials(caller, f"accounts/{caller.account_id}"):
+            caller.require(AUTHORIZE)
+        return caller
 
     def operator(self, method: str) -> Caller:
         """The operator acting through the command line on the database itself."""

@@ -163,9 +163,7 @@ class ApiKeyService(pb_grpc.ApiKeyServiceServicer):
         token = bearer_token(context)
 
         async def caller() -> Caller:
-            found = await self._manager.authenticate(token, context.peer(), "WatchApiKeyChanges")
-            found.require(AUTHORIZE)
-            return found
+            return await self._manager.watcher(token, context.peer())
 
         await stream_changes(self._streams, await caller(), caller, request, context)
 
