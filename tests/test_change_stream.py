@@ -236,3 +236,24 @@ def test_a_refused_stream_is_in_the_audit_log(server, account):
     events = server.stub.ListAuditEvents(pb.ListAuditEventsRequest(parent=f"accounts/{account}", filter="kind = DENIED"))
     assert [e.method for e in events.audit_events] == ["WatchApiKeyChanges"]
     assert "apikeys:authorize" in events.audit_events[0].reason
+
+
+def test_a_long_replay_comes_in_chunks_and_the_first_response_says_the_reach(server, account, monkeypatch, watches):
+    from apikeyd.service import key_changes
+
+    monkeypatch.setattr(key_changes, "_CHUNK", 2)
+    stub = watcher_stub(server, account, project_id="p1")
+    opening = Watch(stub)
+    watches.append(opening)
+    first = opening.until(lambda r: True)[0]
+    assert (first.reach.all_accounts, first.reach.account_id, first.reach.project_id) == (False, account, "p1")
+    position = opening.until(lambda r: r.heartbeat and r.position > 0)[-1].position
+    opening.close()
+    created = [create_key(server.stub, account, project_id="p1").api_key.key_id for _ in range(5)]
+    watch = Watch(stub, resume_after=position)
+    watches.append(watch)
+    responses = watch.until(lambda r: r.changes and r.changes[-1].key_id == created[-1])
+    assert [len(r.changes) for r in responses] == [2, 2, 1]
+    assert [r.position for r in responses[:2]] == [position] * 2  # only the last may move on
+    assert [c.key_id for r in responses for c in r.changes] == created
+    assert responses[0].reach.account_id == account and not responses[1].HasField("reach")

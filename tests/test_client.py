@@ -281,3 +281,21 @@ def test_a_hundred_asyncio_clients_all_hear_of_a_revocation(server, account):
 
     assert asyncio.run(scenario()) == [AuthCode.REVOKED] * 100
     wait_for(lambda: len(server.app.streams) == 0, "the closed clients' streams gone")
+
+
+def test_keys_outside_the_watchers_reach_are_never_kept(server, account, clients):
+    """By default Authorize answers for any account, but the stream reports only the watcher's: a key of
+    another account must be asked about every time, or its revocation would never reach the cache."""
+    client = watching(server, account, clients)
+    cached(client, create_key(server.stub, account, SCOPES).secret)  # past a new stream's first lease
+    theirs = create_key(server.stub, f"{account}-other", SCOPES)
+    hits = client.cache.stats.hits
+    assert all(client.authorize(theirs.secret).allowed for _ in range(3))
+    assert client.cache.stats.hits == hits
+    server.stub.RevokeApiKey(pb.RevokeApiKeyRequest(name=theirs.api_key.name))
+    assert client.authorize(theirs.secret).code is AuthCode.REVOKED
+
+
+def test_the_connection_never_shows_its_token():
+    token = "AK_" + "t" * 40
+    assert token not in repr(Connection("127.0.0.1:1", token)) and token not in str(Connection("127.0.0.1:1", token))

@@ -24,32 +24,13 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
-from apikeyd.domain.access import Caller
+from apikeyd.domain.access import Reach
 from apikeyd.domain.errors import OutOfRange, ResourceExhausted
 from apikeyd.domain.model import EventKind, KeyChange
 from apikeyd.store import key_changes
 
 MAX_PENDING = 10_000  # changes waiting for one slow stream before it is ended
 REPLAY_LIMIT = 10_000  # events a resumed stream may be behind
-
-
-@dataclass(frozen=True, slots=True)
-class Reach:
-    """Whose keys' changes a stream sees: the calling key's account (a project key: its project), or every
-    account for the operator's keys."""
-
-    everything: bool
-    account_id: str
-    project_id: str
-
-    @classmethod
-    def of(cls, caller: Caller) -> "Reach":
-        return cls(caller.operator, caller.account_id, caller.project_id)
-
-    def sees(self, change: KeyChange) -> bool:
-        if self.everything:
-            return True
-        return change.account_id == self.account_id and (not self.project_id or change.project_id == self.project_id)
 
 
 @dataclass(slots=True)
@@ -75,7 +56,7 @@ class Subscription:
         self.overflowed = False
 
     def offer(self, changes: list[KeyChange], position: int, synced_at: float | None) -> None:
-        seen = [change for change in changes if self.reach.sees(change)] if changes else changes
+        seen = [c for c in changes if self.reach.sees(c.account_id, c.project_id)] if changes else changes
         if len(self._changes) + len(seen) > MAX_PENDING:
             self.overflowed = True
         else:

@@ -8,6 +8,7 @@ import random
 import grpc
 
 from apikeyd.client.local import LocalCache
+from apikeyd.domain.access import Reach
 from apikeyd.v1 import api_keys_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ class Follower:
         """One response, at monotonic time `received_at`."""
         if self._first:
             self._first = False
+            reach = response.reach
+            self._cache.reach = Reach(reach.all_accounts, reach.account_id, reach.project_id)
             if self._fresh:
                 self._cache.restart(received_at)
         if response.changes:

@@ -8,8 +8,8 @@
 * **The same decision.** An entry keeps what the server's answer said of the key (identity, scopes,
   expiry, state); a later check with other scopes, another project or at a later time is decided by the
   server's own rules (domain/decide.py), and a malformed string by the same parser, with no call at all.
-* **What is never cached**: keys with rate limits (every check counts, `has_limits`), and answers that
-  came with an error. NOT_FOUND is cached for `negative_ttl` and forgotten on any CREATED change, as on the
+* **What is never cached**: keys with rate limits (every check counts, `has_limits`), keys outside the
+  reach of the stream's watcher key (their changes are not sent to it), and answers that came with an error. NOT_FOUND is cached for `negative_ttl` and forgotten on any CREATED change, as on the
   server. REVOKED, DISABLED and EXPIRED are cached: the stream reports any change that would undo them.
 * **Trust.** Entries are trusted only for the lease past the change stream's last heartbeat (its receipt,
   less the age the server gave it), and not at all before the first heartbeat of a stream or once the
@@ -32,6 +32,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from apikeyd.authorizer.cache import CachedKey, VerifiedKeyCache
 from apikeyd.domain import decide, keys
+from apikeyd.domain.access import Reach
 from apikeyd.domain.decision import MALFORMED, NOT_FOUND, AuthCode, Decision
 from apikeyd.domain.model import KeyState, VerifiedKey
 from apikeyd.domain.ratelimit import RateOutcome
@@ -108,6 +109,9 @@ class LocalCache:
         self._cache = VerifiedKeyCache(max_entries, ttl, negative_ttl, max_negative)
         self._cache.follow(lease)  # untrusted until the stream's first heartbeat
         self._lock = threading.Lock()
+        # The stream's reach (its first response): answers for keys outside it are never kept, as no change
+        # to them would reach this cache. None until a stream has said.
+        self.reach: Reach | None = None
         self._held: dict[str, float] = {}  # key id -> monotonic receipt of its last reported change
         self._hold_all_until = float("-inf")
         self.stats = self._cache.stats
@@ -160,6 +164,8 @@ class LocalCache:
                 self._cache.remember_bad(miss.digest, miss.lookup_id, miss.generation)
                 return decision
             if key is None or response.has_limits or decision.code in (AuthCode.MALFORMED, AuthCode.RATE_LIMITED):
+                return decision
+            if self.reach is None or not self.reach.sees(key.account_id, key.project_id):
                 return decision
             held = self._held.get(key.key_id)
             if held is not None and miss.sent_at < held + self.lease:

@@ -170,3 +170,23 @@ def _refuse_self(action: str) -> None:
     raise FailedPrecondition(
         f"this is the key the call is made with; to {action}, send the request again with allow_self: true"
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Reach:
+    """Whose keys a caller sees: its account's (a project key: its project's), or every account's for the
+    operator's keys. The change stream sends only the changes in its watcher's reach, so a client-side cache
+    keeps only answers for keys in it."""
+
+    everything: bool
+    account_id: str
+    project_id: str
+
+    @classmethod
+    def of(cls, caller: "Caller") -> "Reach":
+        return cls(caller.operator, caller.account_id, caller.project_id)
+
+    def sees(self, account_id: str, project_id: str) -> bool:
+        if self.everything:
+            return True
+        return account_id == self.account_id and (not self.project_id or project_id == self.project_id)

@@ -6,11 +6,13 @@ from datetime import timedelta
 
 import grpc
 
-from apikeyd.change_stream import Batch, ChangeStreams, Reach
-from apikeyd.domain.access import Caller
+from apikeyd.change_stream import Batch, ChangeStreams
+from apikeyd.domain.access import Caller, Reach
 from apikeyd.domain.errors import InvalidArgument
 from apikeyd.domain.model import KeyChange, key_name
 from apikeyd.v1 import api_keys_pb2 as pb
+
+_CHUNK = 1000  # changes per response of a replay: a long one is not one large message
 
 
 def _change(change: KeyChange) -> pb.ApiKeyChange:
@@ -42,9 +44,20 @@ async def stream_changes(
     `apikeys:authorize`."""
     if request.resume_after < 0:
         raise InvalidArgument("resume_after", "must be a position from an earlier response, or 0 to start afresh")
-    subscription = streams.subscribe(Reach.of(caller))
+    reach = Reach.of(caller)
+    subscription = streams.subscribe(reach)
     try:
-        await context.write(_response(await streams.replay(subscription, request.resume_after)))
+        replay = await streams.replay(subscription, request.resume_after)
+        # In responses of at most _CHUNK changes, each no further than the resume point but the last.
+        chunks = [replay.changes[i : i + _CHUNK] for i in range(0, len(replay.changes), _CHUNK)] or [[]]
+        for number, chunk in enumerate(chunks, 1):
+            position = replay.position if number == len(chunks) else request.resume_after
+            response = _response(Batch(chunk, position, None))
+            if number == 1:
+                response.reach.all_accounts = reach.everything
+                response.reach.account_id = reach.account_id
+                response.reach.project_id = reach.project_id
+            await context.write(response)
         while (batch := await subscription.next()) is not None:
             if batch.synced_at is not None:
                 await reauthenticate()

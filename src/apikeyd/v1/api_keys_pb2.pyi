@@ -282,16 +282,27 @@ class ApiKeyChange(_message.Message):
     def __init__(self, event_id: _Optional[int] = ..., api_key: _Optional[str] = ..., key_id: _Optional[str] = ..., kind: _Optional[_Union[AuditEvent.Kind, str]] = ...) -> None: ...
 
 class WatchApiKeyChangesResponse(_message.Message):
-    __slots__ = ("changes", "position", "sync_age", "heartbeat")
+    __slots__ = ("changes", "position", "sync_age", "heartbeat", "reach")
+    class Reach(_message.Message):
+        __slots__ = ("all_accounts", "account_id", "project_id")
+        ALL_ACCOUNTS_FIELD_NUMBER: _ClassVar[int]
+        ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
+        PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
+        all_accounts: bool
+        account_id: str
+        project_id: str
+        def __init__(self, all_accounts: _Optional[bool] = ..., account_id: _Optional[str] = ..., project_id: _Optional[str] = ...) -> None: ...
     CHANGES_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     SYNC_AGE_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    REACH_FIELD_NUMBER: _ClassVar[int]
     changes: _containers.RepeatedCompositeFieldContainer[ApiKeyChange]
     position: int
     sync_age: _duration_pb2.Duration
     heartbeat: bool
-    def __init__(self, changes: _Optional[_Iterable[_Union[ApiKeyChange, _Mapping]]] = ..., position: _Optional[int] = ..., sync_age: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., heartbeat: _Optional[bool] = ...) -> None: ...
+    reach: WatchApiKeyChangesResponse.Reach
+    def __init__(self, changes: _Optional[_Iterable[_Union[ApiKeyChange, _Mapping]]] = ..., position: _Optional[int] = ..., sync_age: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., heartbeat: _Optional[bool] = ..., reach: _Optional[_Union[WatchApiKeyChangesResponse.Reach, _Mapping]] = ...) -> None: ...
 
 class AuditEvent(_message.Message):
     __slots__ = ("name", "event_id", "kind", "event_time", "api_key", "key_id", "account_id", "project_id", "actor", "actor_key_id", "actor_display_name", "peer", "method", "changed_fields", "reason", "details")
