@@ -9,6 +9,7 @@ import ssl
 
 import grpc
 
+from apikeyd.client.settings import read_pem
 from apikeyd.config import Settings
 
 
@@ -22,13 +23,9 @@ def _named(name: str) -> str:
 
 def _read(name: str, path: str) -> bytes:
     try:
-        with open(path, "rb") as file:
-            data = file.read()
-    except OSError as error:
-        raise TlsSettingsError(f"{_named(name)}: cannot read {path}: {error.strerror or error}") from None
-    if b"-----BEGIN " not in data:
-        raise TlsSettingsError(f"{_named(name)}: {path} is not a PEM file")
-    return data
+        return read_pem(path)
+    except ValueError as error:
+        raise TlsSettingsError(f"{_named(name)}: {error}") from None
 
 
 def _no_password() -> bytes:

@@ -8,10 +8,23 @@ fresh, and the management calls. Needs only grpcio and protobuf (`pip install ap
 
 See local.py for what is cached and the bound within which a change reaches the cache."""
 
-from apikeyd.client.aio import AsyncClient
-from apikeyd.client.errors import AuthorizeError
-from apikeyd.client.settings import ClientTls, Connection
-from apikeyd.client.sync import Client
-from apikeyd.domain.decision import AuthCode, Decision
+import importlib
+from typing import Any
 
-__all__ = ["AsyncClient", "AuthCode", "AuthorizeError", "Client", "ClientTls", "Connection", "Decision"]
+# Loaded on first use, so that the CLI, which reads only apikeyd.client.settings, does not load the rest.
+_EXPORTS = {
+    "AsyncClient": "apikeyd.client.aio",
+    "AuthorizeError": "apikeyd.client.errors",
+    "ClientTls": "apikeyd.client.settings",
+    "Connection": "apikeyd.client.settings",
+    "Client": "apikeyd.client.sync",
+    "AuthCode": "apikeyd.domain.decision",
+    "Decision": "apikeyd.domain.decision",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'apikeyd.client' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

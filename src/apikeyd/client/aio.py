@@ -9,17 +9,15 @@ from types import TracebackType
 import grpc
 
 from apikeyd.client.errors import AuthorizeError, from_rpc_error
-from apikeyd.client.follow import Follower
-from apikeyd.client.local import LocalCache, Miss
-from apikeyd.client.management import Keys
+from apikeyd.client.local import Miss
+from apikeyd.client.parts import ClientParts
 from apikeyd.client.settings import Connection
 from apikeyd.client.sync import lookup
 from apikeyd.domain.decision import Decision
 from apikeyd.v1 import api_keys_pb2 as pb
-from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
 
 
-class AsyncClient:
+class AsyncClient(ClientParts):
     """Client's twin for asyncio: the same cache, decisions and errors. Create it, and call `close`, on the
     loop it is used from; `keys` holds the management calls, to await."""
 
@@ -33,12 +31,7 @@ class AsyncClient:
         ttl: float = 60.0,
         negative_ttl: float = 10.0,
     ) -> None:
-        self.connection = connection if connection is not None else Connection.from_env()
-        self._channel = self.connection.aio_channel()
-        self._stub = pb_grpc.ApiKeyServiceStub(self._channel)
-        self.keys = Keys(self._stub, self.connection)
-        self.cache = LocalCache(lease, max_entries if watch else 0, ttl, negative_ttl if watch else 0.0)
-        self.follower = Follower(self.cache)
+        super().__init__(connection, True, watch, lease, max_entries, ttl, negative_ttl)
         self._flights: dict[bytes, tuple[int, asyncio.Future[None]]] = {}
         self._task: asyncio.Task[None] | None = None
         if watch:

@@ -9,16 +9,14 @@ from types import TracebackType
 import grpc
 
 from apikeyd.client.errors import AuthorizeError, from_rpc_error
-from apikeyd.client.follow import Follower
 from apikeyd.client.local import LocalCache, Miss
-from apikeyd.client.management import Keys
+from apikeyd.client.parts import ClientParts
 from apikeyd.client.settings import Connection
 from apikeyd.domain.decision import Decision
 from apikeyd.domain.echo import refuse_key
 from apikeyd.domain.errors import InvalidArgument
 from apikeyd.domain.limits import check_authorize
 from apikeyd.v1 import api_keys_pb2 as pb
-from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
 
 
 def lookup(cache: LocalCache, key: str, scopes: Sequence[str], resource: str, project_id: str) -> Decision | Miss:
@@ -32,7 +30,7 @@ def lookup(cache: LocalCache, key: str, scopes: Sequence[str], resource: str, pr
         raise AuthorizeError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
 
 
-class Client:
+class Client(ClientParts):
     """Authorize with a local cache that the server's change stream keeps fresh (apikeyd.client.local).
 
     `watch=False` keeps no cache: every check is a call. `keys` holds the management calls."""
@@ -47,12 +45,7 @@ class Client:
         ttl: float = 60.0,
         negative_ttl: float = 10.0,
     ) -> None:
-        self.connection = connection if connection is not None else Connection.from_env()
-        self._channel = self.connection.channel()
-        self._stub = pb_grpc.ApiKeyServiceStub(self._channel)
-        self.keys = Keys(self._stub, self.connection)
-        self.cache = LocalCache(lease, max_entries if watch else 0, ttl, negative_ttl if watch else 0.0)
-        self.follower = Follower(self.cache)
+        super().__init__(connection, False, watch, lease, max_entries, ttl, negative_ttl)
         self._flights: dict[bytes, tuple[int, Future[None]]] = {}
         self._flights_lock = threading.Lock()
         self._closed = threading.Event()
