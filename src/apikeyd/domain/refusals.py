@@ -4,6 +4,7 @@ apikeyd.client.asgi) all answer from this one table, so a key is refused alike o
 imports no grpc: a gRPC code is named here and looked up by whoever speaks gRPC."""
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from apikeyd.domain.decision import AuthCode, Decision
@@ -51,3 +52,30 @@ def bearer_key(authorization: str) -> str | None:
     if not parts or parts[0].lower() != "bearer":
         return None
     return parts[1].strip() if len(parts) > 1 else ""
+
+
+class NoKey(Exception):
+    """A request refused UNAUTHENTICATED before any check: no key in it, or not one key. `code` is the JSON
+    answer's code; the message never holds what was sent."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def presented_key(values: Sequence[str], header: str) -> str:
+    """The key among the values a request carries in its credential header (lower case): `Bearer <key>` in
+    authorization, the value as it is in any other header (x-api-key, say)."""
+    if len(values) > 1:
+        raise NoKey("AMBIGUOUS_CREDENTIAL", f"the request carries {header} more than once; send one key")
+    value = values[0] if values else ""
+    if header == "authorization":
+        key = bearer_key(value)
+        if key == "":
+            raise NoKey("MALFORMED", "the authorization header must be `Bearer <key>`")
+        if key is None:
+            raise NoKey("MISSING_CREDENTIAL", "no key: send it in `authorization: Bearer <key>`")
+        return key
+    if not value.strip():
+        raise NoKey("MISSING_CREDENTIAL", f"no key: send it in `{header}: <key>`")
+    return value.strip()
