@@ -409,7 +409,8 @@ def test_asgi_refusals(issued: Issued) -> None:
         answer = http.get("/admin", headers={"authorization": f"Bearer {issued.key}"})
         assert (answer.status_code, error_of(answer, issued.key)) == (403, "INSUFFICIENT_SCOPE")
         assert "keys:manage" in answer.json()["error"]["message"]
-        for path in ("/other", "/messagesX"):  # a prefix covers what is below it, not what merely starts alike
+        # A prefix covers what is below it, not what merely starts alike; a path is never echoed whole.
+        for path in ("/other", "/messagesX", f"/{issued.key}"):
             answer = http.get(path, headers={"authorization": f"Bearer {issued.key}"})
             assert (answer.status_code, error_of(answer, issued.key)) == (403, "NO_RULE")
         with pytest.raises(WebSocketDenialResponse) as denial, http.websocket_connect("/ws"):

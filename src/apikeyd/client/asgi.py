@@ -46,6 +46,7 @@ import grpc
 from apikeyd.client.aio import AsyncClient
 from apikeyd.client.errors import AuthorizeError
 from apikeyd.domain.decision import AuthCode, Decision
+from apikeyd.domain.echo import quote
 from apikeyd.domain.errors import InvalidArgument
 from apikeyd.domain.refusals import RESOURCE_EXHAUSTED, UNAUTHENTICATED, NoKey, presented_key, refusal, retry_after
 from apikeyd.domain.scopes import parse_required_scopes
@@ -215,14 +216,15 @@ class ApiKeyMiddleware:
         if wanted is PUBLIC:
             return None
         if wanted is None:
-            return _Answer(403, "NO_RULE", f"{scope.get('method', 'GET')} {scope.get('path', '')} is not open to API keys")
+            # The path is the client's: quoted, as any value a message repeats, so a key in it never comes back.
+            return _Answer(403, "NO_RULE", f"{scope.get('method', 'GET')} {quote(scope.get('path', ''))} is not open to API keys")
         assert not isinstance(wanted, _Public)
         scopes, resource, project_id = wanted
         if not self._checked:
             try:
                 parse_required_scopes(tuple(scopes))
             except InvalidArgument as error:  # the app's mistake, not the caller's
-                log.error("the route function asked for a wrong scope for %s: %s", scope.get("path", ""), error)
+                log.error("the route function asked for a wrong scope for %s: %s", quote(scope.get("path", "")), error)
                 return _Answer(500, "MISCONFIGURED", "the route's required scopes are wrong")
         values = [value.decode("latin-1") for name, value in scope.get("headers", ()) if name.lower() == self._header_bytes]
         try:
@@ -236,7 +238,7 @@ class ApiKeyMiddleware:
                 return _Answer(400, "INVALID_ARGUMENT", error.details)
             self._outages.warning(
                 "apikeyd could not check a request to %s (%s: %s): answered 503",
-                scope.get("path", ""), error.code.name, error.details, event="client.authorize_failed",
+                quote(scope.get("path", "")), error.code.name, error.details, event="client.authorize_failed",
             )
             return _Answer(503, "UNAVAILABLE", "the API key could not be checked: apikeyd is unavailable, retry later")
         return decision if decision.allowed else _refused(decision)
