@@ -13,6 +13,7 @@ class AuthorizeError(Exception):
 
 
 def from_rpc_error(error: grpc.RpcError) -> AuthorizeError:
-    if isinstance(error, grpc.Call):
+    # grpc.aio's errors are no grpc.Call, yet carry the same code and details.
+    if isinstance(error, grpc.Call | grpc.aio.AioRpcError):
         return AuthorizeError(error.code(), error.details() or "")
     return AuthorizeError(grpc.StatusCode.UNKNOWN, "the call failed")

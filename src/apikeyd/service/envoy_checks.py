@@ -22,7 +22,6 @@ Denied: 401 (no usable key), 403 (wrong project, missing scope) or 429 (rate lim
 
 import json
 import logging
-import math
 from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -34,6 +33,7 @@ from apikeyd.domain.access import Caller
 from apikeyd.domain.decision import AuthCode, Decision
 from apikeyd.domain.echo import quote, refuse_key
 from apikeyd.domain.errors import InvalidArgument, Unavailable
+from apikeyd.domain.refusals import RESOURCE_EXHAUSTED, UNAUTHENTICATED, bearer_key, refusal, retry_after
 from apikeyd.domain.scopes import parse_required_scopes
 from apikeyd.logs import Throttle
 
@@ -44,13 +44,6 @@ ROUTE_SETTINGS = ("required_scopes", "resource", "resource_header", "keep_creden
 
 _ACCOUNT_KEY_IDENTITY = frozenset(("x-apikey-id", "x-apikey-name", "x-apikey-account"))
 _PROJECT_KEY_IDENTITY = _ACCOUNT_KEY_IDENTITY | {"x-apikey-project"}
-_UNAUTHORIZED = {
-    AuthCode.MALFORMED,
-    AuthCode.NOT_FOUND,
-    AuthCode.REVOKED,
-    AuthCode.DISABLED,
-    AuthCode.EXPIRED,
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,12 +114,10 @@ class Refusal(Exception):
 
 def credential(headers: Mapping[str, str]) -> tuple[str, tuple[str, ...]]:
     """The presented key and the headers it came in."""
-    bearer = ""
-    parts = headers.get("authorization", "").split(None, 1)
-    if parts and parts[0].lower() == "bearer":
-        bearer = parts[1].strip() if len(parts) > 1 else ""
-        if not bearer:
-            raise Refusal("MALFORMED", "the authorization header must be `Bearer <key>`")
+    found = bearer_key(headers.get("authorization", ""))
+    if found == "":
+        raise Refusal("MALFORMED", "the authorization header must be `Bearer <key>`")
+    bearer = found or ""
     api_key = headers.get("x-api-key", "").strip()
     if bearer and api_key and bearer != api_key:
         raise Refusal("AMBIGUOUS_CREDENTIAL", "the request carries two different keys; send one")
@@ -154,16 +145,15 @@ def _rate_headers(decision: Decision) -> tuple[tuple[str, str], ...]:
 def refused(decision: Decision) -> Answer:
     """A denial as Envoy's HTTP answer: 401 for a key that is not usable, 403 for one that may not do
     this, 429 with retry-after (whole seconds, rounded up, so waiting that long is always enough)."""
-    code, message = decision.code.name, decision.message
-    if decision.code in _UNAUTHORIZED:
-        return denied(401, code, message, [("www-authenticate", 'Bearer error="invalid_token"')])
+    code, message, answer = decision.code.name, decision.message, refusal(decision.code)
+    if answer is UNAUTHENTICATED:
+        return denied(answer.http_status, code, message, [("www-authenticate", 'Bearer error="invalid_token"')])
     if decision.code is AuthCode.INSUFFICIENT_SCOPE:
-        return denied(403, code, message, [("www-authenticate", 'Bearer error="insufficient_scope"')])
-    if decision.code is AuthCode.RATE_LIMITED:
+        return denied(answer.http_status, code, message, [("www-authenticate", 'Bearer error="insufficient_scope"')])
+    if answer is RESOURCE_EXHAUSTED:
         assert decision.rate is not None  # a rate-limited decision always says by how much
-        wait = str(max(1, math.ceil(decision.rate.retry_after)))
-        return denied(429, code, message, [("retry-after", wait), *_rate_headers(decision)])
-    return denied(403, code, message)
+        return denied(answer.http_status, code, message, [("retry-after", str(retry_after(decision))), *_rate_headers(decision)])
+    return denied(answer.http_status, code, message)
 
 
 def allowed(decision: Decision, headers: Mapping[str, str], credential_headers: tuple[str, ...]) -> Answer:
