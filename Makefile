@@ -24,8 +24,8 @@ test: $(STAMP)
 
 # buf cannot fetch googleapis here, so it lints an image that protoc builds with the imports included.
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench fuzz
-	$(BIN)/mypy src
+	$(BIN)/ruff check src tests bench fuzz examples
+	$(BIN)/mypy src examples
 	$(BIN)/python -m grpc_tools.protoc -Iprotos $(PROTO_INCLUDES) --include_imports --include_source_info \
 		--descriptor_set_out=$(VENV)/apikeyd.binpb protos/apikeyd/v1/api_keys.proto
 	$(BIN)/buf lint $(VENV)/apikeyd.binpb --path apikeyd/v1/api_keys.proto --config buf.yaml
