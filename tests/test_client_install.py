@@ -53,6 +53,7 @@ def test_the_client_works_with_no_server_package_importable(server, account):
         """
         import asyncio, os, sys
         from apikeyd.client import AsyncClient, Client, Connection
+        import apikeyd.client.asgi, apikeyd.client.grpc_auth  # the integrations too
         connection = Connection.from_env()
         with Client(connection) as client:
             assert client.authorize(os.environ["KEY"]).allowed
