@@ -31,6 +31,11 @@ Design, simplest correct one:
   afresh against the database (and, if the database does not answer either, served stale within
   `APIKEYD_STALE_IF_ERROR`). The feed retries by itself; once a read succeeds (after LISTEN is back, on
   PostgreSQL) it has caught up and the cache is trusted again, entries and all.
+* **Change streams.** After every successful read the feed hands what it read (this process's own events
+  included, DENIED ones not) to its `subscriber`, the change stream (change_stream.py), with its low-water
+  mark (every id up to it has been read or given up on) and the read's start: WatchApiKeyChanges sends the
+  changes and a heartbeat from that. A change committed here `wake`s the feed, so that streams carry it at
+  once rather than at the next poll (on PostgreSQL its NOTIFY does the same).
 * **Ordering.** PostgreSQL hands out sequence ids at insert time, so a transaction with a smaller id can
   commit after one with a larger id that was already read. The feed tracks *gaps*: ids below its position
   it has not seen (and, at start, the missing ids among the last `_START_WINDOW`). Each read asks for
