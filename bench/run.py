@@ -58,6 +58,14 @@ What it measures, in this order:
    against a bare grpc.aio servicer returning a constant AuthorizeResponse (the floor: what grpc itself
    costs), interleaved rounds, with the share that is apikeyd's.
 
+15. Client library (bench.client): apikeyd.client's cached check in process (sync Client and AsyncClient,
+   p50/p99 per call and checks/s in one thread) against the Authorize RPC to the same server (target p50 <=
+   20 us and >= 30x faster); revocation reaching a client (200 keys, SQLite and PostgreSQL; p99 <= 250 ms);
+   the bound under faults (the server SIGKILLed and started again on its port; a replica SIGSTOPped while
+   another revokes: no allow past the lease after the last heartbeat); and 500 idle WatchApiKeyChanges
+   streams: cached Authorize with and without them, their heartbeats' CPU and the server's RSS per stream,
+   beside a bare grpc.aio floor. About 2 to 2.5 minutes.
+
 Every loop is bounded in count and in time; everything listens on and connects to 127.0.0.1 only.
 """
 
@@ -70,7 +78,7 @@ from pathlib import Path
 
 import grpc
 
-from bench import cache_memory, envoy, flood, grpc_cpu, inprocess, limits, listing, load, scaleout
+from bench import cache_memory, client, envoy, flood, grpc_cpu, inprocess, limits, listing, load, scaleout
 from bench.server_process import ServerProcess, create_keys, running_server
 
 COLD_KEYS = 80
@@ -158,7 +166,7 @@ def _section(title: str) -> None:
 
 
 def _report_scaleout(workdir: Path) -> None:
-    """Sections 7-14: each starts its own servers and stops them before the next."""
+    """Sections 7-15: each starts its own servers and stops them before the next."""
     for title, section in (
         ("revocation propagation: two replicas on PostgreSQL", scaleout.revocation_propagation),
         ("worker processes: `apikeyd serve --workers W` on SQLite", scaleout.worker_throughput),
@@ -168,6 +176,7 @@ def _report_scaleout(workdir: Path) -> None:
         ("flood: wrong secrets for one key, and unknown lookup ids", flood.flood_costs),
         ("envoy: no auth, its api_key_auth filter, and apikeyd, under wrk", envoy.envoy_comparison),
         ("gRPC CPU per cached Authorize: apikeyd against a bare grpc.aio floor", grpc_cpu.cpu_per_call),
+        ("client library: cached checks in process, revocation, faults, idle streams", client.client_library),
     ):
         _section(title)
         started = time.monotonic()

@@ -105,12 +105,17 @@ def create_keys(server: ServerProcess, count: int) -> list[str]:
 
 @contextlib.contextmanager
 def running_server(
-    workdir: Path, database_url: str = "", extra_args: Sequence[str] = (), name: str = "apikeyd"
+    workdir: Path,
+    database_url: str = "",
+    extra_args: Sequence[str] = (),
+    name: str = "apikeyd",
+    address: str = "",
 ) -> Iterator[ServerProcess]:
-    """`apikeyd serve` on a free loopback port (by default with a fresh SQLite file in workdir, or on
-    `database_url`, already migrated), with `extra_args` added; SIGTERM on the way out."""
+    """`apikeyd serve` on a free loopback port, or on `address` (a server started again where one was killed),
+    by default with a fresh SQLite file in workdir (the same file again for the same workdir), or on
+    `database_url`, already migrated; `extra_args` added; SIGTERM on the way out."""
     workdir.mkdir(parents=True, exist_ok=True)
-    address = f"127.0.0.1:{free_port()}"
+    address = address or f"127.0.0.1:{free_port()}"
     ext_authz_address = f"127.0.0.1:{free_port()}"  # never the fixed default, which `make run` may hold
     log_path = workdir / f"{name}.log"
     database_url = database_url or f"sqlite:///{workdir / 'bench.db'}"
