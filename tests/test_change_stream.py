@@ -147,15 +147,17 @@ def test_a_bad_resume_position_is_refused_saying_what_to_do(server, account, res
     assert "resume_after" in error.details()
 
 
-def test_a_position_too_far_behind_is_out_of_range(server, account, monkeypatch):
+def test_a_position_too_far_behind_is_out_of_range(server, account, monkeypatch, watches):
     from apikeyd import change_stream
 
     monkeypatch.setattr(change_stream, "REPLAY_LIMIT", 2)
     stub = watcher_stub(server, account)
-    first = next(iter(stub.WatchApiKeyChanges(pb.WatchApiKeyChangesRequest(), timeout=10)))
+    watch = Watch(stub)
+    watches.append(watch)
+    position = watch.until(lambda r: r.heartbeat and r.position > 0)[-1].position  # 0 would mean afresh
     for _ in range(3):
         create_key(server.stub, account)
-    error = rpc_error(lambda: next(iter(stub.WatchApiKeyChanges(pb.WatchApiKeyChangesRequest(resume_after=first.position), timeout=10))))
+    error = rpc_error(lambda: next(iter(stub.WatchApiKeyChanges(pb.WatchApiKeyChangesRequest(resume_after=position), timeout=10))))
     assert error.code() == grpc.StatusCode.OUT_OF_RANGE and "start afresh" in error.details()
 
 
@@ -224,7 +226,7 @@ def test_a_stream_that_falls_too_far_behind_is_ended_and_can_resume(server, acco
     # More than the bound at once, as a burst would pile up behind a client that does not read.
     subscription = next(iter(server.app.streams._subscriptions))
     flood = [KeyChange(first.position + i, f"k{i}", account, "", EventKind.UPDATED) for i in range(4)]
-    server.call_soon(lambda: subscription.offer(flood, first.position, None))
+    server.call_soon(lambda: subscription.offer(flood, first.position, None, 0.0))
     assert watch.ended.wait(10)
     assert watch.error is not None and watch.error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "resume_after" in watch.error.details()
@@ -257,3 +259,16 @@ def test_a_long_replay_comes_in_chunks_and_the_first_response_says_the_reach(ser
     assert [r.position for r in responses[:2]] == [position] * 2  # only the last may move on
     assert [c.key_id for r in responses for c in r.changes] == created
     assert responses[0].reach.account_id == account and not responses[1].HasField("reach")
+
+
+def test_change_streams_have_a_bound_of_their_own_and_leave_other_calls_their_places(make_server, account, watches):
+    server = make_server(max_concurrent_rpcs=100, max_change_streams=100)
+    stub = watcher_stub(server, account)
+    watches.extend(Watch(stub) for _ in range(100))
+    for watch in watches:
+        watch.until(lambda r: True)
+    error = rpc_error(lambda: next(iter(stub.WatchApiKeyChanges(pb.WatchApiKeyChangesRequest(), timeout=10))))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "APIKEYD_MAX_CHANGE_STREAMS" in error.details()
+    # 100 streams open, as many as max_concurrent_rpcs: Authorize and management calls still have theirs.
+    key = create_key(server.stub, account).secret
+    assert server.stub.Authorize(pb.AuthorizeRequest(key=key)).allowed

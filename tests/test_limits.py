@@ -419,7 +419,7 @@ def test_the_scope_memo_caches_stay_small_whatever_lists_callers_send():
 def test_calls_at_once_are_bounded_so_open_watch_streams_cannot_pile_up(make_server, database_url):
     """Anyone may open health Watch streams and keep them open; past APIKEYD_MAX_CONCURRENT_RPCS grpc refuses
     further calls instead of keeping state for every one, and serves again once they are gone."""
-    server = make_server(max_concurrent_rpcs=L.MIN_CONCURRENT_RPCS)
+    server = make_server(max_concurrent_rpcs=L.MIN_CONCURRENT_RPCS, max_change_streams=0)  # which grpc's bound adds
     health = health_pb2_grpc.HealthStub(server.channel)
     watches = [health.Watch(health_pb2.HealthCheckRequest(service="")) for _ in range(L.MIN_CONCURRENT_RPCS)]
     try:

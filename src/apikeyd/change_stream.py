@@ -12,12 +12,16 @@ out to the clients that cache Authorize answers (apikeyd.client), each seeing on
   position past the table's largest id (another database), is OUT_OF_RANGE: the client starts afresh.
 * **Cost.** A subscription holds its reach, a list of references to shared change objects (at most
   `MAX_PENDING`; a client that falls that far behind is ended with RESOURCE_EXHAUSTED and resumes), and an
-  event. Publishing is a loop over the subscriptions; each stream's own task does its writes.
+  event. Publishing is a loop over the subscriptions; each stream's own task does its writes. grpc.aio's
+  own state is most of a stream's memory, about 25 KB a call and 15 KB a connection (bench/client.py). At
+  most `max_streams` are open (APIKEYD_MAX_CHANGE_STREAMS); the server adds that many to grpc's bound on
+  calls at once, so that streams never take the places of Authorize and management calls.
 * **Drain.** `end_all` ends every stream (status OK); clients reconnect elsewhere with their position.
 """
 
 import asyncio
 import functools
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -31,6 +35,10 @@ from apikeyd.store import key_changes
 
 MAX_PENDING = 10_000  # changes waiting for one slow stream before it is ended
 REPLAY_LIMIT = 10_000  # events a resumed stream may be behind
+# A heartbeat at most this often per stream (changes go at once): every other read of the feed on SQLite,
+# every read on PostgreSQL. A client's 1 s lease then has half a second to spare, and 500 idle streams
+# cost the server half the CPU that a heartbeat per read did (bench/client.py).
+HEARTBEAT_INTERVAL = 0.45
 
 
 @dataclass(slots=True)
@@ -44,18 +52,19 @@ class Batch:
 
 
 class Subscription:
-    __slots__ = ("_changes", "_position", "_ready", "_synced_at", "ended", "overflowed", "reach")
+    __slots__ = ("_beat_at", "_changes", "_position", "_ready", "_synced_at", "ended", "overflowed", "reach")
 
     def __init__(self, reach: Reach, position: int) -> None:
         self.reach = reach
         self._changes: list[KeyChange] = []
         self._position = position
         self._synced_at: float | None = None
+        self._beat_at = float("-inf")  # when the last heartbeat was taken to be sent
         self._ready = asyncio.Event()
         self.ended = False
         self.overflowed = False
 
-    def offer(self, changes: list[KeyChange], position: int, synced_at: float | None) -> None:
+    def offer(self, changes: list[KeyChange], position: int, synced_at: float | None, now: float) -> None:
         seen = [c for c in changes if self.reach.sees(c.account_id, c.project_id)] if changes else changes
         if len(self._changes) + len(seen) > MAX_PENDING:
             self.overflowed = True
@@ -64,7 +73,7 @@ class Subscription:
         self._position = max(self._position, position)
         if synced_at is not None:
             self._synced_at = synced_at
-        if seen or synced_at is not None:
+        if seen or (self._synced_at is not None and now - self._beat_at >= HEARTBEAT_INTERVAL):
             self._ready.set()
 
     def end(self) -> None:
@@ -82,13 +91,18 @@ class Subscription:
         if self.ended:
             return None
         batch = Batch(self._changes, self._position, self._synced_at)
+        if self._synced_at is not None:
+            self._beat_at = time.monotonic()
         self._changes, self._synced_at = [], None
         return batch
 
 
 class ChangeStreams:
-    def __init__(self, engine: Engine, executor: Executor, position: Callable[[], int | None]) -> None:
+    def __init__(
+        self, engine: Engine, executor: Executor, position: Callable[[], int | None], max_streams: int = 1000
+    ) -> None:
         self._engine = engine
+        self.max_streams = max_streams
         self._executor = executor
         self._position = position  # the feed's low-water mark, None before its first read
         self._subscriptions: set[Subscription] = set()
@@ -98,10 +112,16 @@ class ChangeStreams:
 
     def publish(self, changes: list[KeyChange], position: int, synced_at: float | None) -> None:
         """The change feed's subscriber: on the loop, after each of its reads."""
+        now = time.monotonic()
         for subscription in self._subscriptions:
-            subscription.offer(changes, position, synced_at)
+            subscription.offer(changes, position, synced_at, now)
 
     def subscribe(self, reach: Reach) -> Subscription:
+        if len(self._subscriptions) >= self.max_streams:
+            raise ResourceExhausted(
+                f"{self.max_streams} change streams are open on this server (APIKEYD_MAX_CHANGE_STREAMS); "
+                "retry later or on another replica"
+            )
         subscription = Subscription(reach, self._position() or 0)
         self._subscriptions.add(subscription)
         return subscription

@@ -66,8 +66,11 @@ class Settings:
         "largest request message accepted, bytes (at least 16384); larger ones get RESOURCE_EXHAUSTED from grpc",
     )
     max_concurrent_rpcs: int = _setting(
-        1000, "calls served at once, open health Watch and WatchApiKeyChanges streams included (at least 100); more get "
-        "RESOURCE_EXHAUSTED"
+        1000, "calls served at once, open health Watch streams included (at least 100); more get RESOURCE_EXHAUSTED"
+    )
+    max_change_streams: int = _setting(
+        1000, "WatchApiKeyChanges streams open at once (client-side caches), counted apart from max_concurrent_rpcs; "
+        "more get RESOURCE_EXHAUSTED"
     )
     db_pool_size: int = _setting(5, "database connections kept open (PostgreSQL)")
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")

@@ -94,6 +94,10 @@ def check_request_size(settings: Settings) -> None:
             f"{Settings.env_name('max_concurrent_rpcs')}={settings.max_concurrent_rpcs} is below "
             f"{limits.MIN_CONCURRENT_RPCS}: a busy sidecar alone would be refused"
         )
+    if settings.max_change_streams < 0:
+        raise StartupError(
+            f"{Settings.env_name('max_change_streams')}={settings.max_change_streams}: give 0 (no change streams) or more"
+        )
 
 
 def check_feed_timing(settings: Settings) -> None:
@@ -156,6 +160,7 @@ class App:
             self.repository.engine,
             self.store_executor,
             lambda: None if self.feed.position is None else self.feed.low_water,
+            settings.max_change_streams,
         )
         self.feed.subscriber = self.streams.publish
         self.manager.committed = self.feed.wake
@@ -239,11 +244,12 @@ class Server:
         # (service/wire.py); it wraps the handlers once, as they are registered, not on every call.
         self.wire_errors = WireErrors()
         # A bound on calls at once: each open stream (a health Watch) holds grpc's per-call memory, and anyone
-        # may open them.
+        # may open them. Change streams have a bound of their own (change_stream.py), added here, so that
+        # clients' streams never take the places of other calls.
         self.grpc = self.wire_errors.guard(
             grpc.aio.server(
                 options=[("grpc.so_reuseport", reuse_port), *grpc_limits(app.settings)],
-                maximum_concurrent_rpcs=app.settings.max_concurrent_rpcs,
+                maximum_concurrent_rpcs=app.settings.max_concurrent_rpcs + app.settings.max_change_streams,
             )
         )
         self.health = HealthServicer()

@@ -13,6 +13,7 @@ from apikeyd.domain.model import KeyChange, key_name
 from apikeyd.v1 import api_keys_pb2 as pb
 
 _CHUNK = 1000  # changes per response of a replay: a long one is not one large message
+_RECHECK = 1.0  # seconds between checks of the calling key, unless a change names it
 
 
 def _change(change: KeyChange) -> pb.ApiKeyChange:
@@ -39,9 +40,9 @@ async def stream_changes(
     request: pb.WatchApiKeyChangesRequest,
     context: grpc.aio.ServicerContext,
 ) -> None:
-    """Until the client goes away or the server drains. Before every heartbeat the calling key is checked
-    again, through the cache, so a stream ends once its own key is revoked, disabled, expired or loses
-    `apikeys:authorize`."""
+    """Until the client goes away or the server drains. Before a heartbeat, once a second or when a change
+    names it, the calling key is checked again through the cache, so a stream ends once its own key is
+    revoked, disabled, expired or loses `apikeys:authorize`."""
     if request.resume_after < 0:
         raise InvalidArgument("resume_after", "must be a position from an earlier response, or 0 to start afresh")
     reach = Reach.of(caller)
@@ -58,9 +59,14 @@ async def stream_changes(
                 response.reach.account_id = reach.account_id
                 response.reach.project_id = reach.project_id
             await context.write(response)
+        checked_at = time.monotonic()
+        own = caller.key.key_id if caller.key is not None else ""
         while (batch := await subscription.next()) is not None:
-            if batch.synced_at is not None:
+            if batch.synced_at is not None and (
+                time.monotonic() - checked_at >= _RECHECK or any(c.key_id == own for c in batch.changes)
+            ):
                 await reauthenticate()
+                checked_at = time.monotonic()
             await context.write(_response(batch))
     finally:
         streams.unsubscribe(subscription)
