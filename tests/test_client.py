@@ -299,3 +299,106 @@ def test_keys_outside_the_watchers_reach_are_never_kept(server, account, clients
 def test_the_connection_never_shows_its_token():
     token = "AK_" + "t" * 40
     assert token not in repr(Connection("127.0.0.1:1", token)) and token not in str(Connection("127.0.0.1:1", token))
+
+
+@pytest.mark.parametrize(("scopes", "labels", "name"), [(1, 0, "svc"), (10, 5, "some key"), (100, 64, "é" * 255)])
+def test_an_entrys_weight_is_never_below_what_it_takes(scopes, labels, name):
+    import tracemalloc
+
+    from apikeyd.authorizer.cache import CachedKey
+    from apikeyd.client.local import weight
+    from apikeyd.domain import decide
+    from apikeyd.domain.model import KeyState, VerifiedKey
+    from apikeyd.domain.scopes import ScopeSet
+
+    def verified_entry(i: int, scopes: int, labels: int, name: str) -> CachedKey:
+        """As the client keeps an answer: the decoded key, its ScopeSet, its allowed Decision."""
+        key = VerifiedKey(
+            key_id=f"{i:036d}", account_id=f"acct-{i}", project_id="p" * 63, display_name=name,
+            scopes=tuple(f"res{j}x{i}:act{j}:{{dom{j}x{i}.example.com}}" for j in range(scopes)),
+            labels={f"l{j}x{i}": f"v{j}y{i}" for j in range(labels)},
+            state=KeyState.ACTIVE, rate_limits=(), revoke_time=None,
+        )
+        return CachedKey(key, decide.allowed(key, None, None), ScopeSet(key.scopes), None, None, 0.0)
+
+    tracemalloc.start()
+    try:
+        entries = [verified_entry(i, scopes, labels, name) for i in range(100)]
+        taken = tracemalloc.get_traced_memory()[0] / len(entries)
+    finally:
+        tracemalloc.stop()
+    assert weight(entries[0].key) >= taken
+
+
+def test_a_key_too_large_to_keep_is_asked_about_every_time(server, account, clients):
+    client = watching(server, account, clients)
+    cached(client, create_key(server.stub, account, SCOPES).secret)  # past a new stream's first lease
+    big = create_key(
+        server.stub, account, tuple(f"res{i}:act:{{d{i}.example.com}}" for i in range(100)),
+        labels={f"l{i}": "v" * 63 for i in range(64)}, display_name="é" * 255,
+    ).secret
+    hits = client.cache.stats.hits
+    assert all(client.authorize(big).allowed for _ in range(3)) and client.cache.stats.hits == hits
+
+
+def test_an_answer_the_server_marks_stale_is_never_kept():
+    """stale: given from what the server verified before its database went away (stale-if-error); true then,
+    and perhaps not once the database is back (tests/test_database_outage.py sees the server mark it)."""
+    from apikeyd.client.local import LocalCache, Miss
+    from apikeyd.domain import keys
+    from apikeyd.domain.access import Reach
+
+    cache = LocalCache()
+    cache.reach = Reach(True, "", "")
+    cache.restart(time.monotonic() - 2 * cache.lease)  # long enough ago that nothing is held
+    cache.synced(time.monotonic())
+    presented, _ = keys.generate("AK_", keys.new_lookup_id())
+    answer = pb.AuthorizeResponse(allowed=True, code=0, key_id="k", account_id="a", name="accounts/a/apiKeys/k")
+    for stale in (True, False):
+        miss = cache.lookup(presented, (), "", "")
+        assert isinstance(miss, Miss)
+        answer.stale = stale
+        cache.learn(miss, answer)
+        assert isinstance(cache.lookup(presented, (), "", ""), Miss) is stale  # still a miss only if stale
+
+
+def test_expiry_is_decided_on_the_servers_clock_not_a_slow_hosts(server, account, clients, monkeypatch):
+    import types
+
+    from apikeyd.client import follow, local
+
+    slow = types.SimpleNamespace(time=lambda: time.time() - 120, monotonic=time.monotonic)  # 2 minutes behind
+    monkeypatch.setattr(local, "time", slow)
+    monkeypatch.setattr(follow, "time", slow)
+    client = watching(server, account, clients)
+    expire = pb.ApiKey().expire_time
+    expire.FromDatetime(datetime.now(UTC) + timedelta(seconds=3))
+    key = create_key(server.stub, account, SCOPES, expire_time=expire).secret
+    cached(client, key)
+    decision = wait_for(lambda: (d := client.authorize(key)).code is AuthCode.EXPIRED and d, "the key expiring")
+    assert same(decision, server_says(server, key))
+
+
+def test_no_stream_before_the_servers_feed_has_made_its_first_read(make_server, account, monkeypatch):
+    """Its first read sets the feed's position from the table and reads no event: a stream subscribed
+    before it would get a heartbeat vouching for changes it was never sent."""
+    from apikeyd.authorizer import feed as feed_module
+
+    real = feed_module.key_changes.start_position
+    failing = [True]
+
+    def start_position(*args: Any) -> Any:
+        if failing[0]:
+            raise OSError("the database is not there yet")
+        return real(*args)
+
+    monkeypatch.setattr(feed_module.key_changes, "start_position", start_position)
+    server = make_server()
+    token = create_key(server.stub, account, ("apikeys:authorize",)).secret
+    stub = server.stub_for(token)
+    with pytest.raises(grpc.RpcError) as refused:
+        next(iter(stub.WatchApiKeyChanges(pb.WatchApiKeyChangesRequest(resume_after=1), timeout=10)))
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "first read" in refused.value.details()
+    failing[0] = False
+    wait_for(lambda: server.app.feed.position is not None, "the feed's first read")
+    assert next(iter(stub.WatchApiKeyChanges(pb.WatchApiKeyChangesRequest(), timeout=10))).reach.account_id == account

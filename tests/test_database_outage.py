@@ -180,7 +180,9 @@ def test_verified_keys_outlive_the_database_for_stale_if_error_and_everything_re
         # bearer key is served stale too, so the counter only has to move.)
         assert not server.app.cache.trusted
         stale_hits = server.app.cache.stats.stale_hits
-        assert authorize(stub, cached.secret).code == R.OK  # verified here before: still authorized
+        stale = authorize(stub, cached.secret)
+        assert stale.code == R.OK  # verified here before: still authorized,
+        assert stale.stale  # and said to be, so that no client-side cache keeps it past the outage
         assert server.app.cache.stats.stale_hits > stale_hits
         for issued in (revoked_here, revoked_there, never_seen):
             assert _code(lambda issued=issued: authorize(stub, issued.secret)) == grpc.StatusCode.UNAVAILABLE
@@ -211,7 +213,7 @@ def test_verified_keys_outlive_the_database_for_stale_if_error_and_everything_re
         _wait_for(lambda: not server.app.feed.lost and server.app.cache.trusted, 10, "the feed catches up")
         _wait_for(lambda: len(load.acknowledged) >= 6, 20, "creates succeed again")
         load.stop()
-        assert authorize(stub, cached.secret).code == R.OK
+        assert authorize(stub, cached.secret).code == R.OK and not authorize(stub, cached.secret).stale
         assert authorize(stub, never_seen.secret).code == R.OK
         assert authorize(stub, revoked_here.secret).code == R.REVOKED
         assert authorize(stub, revoked_there.secret).code == R.REVOKED

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 
 from apikeyd.domain.access import Reach
-from apikeyd.domain.errors import OutOfRange, ResourceExhausted
-from apikeyd.domain.model import EventKind, KeyChange
+from apikeyd.domain.errors import OutOfRange, ResourceExhausted, Unavailable
+from apikeyd.domain.model import KeyChange
 from apikeyd.store import key_changes
 
 MAX_PENDING = 10_000  # changes waiting for one slow stream before it is ended
@@ -103,6 +103,7 @@ class ChangeStreams:
     ) -> None:
         self._engine = engine
         self.max_streams = max_streams
+        self.lease = 1.0  # the feed's lease, told to every stream (server.py sets it)
         self._executor = executor
         self._position = position  # the feed's low-water mark, None before its first read
         self._subscriptions: set[Subscription] = set()
@@ -117,12 +118,17 @@ class ChangeStreams:
             subscription.offer(changes, position, synced_at, now)
 
     def subscribe(self, reach: Reach) -> Subscription:
+        position = self._position()
+        if position is None:
+            # The feed's first read sets its position from the table and reads no events: a heartbeat after
+            # it would vouch for changes no stream was sent.
+            raise Unavailable("this server's change feed has not made its first read yet; retry in a moment")
         if len(self._subscriptions) >= self.max_streams:
             raise ResourceExhausted(
                 f"{self.max_streams} change streams are open on this server (APIKEYD_MAX_CHANGE_STREAMS); "
                 "retry later or on another replica"
             )
-        subscription = Subscription(reach, self._position() or 0)
+        subscription = Subscription(reach, position)
         self._subscriptions.add(subscription)
         return subscription
 
@@ -151,9 +157,8 @@ class ChangeStreams:
                 f"resume_after: more than {REPLAY_LIMIT} changes have happened since {after}; start afresh "
                 "(resume_after 0) with an empty cache"
             )
-        seen = [change for change in changes if change.kind is not EventKind.DENIED]
         # Everything up to the position at subscription was committed (or rolled back) before the read.
-        return Batch(seen, max(after, start), None)
+        return Batch(changes, max(after, start), None)
 
     def end_all(self) -> None:
         for subscription in self._subscriptions:

@@ -162,6 +162,7 @@ class App:
             lambda: None if self.feed.position is None else self.feed.low_water,
             settings.max_change_streams,
         )
+        self.streams.lease = self.feed.lease
         self.feed.subscriber = self.streams.publish
         self.manager.committed = self.feed.wake
         self.metrics.watch(

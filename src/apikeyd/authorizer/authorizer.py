@@ -11,6 +11,7 @@ succeeds), misses do not try the database again: a database that hangs must not 
 
 import asyncio
 import contextvars
+import dataclasses
 import functools
 import logging
 import time
@@ -180,9 +181,12 @@ class Authorizer:
         caller: Caller | None,
         required_scopes: Sequence[str],
     ) -> Decision:
-        found = await self._identify_miss(miss)
+        found, stale = await self._verified_or_stale(miss)
         decision = self._conclude(found, required, resource, project_id, caller, required_scopes)
-        return decision if isinstance(decision, Decision) else await decision
+        if not isinstance(decision, Decision):
+            decision = await decision
+        # Said in the answer, so that a client-side cache does not keep it past the outage.
+        return dataclasses.replace(decision, stale=True) if stale else decision
 
     def _conclude(
         self,
@@ -239,13 +243,19 @@ class Authorizer:
         return _Miss(digest, parsed)
 
     async def _identify_miss(self, miss: _Miss) -> CachedKey | Decision:
+        return (await self._verified_or_stale(miss))[0]
+
+    async def _verified_or_stale(self, miss: _Miss) -> tuple[CachedKey | Decision, bool]:
+        """The fresh verification's result, or (while the database does not answer) the entry verified here
+        earlier, and whether it is that stale one."""
         try:
             entry = await self._verify(miss.digest, miss.parsed)
         except Unavailable:
             entry = self.cache.stale(miss.digest)
             if entry is None:
                 raise
-        return NOT_FOUND if entry is None else _usable(entry)
+            return _usable(entry), True
+        return (NOT_FOUND if entry is None else _usable(entry)), False
 
     def database_answered(self, since: float) -> None:
         """A database call begun at monotonic time `since` succeeded (the health watcher's ping)."""

@@ -4,6 +4,8 @@ nothing; a stream that has said nothing for `stall_after` seconds is given up an
 
 import logging
 import random
+import time
+from datetime import UTC
 
 import grpc
 
@@ -40,6 +42,9 @@ class Follower:
             self._first = False
             reach = response.reach
             self._cache.reach = Reach(reach.all_accounts, reach.account_id, reach.project_id)
+            self._cache.server_lease = response.lease.ToTimedelta().total_seconds()
+            # Heartbeats come at least once per server poll interval, which is shorter than its lease.
+            self.stall_after = 2 * self._cache.hold
             if self._fresh:
                 self._cache.restart(received_at)
         if response.changes:
@@ -52,6 +57,9 @@ class Follower:
         if response.heartbeat:
             self._failures = 0
             self.last_heartbeat = received_at
+            if response.HasField("send_time"):
+                # Low by the response's transit, which the stated bound already allows for.
+                self._cache.clock_offset = response.send_time.ToDatetime(UTC).timestamp() - time.time()
             self._cache.synced(received_at - response.sync_age.ToTimedelta().total_seconds())
 
     def ended(self, code: grpc.StatusCode | None, details: str = "") -> float:

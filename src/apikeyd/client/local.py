@@ -2,9 +2,10 @@
 
 * **Keyed** like the server's (authorizer/cache.py, the same class): a keyed digest of the presented
   string, under a key of this process's own, never the string. Bounded in entries (`max_entries`, and
-  `max_negative` strings answered NOT_FOUND) and in bytes: an answer whose key holds more than
-  `MAX_ENTRY_BYTES` of scopes, labels and names is not cached, so the entries hold at most
-  max_entries x MAX_ENTRY_BYTES of such data. A TTL is the safety net.
+  `max_negative` strings answered NOT_FOUND) and in bytes: an answer whose entry would weigh more than
+  `MAX_ENTRY_BYTES` (`weight`, an over-estimate of what tracemalloc measures) is not cached, so the entries
+  hold at most max_entries x MAX_ENTRY_BYTES (80 MiB at the default 10,000; a key with one scope weighs
+  about 1 KB). A TTL is the safety net.
 * **The same decision.** An entry keeps what the server's answer said of the key (identity, scopes,
   expiry, state); a later check with other scopes, another project or at a later time is decided by the
   server's own rules (domain/decide.py), and a malformed string by the same parser, with no call at all.
@@ -17,11 +18,16 @@
 * **Changes.** A reported change drops the key's entries and starts a new generation epoch, so an answer in
   flight from before the change cannot be stored (it still answers its own callers), and a check arriving
   after the change does not join a call made before it (`Miss.generation`). An answer for a key the
-  stream reported changed less than a lease before the call was sent is not stored either: another replica
-  may not have applied the change yet (each does within the lease). A stream that starts afresh (not
-  resumed) clears the cache, and nothing asked before `lease` after its start is stored, for the same reason.
+  stream reported changed less than a lease (ours or the server's, the longer) before the call was sent is
+  not stored either: another replica may not have applied the change yet (each does within the server's
+  lease). A stream that starts afresh (not resumed) clears the cache, and nothing asked before that lease
+  after its start is stored, for the same reason. An answer the server marks `stale` (given from what it
+  verified before its database went away) is not stored.
+* **Time.** Expiry is decided on the server's clock (`clock_offset`, from the heartbeats' send_time), so a
+  host whose clock is behind does not keep allowing an expired key.
 """
 
+import sys
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -39,7 +45,7 @@ from apikeyd.domain.ratelimit import RateOutcome
 from apikeyd.domain.scopes import ScopeSet, parse_required_scopes
 from apikeyd.v1 import api_keys_pb2 as pb
 
-MAX_ENTRY_BYTES = 4096
+MAX_ENTRY_BYTES = 8192  # by weight(): a key of about 25 scopes of 40 characters fits
 _MAX_HELD = 100_000  # recently changed key ids remembered; past this, nothing is stored for a lease
 _STATES = {AuthCode.REVOKED: KeyState.REVOKED, AuthCode.DISABLED: KeyState.DISABLED}
 
@@ -89,9 +95,11 @@ def decision_from_pb(response: pb.AuthorizeResponse) -> Decision:
     )
 
 
-def _size(key: VerifiedKey) -> int:
+def weight(key: VerifiedKey) -> int:
+    """An entry's bytes, over-estimated: its strings as Python holds them, twice over for the tuple, dict,
+    ScopeSet and Decision around them (tracemalloc measures 1.6 to 1.8 times the strings), plus the rest."""
     strings = (key.key_id, key.account_id, key.project_id, key.display_name, *key.scopes, *key.labels.keys(), *key.labels.values())
-    return sum(map(len, strings))
+    return 2 * sum(map(sys.getsizeof, strings)) + 300
 
 
 class LocalCache:
@@ -112,12 +120,23 @@ class LocalCache:
         # The stream's reach (its first response): answers for keys outside it are never kept, as no change
         # to them would reach this cache. None until a stream has said.
         self.reach: Reach | None = None
+        # The server's own lease (the stream's first response): how long its replicas may take to apply a
+        # change; the holds below last the longer of it and ours.
+        self.server_lease = 0.0
+        # The server's clock less this host's, from the stream's heartbeats: expiry is decided on the
+        # server's time, as the server decides it, whatever this host's clock says.
+        self.clock_offset = 0.0
         self._held: dict[str, float] = {}  # key id -> monotonic receipt of its last reported change
         self._hold_all_until = float("-inf")
         self.stats = self._cache.stats
 
     def __len__(self) -> int:
         return len(self._cache)
+
+    @property
+    def hold(self) -> float:
+        """How long after a change no answer about its key is kept."""
+        return max(self.lease, self.server_lease)
 
     @property
     def trusted(self) -> bool:
@@ -136,7 +155,7 @@ class LocalCache:
             entry = self._cache.get(digest)
             if entry is not None:
                 return (
-                    decide.unusable(entry, time.time())
+                    decide.unusable(entry, time.time() + self.clock_offset)
                     or decide.wrong_project(entry, project_id)
                     or decide.lacking_scopes(entry, required, resource)
                     or entry.allowed
@@ -160,6 +179,8 @@ class LocalCache:
         with self._lock:
             if self._cache.generation(miss.lookup_id) != miss.generation or miss.sent_at < self._hold_all_until:
                 return decision
+            if response.stale:  # true while the server's database is out; maybe not once it is back
+                return decision
             if decision.code is AuthCode.NOT_FOUND:
                 self._cache.remember_bad(miss.digest, miss.lookup_id, miss.generation)
                 return decision
@@ -168,9 +189,9 @@ class LocalCache:
             if self.reach is None or not self.reach.sees(key.account_id, key.project_id):
                 return decision
             held = self._held.get(key.key_id)
-            if held is not None and miss.sent_at < held + self.lease:
+            if held is not None and miss.sent_at < held + self.hold:
                 return decision
-            if _size(key) > MAX_ENTRY_BYTES:
+            if weight(key) > MAX_ENTRY_BYTES:
                 return decision
             entry = CachedKey(
                 key=key,
@@ -189,10 +210,10 @@ class LocalCache:
         ids = list(key_ids)
         with self._lock:
             self._cache.apply_remote_changes(ids, created)
-            horizon = received_at - self.lease
+            horizon = received_at - self.hold
             if len(self._held) + len(ids) > _MAX_HELD:
                 self._held.clear()
-                self._hold_all_until = max(self._hold_all_until, received_at + self.lease)
+                self._hold_all_until = max(self._hold_all_until, received_at + self.hold)
             else:
                 for key_id in ids:
                     self._held.pop(key_id, None)  # reinserted last: the dict stays in receipt order
@@ -218,5 +239,5 @@ class LocalCache:
             self._cache.clear()
             self._cache.suspend()
             self._held.clear()
-            self._hold_all_until = max(self._hold_all_until, started_at + self.lease)
+            self._hold_all_until = max(self._hold_all_until, started_at + self.hold)
 

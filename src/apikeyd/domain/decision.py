@@ -33,6 +33,9 @@ class Decision:
     # that a client-side cache can decide again later (domain/decide.py).
     expire_at: float | None = None
     secret_expire_at: float | None = None
+    # Answered from an entry verified earlier while the database does not answer (stale-if-error): true
+    # then, but not to be kept by a client-side cache.
+    stale: bool = False
 
     @property
     def allowed(self) -> bool:

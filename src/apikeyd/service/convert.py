@@ -177,6 +177,7 @@ def decision_to_pb(decision: Decision) -> pb.AuthorizeResponse:
         response.has_limits = bool(key.rate_limits)
         if key.revoke_time is not None:
             response.revoke_time.FromDatetime(key.revoke_time)
+    response.stale = decision.stale
     if decision.expire_at is not None:
         response.expire_time.FromDatetime(datetime.fromtimestamp(decision.expire_at, UTC))
     if decision.secret_expire_at is not None:

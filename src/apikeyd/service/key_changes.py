@@ -30,6 +30,7 @@ def _response(batch: Batch) -> pb.WatchApiKeyChangesResponse:
     if batch.synced_at is not None:
         response.heartbeat = True
         response.sync_age.FromTimedelta(timedelta(seconds=max(time.monotonic() - batch.synced_at, 0.0)))
+        response.send_time.GetCurrentTime()
     return response
 
 
@@ -58,6 +59,7 @@ async def stream_changes(
                 response.reach.all_accounts = reach.everything
                 response.reach.account_id = reach.account_id
                 response.reach.project_id = reach.project_id
+                response.lease.FromTimedelta(timedelta(seconds=streams.lease))
             await context.write(response)
         checked_at = time.monotonic()
         own = caller.key.key_id if caller.key is not None else ""

@@ -1,15 +1,34 @@
 """The reads of `key_events` that follow changes: the change feed's (authorizer/feed.py) and a resumed
 change stream's replay (change_stream.py). Only ids, keys, accounts and kinds: never what a change set."""
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy import Engine, func, or_, select
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
+from apikeyd.domain.errors import Unavailable
 from apikeyd.domain.model import EventKind, KeyChange
 from apikeyd.store.models import KeyEventRow
 
 _COLUMNS = (KeyEventRow.id, KeyEventRow.key_id, KeyEventRow.account_id, KeyEventRow.project_id, KeyEventRow.kind)
+
+
+@contextlib.contextmanager
+def _reading(engine: Engine) -> Iterator[Session]:
+    """A read-only transaction; a database that does not answer is Unavailable, as in repository.py."""
+    try:
+        with Session(engine) as session, session.begin():
+            yield session
+    except (OperationalError, InterfaceError, PoolTimeout) as error:
+        raise Unavailable("the database is unavailable; retry later") from error
+    except DBAPIError as error:
+        if error.connection_invalidated:
+            raise Unavailable("the database connection was lost; retry later") from error
+        raise
 
 
 def _changes(rows: list[Any]) -> list[KeyChange]:
@@ -19,7 +38,7 @@ def _changes(rows: list[Any]) -> list[KeyChange]:
 def start_position(engine: Engine, window: int) -> tuple[int, list[int]]:
     """The largest event id, and the ids present among the `window` below it (what is missing may be a
     transaction that has not committed yet)."""
-    with Session(engine) as session, session.begin():
+    with _reading(engine) as session:
         top = session.execute(select(func.max(KeyEventRow.id))).scalar_one_or_none() or 0
         present = session.scalars(
             select(KeyEventRow.id).where(KeyEventRow.id > top - window, KeyEventRow.id <= top)
@@ -32,7 +51,7 @@ def changes_since(engine: Engine, position: int, gaps: tuple[int, ...], limit: i
     condition = KeyEventRow.id > position
     if gaps:
         condition = or_(condition, KeyEventRow.id.in_(gaps))
-    with Session(engine) as session, session.begin():
+    with _reading(engine) as session:
         rows = session.execute(select(*_COLUMNS).where(condition).order_by(KeyEventRow.id).limit(limit)).all()
         return _changes(list(rows))
 
@@ -41,13 +60,14 @@ def changes_after(
     engine: Engine, after_id: int, limit: int, account_id: str | None = None, project_id: str = ""
 ) -> tuple[list[KeyChange], int]:
     """At most `limit` events after `after_id` (of one account, or one project of it, unless account_id is
-    None), oldest first, DENIED ones included, and the largest event id of all."""
-    query = select(*_COLUMNS).where(KeyEventRow.id > after_id)
+    None), oldest first, DENIED ones left out, and the largest event id of all."""
+    # DENIED rows change no key: tenants' refused calls must not make an operator's stream too far behind.
+    query = select(*_COLUMNS).where(KeyEventRow.id > after_id, KeyEventRow.kind != EventKind.DENIED.value)
     if account_id is not None:
         query = query.where(KeyEventRow.account_id == account_id)
         if project_id:
             query = query.where(KeyEventRow.project_id == project_id)
-    with Session(engine) as session, session.begin():
+    with _reading(engine) as session:
         top = session.execute(select(func.max(KeyEventRow.id))).scalar_one_or_none() or 0
         rows = session.execute(query.order_by(KeyEventRow.id).limit(limit)).all()
         return _changes(list(rows)), int(top)

@@ -197,7 +197,7 @@ class AuthorizeRequest(_message.Message):
     def __init__(self, key: _Optional[str] = ..., required_scopes: _Optional[_Iterable[str]] = ..., resource: _Optional[str] = ..., project_id: _Optional[str] = ...) -> None: ...
 
 class AuthorizeResponse(_message.Message):
-    __slots__ = ("allowed", "code", "message", "key_id", "name", "account_id", "project_id", "scopes", "labels", "limit", "remaining", "retry_after", "missing_scopes", "display_name", "expire_time", "secret_expire_time", "revoke_time", "has_limits")
+    __slots__ = ("allowed", "code", "message", "key_id", "name", "account_id", "project_id", "scopes", "labels", "limit", "remaining", "retry_after", "missing_scopes", "display_name", "expire_time", "secret_expire_time", "revoke_time", "has_limits", "stale")
     class Code(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         OK: _ClassVar[AuthorizeResponse.Code]
@@ -243,6 +243,7 @@ class AuthorizeResponse(_message.Message):
     SECRET_EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
     REVOKE_TIME_FIELD_NUMBER: _ClassVar[int]
     HAS_LIMITS_FIELD_NUMBER: _ClassVar[int]
+    STALE_FIELD_NUMBER: _ClassVar[int]
     allowed: bool
     code: AuthorizeResponse.Code
     message: str
@@ -261,7 +262,8 @@ class AuthorizeResponse(_message.Message):
     secret_expire_time: _timestamp_pb2.Timestamp
     revoke_time: _timestamp_pb2.Timestamp
     has_limits: bool
-    def __init__(self, allowed: _Optional[bool] = ..., code: _Optional[_Union[AuthorizeResponse.Code, str]] = ..., message: _Optional[str] = ..., key_id: _Optional[str] = ..., name: _Optional[str] = ..., account_id: _Optional[str] = ..., project_id: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., limit: _Optional[int] = ..., remaining: _Optional[int] = ..., retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., missing_scopes: _Optional[_Iterable[str]] = ..., display_name: _Optional[str] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., secret_expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoke_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., has_limits: _Optional[bool] = ...) -> None: ...
+    stale: bool
+    def __init__(self, allowed: _Optional[bool] = ..., code: _Optional[_Union[AuthorizeResponse.Code, str]] = ..., message: _Optional[str] = ..., key_id: _Optional[str] = ..., name: _Optional[str] = ..., account_id: _Optional[str] = ..., project_id: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., limit: _Optional[int] = ..., remaining: _Optional[int] = ..., retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., missing_scopes: _Optional[_Iterable[str]] = ..., display_name: _Optional[str] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., secret_expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoke_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., has_limits: _Optional[bool] = ..., stale: _Optional[bool] = ...) -> None: ...
 
 class WatchApiKeyChangesRequest(_message.Message):
     __slots__ = ("resume_after",)
@@ -282,7 +284,7 @@ class ApiKeyChange(_message.Message):
     def __init__(self, event_id: _Optional[int] = ..., api_key: _Optional[str] = ..., key_id: _Optional[str] = ..., kind: _Optional[_Union[AuditEvent.Kind, str]] = ...) -> None: ...
 
 class WatchApiKeyChangesResponse(_message.Message):
-    __slots__ = ("changes", "position", "sync_age", "heartbeat", "reach")
+    __slots__ = ("changes", "position", "sync_age", "heartbeat", "reach", "lease", "send_time")
     class Reach(_message.Message):
         __slots__ = ("all_accounts", "account_id", "project_id")
         ALL_ACCOUNTS_FIELD_NUMBER: _ClassVar[int]
@@ -297,12 +299,16 @@ class WatchApiKeyChangesResponse(_message.Message):
     SYNC_AGE_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     REACH_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    SEND_TIME_FIELD_NUMBER: _ClassVar[int]
     changes: _containers.RepeatedCompositeFieldContainer[ApiKeyChange]
     position: int
     sync_age: _duration_pb2.Duration
     heartbeat: bool
     reach: WatchApiKeyChangesResponse.Reach
-    def __init__(self, changes: _Optional[_Iterable[_Union[ApiKeyChange, _Mapping]]] = ..., position: _Optional[int] = ..., sync_age: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., heartbeat: _Optional[bool] = ..., reach: _Optional[_Union[WatchApiKeyChangesResponse.Reach, _Mapping]] = ...) -> None: ...
+    lease: _duration_pb2.Duration
+    send_time: _timestamp_pb2.Timestamp
+    def __init__(self, changes: _Optional[_Iterable[_Union[ApiKeyChange, _Mapping]]] = ..., position: _Optional[int] = ..., sync_age: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., heartbeat: _Optional[bool] = ..., reach: _Optional[_Union[WatchApiKeyChangesResponse.Reach, _Mapping]] = ..., lease: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., send_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class AuditEvent(_message.Message):
     __slots__ = ("name", "event_id", "kind", "event_time", "api_key", "key_id", "account_id", "project_id", "actor", "actor_key_id", "actor_display_name", "peer", "method", "changed_fields", "reason", "details")

@@ -168,7 +168,7 @@ class ApiKeyServiceServicer:
         the server's change feed: what a client-side cache of Authorize answers needs to drop a changed key
         within a stated bound (apikeyd.client). Needs a key with scope `apikeys:authorize`; it sees its own
         account (a project key, its project), an operator key every account. It runs until the client cancels
-        it or the server drains, which ends it with UNAVAILABLE: reconnect with `resume_after`.
+        it or the server drains, which ends it with status OK: reconnect with `resume_after`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
