@@ -13,6 +13,7 @@ Run by bench.client, whose helpers it uses. Linux only (/proc); everything is on
 
 import asyncio
 import contextlib
+import math
 import multiprocessing
 import statistics
 import time
@@ -24,6 +25,8 @@ from typing import Any
 
 import grpc
 
+from apikeyd.authorizer.feed import SQLITE_POLL_INTERVAL
+from apikeyd.change_stream import HEARTBEAT_INTERVAL
 from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
 from bench import load
@@ -35,6 +38,8 @@ STREAM_ROUNDS = 4
 STREAM_SEQUENTIAL = 1_000
 STREAM_THROUGHPUT = 1.0  # seconds, 48 in flight
 STREAM_SETTLE = 1.0  # seconds after the streams are open or closed before anything is measured
+STREAM_REST = 1.0  # seconds of the server at rest measured each round: two heartbeats per stream
+FLOOR_SECONDS = 2.0  # the floor's heartbeats counted over this long: four per stream
 STREAM_OPEN_TIMEOUT = 60.0
 MUX_CONNECTIONS = 5  # the same streams over few connections: what is per connection, what per stream
 
@@ -149,15 +154,17 @@ def _cpu(pid: int) -> float:
     return cpu
 
 
-# --- the floor for streams: a bare grpc.aio servicer that writes a heartbeat every feed interval ----------
+# --- the floor for streams: a bare grpc.aio servicer that writes a heartbeat as often as apikeyd does --------
 
 FLOOR_START_TIMEOUT = 30.0
-SQLITE_FEED_INTERVAL = 0.25  # apikeyd serve's feed reads SQLite this often, and heartbeats every stream after each
+# apikeyd serve reads its feed on SQLite every SQLITE_POLL_INTERVAL and heartbeats a stream after a read at most
+# every HEARTBEAT_INTERVAL (change_stream.py): after every other read, so one per stream every 0.5 s.
+HEARTBEAT_PERIOD = math.ceil(HEARTBEAT_INTERVAL / SQLITE_POLL_INTERVAL) * SQLITE_POLL_INTERVAL
 
 
 class _HeartbeatFloor(pb_grpc.ApiKeyServiceServicer):
     """WatchApiKeyChanges as little as grpc.aio allows: one response at once, then a constant heartbeat to
-    every stream at each tick, all woken by one event as apikeyd's publish wakes its subscriptions."""
+    every stream every HEARTBEAT_PERIOD, all woken by one event as apikeyd's publish wakes its subscriptions."""
 
     def __init__(self) -> None:
         self._tick = asyncio.Event()
@@ -166,7 +173,7 @@ class _HeartbeatFloor(pb_grpc.ApiKeyServiceServicer):
 
     async def ticker(self) -> None:
         while True:
-            await asyncio.sleep(SQLITE_FEED_INTERVAL)
+            await asyncio.sleep(HEARTBEAT_PERIOD)
             tick, self._tick = self._tick, asyncio.Event()
             tick.set()
 
@@ -236,7 +243,7 @@ def floor_streams() -> _FloorFigures:
                 time.sleep(STREAM_SETTLE)
                 kb = (_rss_kb(pid) - before) / STREAMS
                 beats, cpu = holder.heartbeats(), _cpu(pid)
-                time.sleep(1.0)
+                time.sleep(FLOOR_SECONDS)
                 beats, cpu = holder.heartbeats() - beats, _cpu(pid) - cpu
                 figures.append((kb, cpu * 1e6 / beats if beats else float("nan")))
                 holder.close_streams()
@@ -275,8 +282,8 @@ def _stream_round(
 ) -> _StreamRound:
     started, holder = time.monotonic(), _cpu(holder_pid)
     before = _cpu(pid)
-    time.sleep(0.5)
-    rest = (_cpu(pid) - before) / 0.5
+    time.sleep(STREAM_REST)
+    rest = (_cpu(pid) - before) / STREAM_REST
     request = pb.AuthorizeRequest(key=key, required_scopes=SCOPES)
     latency = load.latency(
         load._sequential(lambda: load._expect_allowed(stub.Authorize(request, timeout=CALL_TIMEOUT)), STREAM_SEQUENTIAL)
@@ -383,7 +390,8 @@ def _stream_lines(
     rate = med(beats)
     yield (
         "  heartbeats",
-        f"{rate:,.0f}/s reached the streams (each stream one per feed read, {1 / SQLITE_FEED_INTERVAL:g}/s on SQLite); "
+        f"{rate:,.0f}/s reached the streams (expected {STREAMS / HEARTBEAT_PERIOD:,.0f}: each stream one every "
+        f"{HEARTBEAT_PERIOD:g} s, every {HEARTBEAT_PERIOD / SQLITE_POLL_INTERVAL:g} feed reads on SQLite); "
         f"the server spent {rest:.2f} cores on them at rest: {rest * 1e6 / rate:.0f} us each, the grpc.aio floor "
         f"{floor.cpu_us_per_heartbeat:.0f} us (x{rest * 1e6 / rate / floor.cpu_us_per_heartbeat:.1f}); the stream "
         f"process took {med(r.holder_cores for r in with_):.2f} cores of the machine's 2",
