@@ -13,7 +13,7 @@ out to the clients that cache Authorize answers (apikeyd.client), each seeing on
 * **Cost.** A subscription holds its reach, a list of references to shared change objects (at most
   `MAX_PENDING`; a client that falls that far behind is ended with RESOURCE_EXHAUSTED and resumes), and an
   event. Publishing is a loop over the subscriptions; each stream's own task does its writes. grpc.aio's
-  own state is most of a stream's memory, about 25 KB a call and 15 KB a connection (bench/client.py). At
+  own state is most of a stream's memory, about 25 KB a call and 15 KB a connection (bench/client_streams.py). At
   most `max_streams` are open (APIKEYD_MAX_CHANGE_STREAMS); the server adds that many to grpc's bound on
   calls at once, so that streams never take the places of Authorize and management calls.
 * **Drain.** `end_all` ends every stream (status OK); clients reconnect elsewhere with their position.
@@ -37,7 +37,7 @@ MAX_PENDING = 10_000  # changes waiting for one slow stream before it is ended
 REPLAY_LIMIT = 10_000  # events a resumed stream may be behind
 # A heartbeat at most this often per stream (changes go at once): every other read of the feed on SQLite,
 # every read on PostgreSQL. A client's 1 s lease then has half a second to spare, and 500 idle streams
-# cost the server half the CPU that a heartbeat per read did (bench/client.py).
+# cost the server half the CPU that a heartbeat per read did (bench/client_streams.py).
 HEARTBEAT_INTERVAL = 0.45
 
 
