@@ -266,19 +266,63 @@ def test_stale_entries_serve_within_stale_if_error_past_the_last_sync_and_never_
     assert refusing.stale(b"d1") is None
 
 
-def test_the_feed_looks_again_for_ids_skipped_below_its_position():
+def test_the_feed_looks_again_for_ids_skipped_below_its_position_until_their_transactions_end():
+    """A gap is dropped once seen, or once a read begins after every transaction that was running when it
+    was first missed has ended: (ended_below, started_below) are PostgreSQL transaction ids (Horizon)."""
     engine = create_engine("sqlite://")
     cache = VerifiedKeyCache()
     feed = ChangeFeed(engine, cache)
     try:
-        feed._apply(10, [], [i for i in range(1, 11) if i != 7])  # 7 was not committed at start
-        assert set(feed._gaps) == {7}
-        feed._apply(None, [KeyChange(12, "k12", "a", "", EventKind.REVOKED)], [])  # 11 commits later than 12
-        assert set(feed._gaps) == {7, 11} and feed.position == 12
-        feed._apply(None, [KeyChange(11, "k11", "a", "", EventKind.REVOKED)], [])
-        assert set(feed._gaps) == {7} and feed.position == 12
+        feed._apply(10, [], [i for i in range(1, 11) if i != 7], (5, 8))  # 7 was not committed at start
+        assert feed._gaps == {7: 8}
+        feed._apply(None, [KeyChange(12, "k12", "a", "", EventKind.REVOKED)], [], (6, 9))  # 11 commits after 12
+        assert feed._gaps == {7: 8, 11: 9} and feed.position == 12
+        feed._apply(None, [KeyChange(11, "k11", "a", "", EventKind.REVOKED)], [], (7, 9))
+        assert feed._gaps == {7: 8} and feed.position == 12
         assert feed.applied == 2
         assert feed.low_water == 6  # what a change stream may say it has sent everything up to
+        for _ in range(3):  # however long it takes: transaction 7 (below 8) has not ended
+            feed._apply(None, [], [], (7, 9))
+        assert feed._gaps == {7: 8}
+        feed._apply(None, [], [], (8, 9))  # every transaction below 8 has ended: 7 was rolled back
+        assert feed._gaps == {} and feed.low_water == 12
     finally:
         feed._executor.shutdown()
         engine.dispose()
+
+
+@pytest.mark.parametrize("outcome", ["commit", "rollback"])
+def test_a_writer_stalled_between_its_insert_and_its_commit_is_waited_for_as_long_as_it_runs(
+    make_server, database_url, account, outcome
+):
+    """PostgreSQL hands out event ids at insert time. A writer that stalls before its commit (a SIGSTOP, a
+    lock) leaves a gap below the feed's position: the feed must still read it when it commits, however late,
+    and give it up only once the writer's transaction has ended without it."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite's writers take turns: no gaps")
+    server = make_server()
+    created = create_key(server.stub, account)
+    _cached_on(server, created.secret)
+    writer = psycopg.connect(database_url.replace("postgresql+psycopg://", "postgresql://"))
+    try:
+        writer.execute("UPDATE api_keys SET state = 'REVOKED', revision = revision + 1 WHERE key_id = %s", (created.api_key.key_id,))
+        held = writer.execute(
+            "INSERT INTO key_events (key_id, account_id, project_id, kind, time, changed_fields, details, actor_key_id,"
+            " actor_name, actor_display_name, peer, method) VALUES (%s, %s, '', 'revoked', now(), '[]', '{}', '', '',"
+            " '', '', '') RETURNING id",
+            (created.api_key.key_id, account),
+        ).fetchone()[0]
+        later = create_key(server.stub, account)  # a later id commits first
+        _wait_for(lambda: (server.app.feed.position or 0) > held)
+        reads = server.app.feed.reads
+        _wait_for(lambda: server.app.feed.reads >= reads + 4, timeout=10)  # read again and again meanwhile
+        assert held in server.app.feed._gaps and server.app.feed.low_water < held
+        assert authorize(server.stub, created.secret).code == R.OK  # the writer has not committed
+        writer.commit() if outcome == "commit" else writer.rollback()
+        if outcome == "commit":
+            _wait_for(lambda: authorize(server.stub, created.secret).code == R.REVOKED, timeout=BOUND * 3)
+        _wait_for(lambda: held not in server.app.feed._gaps, timeout=BOUND * 3)
+        assert server.app.feed.low_water >= held
+        assert authorize(server.stub, later.secret).code == R.OK
+    finally:
+        writer.close()

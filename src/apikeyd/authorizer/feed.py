@@ -39,9 +39,10 @@ Design, simplest correct one:
 * **Ordering.** PostgreSQL hands out sequence ids at insert time, so a transaction with a smaller id can
   commit after one with a larger id that was already read. The feed tracks *gaps*: ids below its position
   it has not seen (and, at start, the missing ids among the last `_START_WINDOW`). Each read asks for
-  `id > position OR id IN (gaps)`; a gap is dropped once seen, or after `_GAP_LIFETIME` seconds (a rolled
-  back insert leaves a permanent hole; mutations are short transactions). The late commit's own
-  notification triggers the read that finds it. On SQLite writers are serialized, so there are no gaps.
+  `id > position OR id IN (gaps)`; a gap is dropped once seen, or once every transaction that was running
+  when it was first missed has ended (a rolled-back insert leaves a permanent hole): never by time alone,
+  as a writer stalled between its insert and its commit may commit later than any time limit
+  (store/key_changes.py, "Horizon"). The late commit's own notification triggers the read that finds it. On SQLite writers are serialized, so there are no gaps.
 """
 
 import asyncio
@@ -71,7 +72,6 @@ LEASE = 1.0  # seconds the cache trusts its entries past the last successful rea
 _READ_TIMEOUT = 1.0  # seconds a read of the feed may take before the cache is suspended
 _BATCH = 1000  # events per read; a longer backlog is read in several
 _START_WINDOW = 1000  # ids below the start position checked for gaps
-_GAP_LIFETIME = 30.0  # seconds an unseen id below the position is still looked for
 _MAX_GAPS = 10_000
 _RETRY_DELAY = 0.25  # seconds between attempts while the feed is lost (more on PostgreSQL: reconnect)
 
@@ -105,7 +105,9 @@ class ChangeFeed:
         self.lost = False  # from a failure until the next successful read
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="feed")
         self.position: int | None = None  # the largest event id seen; None until the first read
-        self._gaps: dict[int, float] = {}  # id -> monotonic time after which it is no longer looked for
+        # id -> the transaction id below which its transaction is (key_changes.Horizon): looked for until
+        # every transaction below it has ended.
+        self._gaps: dict[int, int] = {}
         self._listener: psycopg.AsyncConnection[Any] | None = None
         self._task: asyncio.Task[None] | None = None
         self._pending: Future[Any] | None = None
@@ -224,21 +226,26 @@ class ChangeFeed:
         if self.subscriber is not None and self.position is not None:
             self.subscriber(found, self.low_water, synced_at)
 
-    def _fetch(self, position: int | None, gaps: tuple[int, ...]) -> tuple[int | None, list[KeyChange], list[int]]:
+    def _fetch(
+        self, position: int | None, gaps: tuple[int, ...]
+    ) -> tuple[int | None, list[KeyChange], list[int], key_changes.Horizon]:
         """On the feed's thread: (the start position and the ids present just below it) on the first read,
-        else the events after the position or in a gap."""
+        else the events after the position or in a gap; and the read's horizon."""
         if position is None:
-            top, present = key_changes.start_position(self._engine, _START_WINDOW)
-            return top, [], present
-        return None, key_changes.changes_since(self._engine, position, gaps, _BATCH), []
+            top, present, horizon = key_changes.start_position(self._engine, _START_WINDOW)
+            return top, [], present, horizon
+        changes, horizon = key_changes.changes_since(self._engine, position, gaps, _BATCH)
+        return None, changes, [], horizon
 
-    def _apply(self, start: int | None, events: list[KeyChange], present: list[int]) -> bool:
+    def _apply(
+        self, start: int | None, events: list[KeyChange], present: list[int], horizon: key_changes.Horizon
+    ) -> bool:
         """On the loop: note the position and gaps, invalidate; whether a full batch asks for another read."""
-        now = time.monotonic()
+        ended_below, started_below = horizon if horizon is not None else (0, 0)
         if start is not None:
             self.position = start
             missing = set(range(max(start - _START_WINDOW, 0) + 1, start + 1)) - set(present)
-            self._gaps = {i: now + _GAP_LIFETIME for i in sorted(missing)[-_MAX_GAPS:]}
+            self._gaps = {i: started_below for i in sorted(missing)[-_MAX_GAPS:]}
             return False
         assert self.position is not None
         changed: list[str] = []
@@ -246,7 +253,7 @@ class ChangeFeed:
         for item in events:
             if item.event_id > self.position:
                 for gap in range(self.position + 1, item.event_id):
-                    self._gaps[gap] = now + _GAP_LIFETIME
+                    self._gaps[gap] = started_below
                 self.position = item.event_id
             else:
                 self._gaps.pop(item.event_id, None)
@@ -262,7 +269,8 @@ class ChangeFeed:
         if changed:
             self._cache.apply_remote_changes(changed, created)
             self.applied += len(changed)
-        self._gaps = {i: t for i, t in self._gaps.items() if t > now}
+        # Gaps found before this read whose transactions had all ended when it began: rolled back.
+        self._gaps = {i: below for i, below in self._gaps.items() if below > ended_below}
         if len(self._own) > 1000:  # ids of rolled-back inserts never show up
             self._own = {i for i in self._own if i > self.position or i in self._gaps}
         if len(self._gaps) > _MAX_GAPS:

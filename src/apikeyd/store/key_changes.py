@@ -5,7 +5,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import Engine, func, or_, select
+from sqlalchemy import Engine, func, or_, select, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
@@ -35,25 +35,48 @@ def _changes(rows: list[Any]) -> list[KeyChange]:
     return [KeyChange(int(r.id), r.key_id, r.account_id, r.project_id or "", EventKind(r.kind)) for r in rows]
 
 
-def start_position(engine: Engine, window: int) -> tuple[int, list[int]]:
-    """The largest event id, and the ids present among the `window` below it (what is missing may be a
-    transaction that has not committed yet)."""
+# PostgreSQL's transaction ids around a read (None on SQLite, whose writers take turns and leave no gaps):
+# every transaction below the first had ended before the read began; any transaction holding an id the read
+# did not see (a gap: a later id had committed) is below the second, taken after the read. Once a later
+# read's first is past a gap's second, the gap's transaction is over, and an id that read does not find
+# was rolled back and will never appear. READ COMMITTED: each statement has a snapshot of its own.
+Horizon = tuple[int, int] | None
+_XMIN = text("SELECT pg_snapshot_xmin(pg_current_snapshot())")
+_XMAX = text("SELECT pg_snapshot_xmax(pg_current_snapshot())")
+
+
+def _postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def start_position(engine: Engine, window: int) -> tuple[int, list[int], Horizon]:
+    """The largest event id, the ids present among the `window` below it (what is missing may be a
+    transaction that has not committed yet), and the read's horizon."""
     with _reading(engine) as session:
+        postgres = _postgres(session)
+        ended_below = int(session.execute(_XMIN).scalar_one()) if postgres else 0
         top = session.execute(select(func.max(KeyEventRow.id))).scalar_one_or_none() or 0
         present = session.scalars(
             select(KeyEventRow.id).where(KeyEventRow.id > top - window, KeyEventRow.id <= top)
         ).all()
-        return int(top), [int(i) for i in present]
+        horizon = (ended_below, int(session.execute(_XMAX).scalar_one())) if postgres else None
+        return int(top), [int(i) for i in present], horizon
 
 
-def changes_since(engine: Engine, position: int, gaps: tuple[int, ...], limit: int) -> list[KeyChange]:
-    """The events after `position` or with an id in `gaps`, oldest first, at most `limit`."""
+def changes_since(
+    engine: Engine, position: int, gaps: tuple[int, ...], limit: int
+) -> tuple[list[KeyChange], Horizon]:
+    """The events after `position` or with an id in `gaps`, oldest first, at most `limit`, and the read's
+    horizon."""
     condition = KeyEventRow.id > position
     if gaps:
         condition = or_(condition, KeyEventRow.id.in_(gaps))
     with _reading(engine) as session:
+        postgres = _postgres(session)
+        ended_below = int(session.execute(_XMIN).scalar_one()) if postgres else 0
         rows = session.execute(select(*_COLUMNS).where(condition).order_by(KeyEventRow.id).limit(limit)).all()
-        return _changes(list(rows))
+        horizon = (ended_below, int(session.execute(_XMAX).scalar_one())) if postgres else None
+        return _changes(list(rows)), horizon
 
 
 def changes_after(
