@@ -694,3 +694,32 @@ def test_the_console_script_as_a_containers_health_check_over_mtls(start, pki):
     usage = health(APIKEYD_CLIENT_TLS_KEY="")
     assert usage.returncode == 2 and "--tls-cert (APIKEYD_CLIENT_TLS_CERT) is given but" in usage.stderr
     assert "Traceback" not in refused.stderr + usage.stderr
+
+
+def test_the_client_library_reads_the_clis_tls_variables(start, pki):
+    """apikeyd.client.Connection.from_env: the same APIKEYD_CLIENT_TLS_* as the command line, mTLS included."""
+    from apikeyd.client import AuthCode, AuthorizeError, Client, Connection
+    from apikeyd.domain import keys
+
+    server = start(**_server_settings(pki, mtls=True))
+    unknown, _ = keys.generate("AK_", keys.new_lookup_id())
+    env = {
+        "APIKEYD_ADDRESS": server.address,
+        "APIKEYD_CLIENT_TLS_CA": str(pki.ca.cert_path),
+        "APIKEYD_CLIENT_TLS_CERT": str(pki.client.cert_path),
+        "APIKEYD_CLIENT_TLS_KEY": str(pki.client.key_path),
+    }
+    with Client(Connection.from_env(env), watch=False) as client:
+        assert client.authorize(unknown).code is AuthCode.NOT_FOUND  # the server answered, over mTLS
+    without_certificate = {k: v for k, v in env.items() if "CERT" not in k and "KEY" not in k}
+    with Client(Connection.from_env(without_certificate), watch=False) as client:
+        with pytest.raises(AuthorizeError) as refused:
+            client.authorize(unknown)
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+    for bad, message in [
+        ({**env, "APIKEYD_CLIENT_TLS_CA": str(pki.ca.key_path.parent / "missing.pem")}, "cannot read"),
+        ({"APIKEYD_CLIENT_TLS_CERT": str(pki.client.cert_path)}, "go together"),
+        ({"APIKEYD_CLIENT_TLS": "maybe"}, "neither true nor false"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            Connection.from_env(bad)

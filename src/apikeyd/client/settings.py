@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 import grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+# What the CLI's boolean variables take (click's BOOL).
+_TRUE = {"1", "true", "t", "yes", "y", "on"}
+_FALSE = {"", "0", "false", "f", "no", "n", "off"}
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,10 @@ class Connection:
         ca, cert, key = (environ.get(f"APIKEYD_CLIENT_TLS_{n}", "").strip() for n in ("CA", "CERT", "KEY"))
         server_name = environ.get("APIKEYD_CLIENT_TLS_SERVER_NAME", "").strip() or None
         tls = None
-        if environ.get("APIKEYD_CLIENT_TLS", "").strip().lower() in {"1", "true", "yes", "on"} or ca or cert or key or server_name:
+        flag = environ.get("APIKEYD_CLIENT_TLS", "").strip().lower()
+        if flag not in _TRUE | _FALSE:
+            raise ValueError(f"APIKEYD_CLIENT_TLS: {flag!r} is neither true nor false")
+        if flag in _TRUE or ca or cert or key or server_name:
             if bool(cert) != bool(key):
                 raise ValueError("APIKEYD_CLIENT_TLS_CERT and APIKEYD_CLIENT_TLS_KEY go together: give both or neither")
             tls = ClientTls(
