@@ -173,8 +173,11 @@ def test_an_answer_in_flight_across_a_change_is_not_kept(server, account, client
         position = client.follower.position
         server.stub.RevokeApiKey(pb.RevokeApiKeyRequest(name=created.api_key.name))
         wait_for(lambda: client.follower.position > position, "the client hearing of the revocation")
+        # A check that arrives now must not get the answer of the call made before the change.
+        late = asyncio.run_coroutine_threadsafe(asyncio.to_thread(client.authorize, created.secret), server.loop)
         release.set()
         assert pending.result(10).allowed  # what the server read before the change
+        assert late.result(10).code is AuthCode.REVOKED
     assert client.authorize(created.secret).code is AuthCode.REVOKED
 
 
@@ -402,3 +405,24 @@ def test_no_stream_before_the_servers_feed_has_made_its_first_read(make_server, 
     failing[0] = False
     wait_for(lambda: server.app.feed.position is not None, "the feed's first read")
     assert next(iter(stub.WatchApiKeyChanges(pb.WatchApiKeyChangesRequest(), timeout=10))).reach.account_id == account
+
+
+def test_concurrent_misses_of_one_key_share_one_call(server, account, clients):
+    client = watching(server, account, clients)
+    cached(client, create_key(server.stub, account, SCOPES).secret)  # past a new stream's first lease
+    position = client.follower.position
+    key = create_key(server.stub, account, SCOPES).secret
+    # Its CREATED change first: one arriving during the call would rightly keep its answer out.
+    wait_for(lambda: client.follower.position > position, "the client hearing of the new key")
+    calls = authorize_calls(server)
+    with held_hasher(server, "verify") as (reached, release):
+        checks = [
+            asyncio.run_coroutine_threadsafe(asyncio.to_thread(client.authorize, key, scopes), server.loop)
+            for scopes in [(), ("reports:read",), ("billing:write",)] * 7
+        ]
+        assert reached.wait(10)
+        wait_for(lambda: len(client._flights) == 1, "one call in flight")
+        release.set()
+        decisions = [check.result(10) for check in checks]
+    assert [d.code for d in decisions] == [AuthCode.OK, AuthCode.OK, AuthCode.INSUFFICIENT_SCOPE] * 7
+    assert authorize_calls(server) == calls + 1  # the joiners decided from the entry the one call left

@@ -49,8 +49,8 @@ class Follower:
                 self._cache.restart(received_at)
         if response.changes:
             self._cache.changed(
-                (change.key_id for change in response.changes),
-                any(change.kind == _CREATED for change in response.changes),
+                [change.key_id for change in response.changes],
+                [change.key_id for change in response.changes if change.kind == _CREATED],
                 received_at,
             )
         self.position = max(self.position, response.position)

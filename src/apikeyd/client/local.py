@@ -18,8 +18,8 @@
 * **Changes.** A reported change drops the key's entries and starts a new generation epoch, so an answer in
   flight from before the change cannot be stored (it still answers its own callers), and a check arriving
   after the change does not join a call made before it (`Miss.generation`). An answer for a key the
-  stream reported changed less than a lease (ours or the server's, the longer) before the call was sent is
-  not stored either: another replica may not have applied the change yet (each does within the server's
+  stream reported changed (other than created) less than a lease (ours or the server's, the longer) before
+  the call was sent is not stored either, nor a NOT_FOUND that soon after any key was created: another replica may not have applied the change yet (each does within the server's
   lease). A stream that starts afresh (not resumed) clears the cache, and nothing asked before that lease
   after its start is stored, for the same reason. An answer the server marks `stale` (given from what it
   verified before its database went away) is not stored.
@@ -127,6 +127,7 @@ class LocalCache:
         # server's time, as the server decides it, whatever this host's clock says.
         self.clock_offset = 0.0
         self._held: dict[str, float] = {}  # key id -> monotonic receipt of its last reported change
+        self._created_at = float("-inf")  # monotonic receipt of the last key created
         self._hold_all_until = float("-inf")
         self.stats = self._cache.stats
 
@@ -182,7 +183,8 @@ class LocalCache:
             if response.stale:  # true while the server's database is out; maybe not once it is back
                 return decision
             if decision.code is AuthCode.NOT_FOUND:
-                self._cache.remember_bad(miss.digest, miss.lookup_id, miss.generation)
+                if miss.sent_at >= self._created_at + self.hold:  # else maybe a replica that has not seen it
+                    self._cache.remember_bad(miss.digest, miss.lookup_id, miss.generation)
                 return decision
             if key is None or response.has_limits or decision.code in (AuthCode.MALFORMED, AuthCode.RATE_LIMITED):
                 return decision
@@ -206,10 +208,15 @@ class LocalCache:
 
     # --- what the change stream reports -------------------------------------------------------------
 
-    def changed(self, key_ids: Iterable[str], created: bool, received_at: float) -> None:
-        ids = list(key_ids)
+    def changed(self, key_ids: Iterable[str], created: Iterable[str], received_at: float) -> None:
+        """Changes to `key_ids`, of which `created` are new keys. A new key has no older state that a lagging
+        replica could answer with, so only its NOT_FOUND answers are held back (for a while, none is kept)."""
+        new = set(created)
+        ids = [key_id for key_id in key_ids if key_id not in new]
         with self._lock:
-            self._cache.apply_remote_changes(ids, created)
+            self._cache.apply_remote_changes([*ids, *new], bool(new))
+            if new:
+                self._created_at = received_at
             horizon = received_at - self.hold
             if len(self._held) + len(ids) > _MAX_HELD:
                 self._held.clear()
