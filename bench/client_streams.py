@@ -31,7 +31,7 @@ from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
 from bench import load
 from bench.client import CALL_TIMEOUT, SCOPES, Lines, _create_keys, _LoopThread
-from bench.server_process import ServerProcess, running_server
+from bench.server_process import ServerProcess, running_server, spawned_server
 
 STREAMS = 500
 STREAM_ROUNDS = 4
@@ -156,7 +156,6 @@ def _cpu(pid: int) -> float:
 
 # --- the floor for streams: a bare grpc.aio servicer that writes a heartbeat as often as apikeyd does --------
 
-FLOOR_START_TIMEOUT = 30.0
 # apikeyd serve reads its feed on SQLite every SQLITE_POLL_INTERVAL and heartbeats a stream after a read at most
 # every HEARTBEAT_INTERVAL (change_stream.py): after every other read, so one per stream every 0.5 s.
 HEARTBEAT_PERIOD = math.ceil(HEARTBEAT_INTERVAL / SQLITE_POLL_INTERVAL) * SQLITE_POLL_INTERVAL
@@ -204,24 +203,6 @@ def _floor_main(control: Pipe) -> None:
     uvloop.run(_serve_floor(control))
 
 
-@contextlib.contextmanager
-def _floor_server() -> Iterator[tuple[str, int]]:
-    """(address, pid) of a fresh floor server."""
-    context = multiprocessing.get_context("spawn")
-    control, child = context.Pipe()
-    process = context.Process(target=_floor_main, args=(child,), daemon=True)
-    process.start()
-    child.close()
-    try:
-        if not control.poll(FLOOR_START_TIMEOUT):
-            raise RuntimeError(f"the floor server did not start within {FLOOR_START_TIMEOUT:.0f} s")
-        yield f"127.0.0.1:{control.recv()}", process.pid  # type: ignore[misc]
-    finally:
-        control.close()
-        process.join(10.0)
-        if process.is_alive():
-            process.kill()
-            process.join()
 
 
 @dataclass(frozen=True)
@@ -235,7 +216,7 @@ def floor_streams() -> _FloorFigures:
     """The same opens against fresh floor servers: what grpc.aio itself costs per stream and per heartbeat."""
     figures = []
     for connections in (STREAMS, MUX_CONNECTIONS):
-        with _floor_server() as (address, pid):
+        with spawned_server(_floor_main) as (address, pid):
             holder = _StreamHolder(address, "")
             try:
                 before = _rss_kb(pid)

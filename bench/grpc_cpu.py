@@ -51,7 +51,7 @@ from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
 from bench import cpu_profile
 from bench.load import REQUIRED_SCOPES, Spread
-from bench.server_process import create_keys, running_server
+from bench.server_process import create_keys, running_server, spawned_server
 
 ROUNDS = 7
 CALLS = 4000  # per RPC and round
@@ -59,7 +59,6 @@ CONCURRENCY = 48
 WARMUP_CALLS = 2000
 CALL_TIMEOUT = 10.0  # seconds; a stuck call fails the run instead of hanging it
 CLIENT_TIMEOUT = 900.0  # seconds for the whole client process
-FLOOR_START_TIMEOUT = 30.0
 LABEL = 28
 
 EVENT_LOOP, EVENT_LOOP_KERNEL = "event loop", "of which kernel"
@@ -89,28 +88,13 @@ async def _serve_floor(response: bytes, control: Connection) -> None:
     await server.stop(0)
 
 
-def _floor_main(response: bytes, control: Connection, on_uvloop: bool) -> None:
+def _floor_main(control: Connection, response: bytes, on_uvloop: bool) -> None:
     (uvloop.run if on_uvloop else asyncio.run)(_serve_floor(response, control))
 
 
-@contextlib.contextmanager
-def floor_server(response: bytes, on_uvloop: bool = True) -> Iterator[tuple[str, int]]:
+def floor_server(response: bytes, on_uvloop: bool = True) -> contextlib.AbstractContextManager[tuple[str, int]]:
     """(address, pid) of a floor server answering every Authorize with `response` (serialized)."""
-    context = multiprocessing.get_context("spawn")  # the parent runs gRPC, whose threads do not survive fork
-    control, child_end = context.Pipe()
-    process = context.Process(target=_floor_main, args=(response, child_end, on_uvloop), daemon=True)
-    process.start()
-    child_end.close()
-    try:
-        if not control.poll(FLOOR_START_TIMEOUT):
-            raise RuntimeError(f"the floor server did not start within {FLOOR_START_TIMEOUT:.0f} s")
-        yield f"127.0.0.1:{control.recv()}", process.pid  # type: ignore[misc]
-    finally:
-        control.close()
-        process.join(10.0)
-        if process.is_alive():
-            process.kill()
-            process.join()
+    return spawned_server(_floor_main, response, on_uvloop)
 
 
 # --- CPU time from /proc ----------------------------------------------------------------------------

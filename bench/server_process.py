@@ -1,13 +1,15 @@
 """A real `apikeyd serve` in its own process, started and stopped the way an operator would."""
 
 import contextlib
+import multiprocessing
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -150,3 +152,27 @@ def running_server(
             _stop(server)
         else:
             server.exit_code = process.returncode
+
+
+FLOOR_START_TIMEOUT = 30.0
+
+
+@contextlib.contextmanager
+def spawned_server(target: Callable[..., None], *args: Any) -> Iterator[tuple[str, int]]:
+    """(address, pid) of a server that `target(control, *args)` runs in a fresh process (spawned: the parent
+    runs gRPC, whose threads do not survive a fork) and whose port it sends on `control`."""
+    context = multiprocessing.get_context("spawn")
+    control, child_end = context.Pipe()
+    process = context.Process(target=target, args=(child_end, *args), daemon=True)
+    process.start()
+    child_end.close()
+    try:
+        if not control.poll(FLOOR_START_TIMEOUT):
+            raise RuntimeError(f"the floor server did not start within {FLOOR_START_TIMEOUT:.0f} s")
+        yield f"127.0.0.1:{control.recv()}", process.pid  # type: ignore[misc]
+    finally:
+        control.close()
+        process.join(10.0)
+        if process.is_alive():
+            process.kill()
+            process.join()

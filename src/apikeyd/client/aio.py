@@ -11,7 +11,6 @@ import grpc
 from apikeyd.client.errors import AuthorizeError, from_rpc_error
 from apikeyd.client.local import Miss
 from apikeyd.client.parts import ClientParts
-from apikeyd.client.settings import Connection
 from apikeyd.client.sync import lookup
 from apikeyd.domain.decision import Decision
 from apikeyd.v1 import api_keys_pb2 as pb
@@ -19,23 +18,18 @@ from apikeyd.v1 import api_keys_pb2 as pb
 
 class AsyncClient(ClientParts):
     """Client's twin for asyncio: the same cache, decisions and errors. Create it, and call `close`, on the
-    loop it is used from; `keys` holds the management calls, to await."""
+    loop it is used from; `keys` holds the management calls, to await. The arguments are ClientParts'."""
 
-    def __init__(
-        self,
-        connection: Connection | None = None,
-        *,
-        watch: bool = True,
-        lease: float = 1.0,
-        max_entries: int = 10_000,
-        ttl: float = 60.0,
-        negative_ttl: float = 10.0,
-    ) -> None:
-        super().__init__(connection, True, watch, lease, max_entries, ttl, negative_ttl)
-        self._flights: dict[bytes, tuple[int, asyncio.Future[None]]] = {}
-        self._task: asyncio.Task[None] | None = None
-        if watch:
-            self._task = asyncio.get_running_loop().create_task(self._follow(), name="apikeyd-change-stream")
+    _aio = True
+    _task: "asyncio.Task[None] | None" = None
+
+    _flights: dict[bytes, tuple[int, "asyncio.Future[None]"]]
+
+    def _prepare(self) -> None:
+        self._flights = {}
+
+    def _watch(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._follow(), name="apikeyd-change-stream")
 
     async def __aenter__(self) -> "AsyncClient":
         return self

@@ -39,7 +39,7 @@ import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, Generic, NoReturn, TypeVar
 
 import grpc
 
@@ -215,22 +215,29 @@ def _iterate_in(context: contextvars.Context, responses: Iterator[Any]) -> Itera
             context.run(close)
 
 
-class ApiKeyInterceptor(grpc.ServerInterceptor):
-    """For grpc.server: the check is a blocking Client.authorize on the handler's worker thread. The identity
-    is set in a copy of the context the call runs in: recent grpc gives each call a fresh one, and the copy
-    keeps an identity from staying behind for a worker thread's next call on any grpc."""
+C = TypeVar("C", Client, AsyncClient)
+
+
+class _Guard(Generic[C]):
+    """What both interceptors are made with: the client, and the methods' rules (see the module's docs)."""
 
     def __init__(
         self,
-        client: Client,
+        client: C,
         methods: Mapping[str, Rule | Sequence[str]],
         *,
         public: Collection[str] = (),
         unlisted: Rule | None = None,
         header: str = "authorization",
     ) -> None:
-        self._client = client
+        self._client: C = client
         self._policy = _Policy(methods, public, unlisted, header)
+
+
+class ApiKeyInterceptor(_Guard[Client], grpc.ServerInterceptor):
+    """For grpc.server: the check is a blocking Client.authorize on the handler's worker thread. The identity
+    is set in a copy of the context the call runs in: recent grpc gives each call a fresh one, and the copy
+    keeps an identity from staying behind for a worker thread's next call on any grpc."""
 
     def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None], details: grpc.HandlerCallDetails
@@ -273,21 +280,9 @@ async def _abort_aio(context: grpc.aio.ServicerContext, denial: _Denial) -> NoRe
     raise AssertionError("grpc's abort returned")  # it raises; this says so to the type checker
 
 
-class AsyncApiKeyInterceptor(grpc.aio.ServerInterceptor):
+class AsyncApiKeyInterceptor(_Guard[AsyncClient], grpc.aio.ServerInterceptor):
     """For grpc.aio.server: the check awaits AsyncClient.authorize in the call's own task (a cached answer
     awaits nothing), where the identity is then set for the handler and unset after it."""
-
-    def __init__(
-        self,
-        client: AsyncClient,
-        methods: Mapping[str, Rule | Sequence[str]],
-        *,
-        public: Collection[str] = (),
-        unlisted: Rule | None = None,
-        header: str = "authorization",
-    ) -> None:
-        self._client = client
-        self._policy = _Policy(methods, public, unlisted, header)
 
     async def intercept_service(
         self,

@@ -11,20 +11,39 @@ from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
 
 
 class ClientParts:
+    """Construction is the same for both clients; each adds its own state (`_prepare`) and follows the
+    stream its own way (`_watch`)."""
+
+    _aio = False
+
     def __init__(
         self,
-        connection: Connection | None,
-        aio: bool,
-        watch: bool,
-        lease: float,
-        max_entries: int,
-        ttl: float,
-        negative_ttl: float,
+        connection: Connection | None = None,
+        *,
+        watch: bool = True,
+        lease: float = 1.0,
+        max_entries: int = 10_000,
+        ttl: float = 60.0,
+        negative_ttl: float = 10.0,
     ) -> None:
+        """`connection`: Connection.from_env() by default. `watch=False` follows no stream and so keeps no
+        cache: every check is a call. `lease`: how long past a heartbeat the cache is trusted. `max_entries`,
+        `ttl`, `negative_ttl`: the cache's bounds (local.py)."""
         self.connection = connection if connection is not None else Connection.from_env()
-        self._channel: Any = self.connection.aio_channel() if aio else self.connection.channel()
+        self._channel: Any = self.connection.aio_channel() if self._aio else self.connection.channel()
         self._stub = pb_grpc.ApiKeyServiceStub(self._channel)
         self.keys = Keys(self._stub, self.connection)
         # Without a stream nothing may be cached: no change would ever reach it.
         self.cache = LocalCache(lease, max_entries if watch else 0, ttl, negative_ttl if watch else 0.0)
         self.follower = Follower(self.cache)
+        self._prepare()
+        if watch:
+            self._watch()
+
+    def _prepare(self) -> None:
+        """The client's own state: its calls in flight."""
+        raise NotImplementedError
+
+    def _watch(self) -> None:
+        """Start following the change stream."""
+        raise NotImplementedError

@@ -11,7 +11,6 @@ import grpc
 from apikeyd.client.errors import AuthorizeError, from_rpc_error
 from apikeyd.client.local import LocalCache, Miss
 from apikeyd.client.parts import ClientParts
-from apikeyd.client.settings import Connection
 from apikeyd.domain.decision import Decision
 from apikeyd.domain.echo import refuse_key
 from apikeyd.domain.errors import InvalidArgument
@@ -33,27 +32,20 @@ def lookup(cache: LocalCache, key: str, scopes: Sequence[str], resource: str, pr
 class Client(ClientParts):
     """Authorize with a local cache that the server's change stream keeps fresh (apikeyd.client.local).
 
-    `watch=False` keeps no cache: every check is a call. `keys` holds the management calls."""
+    `keys` holds the management calls; the arguments are ClientParts'."""
 
-    def __init__(
-        self,
-        connection: Connection | None = None,
-        *,
-        watch: bool = True,
-        lease: float = 1.0,
-        max_entries: int = 10_000,
-        ttl: float = 60.0,
-        negative_ttl: float = 10.0,
-    ) -> None:
-        super().__init__(connection, False, watch, lease, max_entries, ttl, negative_ttl)
-        self._flights: dict[bytes, tuple[int, Future[None]]] = {}
+    _flights: dict[bytes, tuple[int, "Future[None]"]]
+    _thread: threading.Thread | None = None
+    _stream: grpc.Future | None = None
+
+    def _prepare(self) -> None:
+        self._flights = {}
         self._flights_lock = threading.Lock()
         self._closed = threading.Event()
-        self._stream: grpc.Future | None = None
-        self._thread: threading.Thread | None = None
-        if watch:
-            self._thread = threading.Thread(target=self._follow, name="apikeyd-change-stream", daemon=True)
-            self._thread.start()
+
+    def _watch(self) -> None:
+        self._thread = threading.Thread(target=self._follow, name="apikeyd-change-stream", daemon=True)
+        self._thread.start()
 
     def __enter__(self) -> "Client":
         return self
