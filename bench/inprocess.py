@@ -12,10 +12,11 @@ from pathlib import Path
 
 import grpc
 
+from apikeyd.app import App
 from apikeyd.authorizer.hashing import Argon2Parameters, SecretHasher
 from apikeyd.config import Settings
 from apikeyd.lifecycle import NewKey
-from apikeyd.server import App, Server
+from apikeyd.server import Server
 from apikeyd.store import migrate
 from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc

@@ -26,11 +26,12 @@ import psycopg
 import pytest
 import uvloop
 
+from apikeyd.app import App
 from apikeyd.config import Settings
 from apikeyd.domain import keys
 from apikeyd.lifecycle import NewKey
 from apikeyd.logs import JsonFormatter
-from apikeyd.server import App, Server
+from apikeyd.server import Server
 from apikeyd.store import migrate
 from apikeyd.store.repository import create_db_engine
 from apikeyd.v1 import api_keys_pb2 as pb

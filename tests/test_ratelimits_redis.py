@@ -21,10 +21,10 @@ import redis
 from google.protobuf.duration_pb2 import Duration
 from prometheus_client import generate_latest
 
+from apikeyd.app import App, StartupError
 from apikeyd.authorizer.redis_ratelimits import RATE_LIMIT_ERRORS, RedisRateLimiter
 from apikeyd.config import Settings
 from apikeyd.domain.model import RateLimit
-from apikeyd.server import App, StartupError
 from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
 from tests.conftest import BearerCredentials, authorize, create_key, free_port

@@ -137,7 +137,8 @@ def _check_ext_authz_listen(settings: Settings) -> None:
 
 def _check_before_start(settings: Settings) -> None:
     """What would stop every worker alike is found once, here, with a clear message (exit 2)."""
-    from apikeyd.server import StartupError, check_key_prefixes, prepare_database
+    from apikeyd.app import StartupError, check_key_prefixes
+    from apikeyd.server import prepare_database
     from apikeyd.store.repository import create_db_engine
 
     _check_shared_port(

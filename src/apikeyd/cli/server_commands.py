@@ -177,8 +177,9 @@ def admin_key_create(display_name: str, scopes: tuple[str, ...], database_url: s
 
 
 async def _create_operator_key(settings: Settings, display_name: str, scopes: tuple[str, ...]) -> "IssuedKey":
+    from apikeyd.app import App
     from apikeyd.lifecycle import NewKey
-    from apikeyd.server import App, prepare_database
+    from apikeyd.server import prepare_database
 
     app = App(settings)
     try:
