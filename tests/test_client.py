@@ -426,3 +426,10 @@ def test_concurrent_misses_of_one_key_share_one_call(server, account, clients):
         decisions = [check.result(10) for check in checks]
     assert [d.code for d in decisions] == [AuthCode.OK, AuthCode.OK, AuthCode.INSUFFICIENT_SCOPE] * 7
     assert authorize_calls(server) == calls + 1  # the joiners decided from the entry the one call left
+
+
+def test_one_scope_may_be_given_as_a_string(server, account, clients):
+    client = watching(server, account, clients)
+    key = create_key(server.stub, account, SCOPES).secret
+    assert client.authorize(key, "reports:read").allowed
+    assert client.authorize(key, "billing:write").missing_scopes == ("billing:write",)

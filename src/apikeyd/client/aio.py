@@ -48,6 +48,8 @@ class AsyncClient(ClientParts):
         self, key: str, scopes: Sequence[str] = (), resource: str = "", project_id: str = ""
     ) -> Decision:
         """As Client.authorize; a cached answer costs no await of anything."""
+        if isinstance(scopes, str):  # one scope, not its characters
+            scopes = (scopes,)
         found = lookup(self.cache, key, scopes, resource, project_id)
         if isinstance(found, Decision):
             return found

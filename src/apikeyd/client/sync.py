@@ -66,7 +66,9 @@ class Client(ClientParts):
         self, key: str, scopes: Sequence[str] = (), resource: str = "", project_id: str = ""
     ) -> Decision:
         """The server's decision for a presented key, from the cache when it can be trusted; AuthorizeError
-        when the server cannot be asked (never an allow)."""
+        when the server cannot be asked (never an allow). `scopes`: the required ones, or one as a string."""
+        if isinstance(scopes, str):  # one scope, not its characters
+            scopes = (scopes,)
         found = lookup(self.cache, key, scopes, resource, project_id)
         if isinstance(found, Decision):
             return found
