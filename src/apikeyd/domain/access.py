@@ -103,8 +103,11 @@ class Caller:
         """The project the caller is confined to; empty for an account-wide or operator key."""
         return "" if self.operator or self.key is None else self.key.project_id
 
+    def may(self, right: tuple[str, str]) -> bool:
+        return self.scopes is None or self.scopes.grants(right, "")
+
     def require(self, right: tuple[str, str]) -> None:
-        if self.scopes is not None and not self.scopes.grants(right, ""):
+        if not self.may(right):
             raise Refused(RULE_RIGHT, f"the calling key lacks the scope {right[0]}:{right[1]}")
 
     def check_account(self, account_id: str) -> None:

@@ -26,11 +26,16 @@ def _change(change: KeyChange) -> pb.ApiKeyChange:
 
 
 def _response(batch: Batch) -> pb.WatchApiKeyChangesResponse:
-    response = pb.WatchApiKeyChangesResponse(changes=map(_change, batch.changes), position=batch.position)
+    response = pb.WatchApiKeyChangesResponse(position=batch.position)
+    if batch.changes:
+        response.changes.extend(map(_change, batch.changes))
     if batch.synced_at is not None:
+        # Stamped as it is written, by hand: protobuf's FromTimedelta and GetCurrentTime are Python code, a
+        # tenth of a heartbeat's CPU with 500 streams (py-spy).
         response.heartbeat = True
-        response.sync_age.FromTimedelta(timedelta(seconds=max(time.monotonic() - batch.synced_at, 0.0)))
-        response.send_time.GetCurrentTime()
+        age_ns = max(time.monotonic_ns() - int(batch.synced_at * 1e9), 0)
+        response.sync_age.seconds, response.sync_age.nanos = divmod(age_ns, 1_000_000_000)
+        response.send_time.seconds, response.send_time.nanos = divmod(time.time_ns(), 1_000_000_000)
     return response
 
 
