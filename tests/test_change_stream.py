@@ -272,3 +272,35 @@ def test_change_streams_have_a_bound_of_their_own_and_leave_other_calls_their_pl
     # 100 streams open, as many as max_concurrent_rpcs: Authorize and management calls still have theirs.
     key = create_key(server.stub, account).secret
     assert server.stub.Authorize(pb.AuthorizeRequest(key=key)).allowed
+
+
+def test_a_client_that_stops_answering_gives_its_stream_back(make_server, account):
+    """A client process SIGSTOPped (or a host gone) sends nothing, not even a FIN: the server's pings
+    (APIKEYD_KEEPALIVE_INTERVAL) find it, and its stream's place and memory are freed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    server = make_server(keepalive_interval=0.5)
+    token = create_key(server.stub, account, ("apikeys:authorize",)).secret
+    program = (
+        "import sys, grpc\n"
+        "from apikeyd.v1 import api_keys_pb2 as pb, api_keys_pb2_grpc as pb_grpc\n"
+        "channel = grpc.insecure_channel(sys.argv[1])\n"
+        "stream = pb_grpc.ApiKeyServiceStub(channel).WatchApiKeyChanges(\n"
+        "    pb.WatchApiKeyChangesRequest(), metadata=[('authorization', 'Bearer ' + sys.argv[2])])\n"
+        "next(stream)\n"
+        "print('open', flush=True)\n"
+        "for _ in stream:\n"
+        "    pass\n"
+    )
+    client = subprocess.Popen([sys.executable, "-c", program, server.address, token], stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout is not None and client.stdout.readline() == "open\n"
+        wait_for(lambda: len(server.app.streams) == 1, "the stream open")
+        os.kill(client.pid, signal.SIGSTOP)
+        wait_for(lambda: len(server.app.streams) == 0, "the stopped client's stream given back", timeout=30)
+    finally:
+        client.kill()
+        client.wait(10)

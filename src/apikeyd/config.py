@@ -68,6 +68,10 @@ class Settings:
     max_concurrent_rpcs: int = _setting(
         1000, "calls served at once, open health Watch streams included (at least 100); more get RESOURCE_EXHAUSTED"
     )
+    keepalive_interval: float = _setting(
+        60.0, "seconds between HTTP/2 pings on a connection the client has sent nothing on; one unanswered for as "
+        "long is closed, with its calls, so a client that vanished holds no stream (0 disables)"
+    )
     max_change_streams: int = _setting(
         1000, "WatchApiKeyChanges streams open at once (client-side caches), counted apart from max_concurrent_rpcs; "
         "more get RESOURCE_EXHAUSTED"

@@ -73,6 +73,20 @@ def grpc_limits(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
+def _keepalive(settings: Settings) -> list[tuple[str, int]]:
+    """Pings that find a client gone without a word (a host that vanished, a process stopped): its change
+    streams would otherwise hold their places, and grpc's per-call memory, for as long as TCP does."""
+    if settings.keepalive_interval <= 0:
+        return []
+    interval = max(int(settings.keepalive_interval * 1000), 1)
+    return [
+        ("grpc.keepalive_time_ms", interval),
+        ("grpc.keepalive_timeout_ms", interval),
+        # What grpc (1.85) waits for a ping's answer: without it, 60 s, and a stopped client's stream stays.
+        ("grpc.http2.ping_timeout_ms", interval),
+    ]
+
+
 class Server:
     def __init__(self, app: App) -> None:
         self.app = app
@@ -88,7 +102,7 @@ class Server:
         # clients' streams never take the places of other calls.
         self.grpc = self.wire_errors.guard(
             grpc.aio.server(
-                options=[("grpc.so_reuseport", reuse_port), *grpc_limits(app.settings)],
+                options=[("grpc.so_reuseport", reuse_port), *grpc_limits(app.settings), *_keepalive(app.settings)],
                 maximum_concurrent_rpcs=app.settings.max_concurrent_rpcs + app.settings.max_change_streams,
             )
         )
