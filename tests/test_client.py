@@ -433,3 +433,15 @@ def test_one_scope_may_be_given_as_a_string(server, account, clients):
     key = create_key(server.stub, account, SCOPES).secret
     assert client.authorize(key, "reports:read").allowed
     assert client.authorize(key, "billing:write").missing_scopes == ("billing:write",)
+
+
+@pytest.mark.parametrize("change", ["revoke", "disable"])
+def test_a_refusal_kept_in_the_cache_says_what_the_server_says(server, account, clients, change):
+    client = watching(server, account, clients)
+    created = create_key(server.stub, account, SCOPES)
+    CHANGES[change](server, created.api_key.name)
+    cached(client, created.secret)  # past the hold after the change: the refusal itself is kept
+    hits = client.cache.stats.hits
+    decision = client.authorize(created.secret)
+    assert client.cache.stats.hits == hits + 1 and not decision.allowed
+    assert same(decision, server_says(server, created.secret))
