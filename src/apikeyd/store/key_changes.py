@@ -2,33 +2,23 @@
 change stream's replay (change_stream.py). Only ids, keys, accounts and kinds: never what a change set."""
 
 import contextlib
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, func, or_, select, text
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
-from apikeyd.domain.errors import Unavailable
 from apikeyd.domain.model import EventKind, KeyChange
 from apikeyd.store.models import KeyEventRow
+from apikeyd.store.repository import database_errors
 
 _COLUMNS = (KeyEventRow.id, KeyEventRow.key_id, KeyEventRow.account_id, KeyEventRow.project_id, KeyEventRow.kind)
 
 
 @contextlib.contextmanager
 def _reading(engine: Engine) -> Iterator[Session]:
-    """A read-only transaction; a database that does not answer is Unavailable, as in repository.py."""
-    try:
-        with Session(engine) as session, session.begin():
-            yield session
-    except (OperationalError, InterfaceError, PoolTimeout) as error:
-        raise Unavailable("the database is unavailable; retry later") from error
-    except DBAPIError as error:
-        if error.connection_invalidated:
-            raise Unavailable("the database connection was lost; retry later") from error
-        raise
+    with database_errors(), Session(engine) as session, session.begin():
+        yield session
 
 
 def _changes(rows: list[Any]) -> list[KeyChange]:
@@ -43,24 +33,32 @@ def _changes(rows: list[Any]) -> list[KeyChange]:
 Horizon = tuple[int, int] | None
 _XMIN = text("SELECT pg_snapshot_xmin(pg_current_snapshot())")
 _XMAX = text("SELECT pg_snapshot_xmax(pg_current_snapshot())")
+T = TypeVar("T")
 
 
-def _postgres(session: Session) -> bool:
-    return session.get_bind().dialect.name == "postgresql"
+def _with_horizon(session: Session, read: Callable[[], T]) -> tuple[T, Horizon]:
+    """`read()` in `session`, between the two ids of its Horizon on PostgreSQL."""
+    if session.get_bind().dialect.name != "postgresql":
+        return read(), None
+    ended_below = int(session.execute(_XMIN).scalar_one())
+    result = read()
+    return result, (ended_below, int(session.execute(_XMAX).scalar_one()))
 
 
 def start_position(engine: Engine, window: int) -> tuple[int, list[int], Horizon]:
     """The largest event id, the ids present among the `window` below it (what is missing may be a
     transaction that has not committed yet), and the read's horizon."""
     with _reading(engine) as session:
-        postgres = _postgres(session)
-        ended_below = int(session.execute(_XMIN).scalar_one()) if postgres else 0
-        top = session.execute(select(func.max(KeyEventRow.id))).scalar_one_or_none() or 0
-        present = session.scalars(
-            select(KeyEventRow.id).where(KeyEventRow.id > top - window, KeyEventRow.id <= top)
-        ).all()
-        horizon = (ended_below, int(session.execute(_XMAX).scalar_one())) if postgres else None
-        return int(top), [int(i) for i in present], horizon
+
+        def read() -> tuple[int, list[int]]:
+            top = session.execute(select(func.max(KeyEventRow.id))).scalar_one_or_none() or 0
+            present = session.scalars(
+                select(KeyEventRow.id).where(KeyEventRow.id > top - window, KeyEventRow.id <= top)
+            ).all()
+            return int(top), [int(i) for i in present]
+
+        (top, present), horizon = _with_horizon(session, read)
+        return top, present, horizon
 
 
 def changes_since(
@@ -71,12 +69,9 @@ def changes_since(
     condition = KeyEventRow.id > position
     if gaps:
         condition = or_(condition, KeyEventRow.id.in_(gaps))
+    query = select(*_COLUMNS).where(condition).order_by(KeyEventRow.id).limit(limit)
     with _reading(engine) as session:
-        postgres = _postgres(session)
-        ended_below = int(session.execute(_XMIN).scalar_one()) if postgres else 0
-        rows = session.execute(select(*_COLUMNS).where(condition).order_by(KeyEventRow.id).limit(limit)).all()
-        horizon = (ended_below, int(session.execute(_XMAX).scalar_one())) if postgres else None
-        return _changes(list(rows)), horizon
+        return _with_horizon(session, lambda: _changes(list(session.execute(query).all())))
 
 
 def changes_after(

@@ -201,6 +201,23 @@ def _refused_for_its_size(error: DBAPIError) -> bool:
     )
 
 
+@contextlib.contextmanager
+def database_errors() -> Iterator[None]:
+    """A database that does not answer as Unavailable, and a statement it refuses for its size as
+    InvalidArgument: what every store read and write raises instead of SQLAlchemy's errors."""
+    try:
+        yield
+    except (OperationalError, InterfaceError, PoolTimeout) as error:
+        if isinstance(error, DBAPIError) and _refused_for_its_size(error):
+            # The request's doing: retrying it later fails the same way, so not UNAVAILABLE.
+            raise InvalidArgument("request", "is too large or complex for the database; send a smaller one") from error
+        raise Unavailable("the database is unavailable; retry later") from error
+    except DBAPIError as error:
+        if error.connection_invalidated:
+            raise Unavailable("the database connection was lost; retry later") from error
+        raise
+
+
 class Repository:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -216,18 +233,8 @@ class Repository:
 
     @contextlib.contextmanager
     def _transaction(self, write: bool) -> Iterator[Session]:
-        try:
-            with (self._write if write else self._read).begin() as session:
-                yield session
-        except (OperationalError, InterfaceError, PoolTimeout) as error:
-            if isinstance(error, DBAPIError) and _refused_for_its_size(error):
-                # The request's doing: retrying it later fails the same way, so not UNAVAILABLE.
-                raise InvalidArgument("request", "is too large or complex for the database; send a smaller one") from error
-            raise Unavailable("the database is unavailable; retry later") from error
-        except DBAPIError as error:
-            if error.connection_invalidated:
-                raise Unavailable("the database connection was lost; retry later") from error
-            raise
+        with database_errors(), (self._write if write else self._read).begin() as session:
+            yield session
 
     def ping(self) -> None:
         with self._transaction(write=False) as session:
