@@ -113,13 +113,8 @@ class App:
         )
         # The feed's reads, fanned out to WatchApiKeyChanges streams (change_stream.py).
         self.streams = ChangeStreams(
-            self.repository.engine,
-            self.store_executor,
-            lambda: None if self.feed.position is None else self.feed.low_water,
-            settings.max_change_streams,
+            self.feed, self.repository.engine, self.store_executor, settings.max_change_streams
         )
-        self.streams.lease = self.feed.lease
-        self.feed.subscriber = self.streams.publish
         self.manager.committed = self.feed.wake
         self.metrics.watch(
             cache=self.cache,

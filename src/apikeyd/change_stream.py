@@ -22,12 +22,12 @@ out to the clients that cache Authorize answers (apikeyd.client), each seeing on
 import asyncio
 import functools
 import time
-from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
+from apikeyd.authorizer.feed import ChangeFeed
 from apikeyd.domain.access import Reach
 from apikeyd.domain.errors import OutOfRange, ResourceExhausted, Unavailable
 from apikeyd.domain.model import KeyChange
@@ -64,6 +64,11 @@ class Subscription:
         self.ended = False
         self.overflowed = False
 
+    @property
+    def position(self) -> int:
+        """Every change in reach up to this event id has been, or is about to be, sent."""
+        return self._position
+
     def offer(self, changes: list[KeyChange], position: int, synced_at: float | None, now: float) -> None:
         seen = [c for c in changes if self.reach.sees(c.account_id, c.project_id)] if changes else changes
         if len(self._changes) + len(seen) > MAX_PENDING:
@@ -98,15 +103,20 @@ class Subscription:
 
 
 class ChangeStreams:
-    def __init__(
-        self, engine: Engine, executor: Executor, position: Callable[[], int | None], max_streams: int = 1000
-    ) -> None:
+    """Follows `feed` (as its subscriber) from construction on; replays read with `engine` on `executor`."""
+
+    def __init__(self, feed: ChangeFeed, engine: Engine, executor: Executor, max_streams: int = 1000) -> None:
+        self._feed = feed
         self._engine = engine
-        self.max_streams = max_streams
-        self.lease = 1.0  # the feed's lease, told to every stream (server.py sets it)
         self._executor = executor
-        self._position = position  # the feed's low-water mark, None before its first read
+        self.max_streams = max_streams
         self._subscriptions: set[Subscription] = set()
+        feed.subscriber = self.publish
+
+    @property
+    def lease(self) -> float:
+        """The feed's lease, told to every stream."""
+        return self._feed.lease
 
     def __len__(self) -> int:
         return len(self._subscriptions)
@@ -118,7 +128,7 @@ class ChangeStreams:
             subscription.offer(changes, position, synced_at, now)
 
     def subscribe(self, reach: Reach) -> Subscription:
-        position = self._position()
+        position = self._feed.low_water
         if position is None:
             # The feed's first read sets its position from the table and reads no events: a heartbeat after
             # it would vouch for changes no stream was sent.
@@ -138,7 +148,7 @@ class ChangeStreams:
     async def replay(self, subscription: Subscription, after: int) -> Batch:
         """After `subscribe`: the changes in reach since event `after`, and the position they bring the stream
         to; OutOfRange when `after` is not a position of this database or too far behind."""
-        start = subscription._position
+        start = subscription.position
         if after == 0:
             return Batch([], start, None)
         reach = subscription.reach

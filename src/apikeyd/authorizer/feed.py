@@ -42,7 +42,8 @@ Design, simplest correct one:
   `id > position OR id IN (gaps)`; a gap is dropped once seen, or once every transaction that was running
   when it was first missed has ended (a rolled-back insert leaves a permanent hole): never by time alone,
   as a writer stalled between its insert and its commit may commit later than any time limit
-  (store/key_changes.py, "Horizon"). The late commit's own notification triggers the read that finds it. On SQLite writers are serialized, so there are no gaps.
+  (store/key_changes.py, "Horizon"). The late commit's own notification triggers the read that finds it.
+  On SQLite writers are serialized, so there are no gaps.
 """
 
 import asyncio
@@ -126,9 +127,11 @@ class ChangeFeed:
         self._woken.set()
 
     @property
-    def low_water(self) -> int:
-        """Every event id up to this one has been read (or given up on as a rolled-back insert)."""
-        assert self.position is not None
+    def low_water(self) -> int | None:
+        """Every event id up to this one has been read (or given up on as a rolled-back insert); None before
+        the first read."""
+        if self.position is None:
+            return None
         return min(self._gaps, default=self.position + 1) - 1
 
     # --- life -------------------------------------------------------------------------------------
@@ -223,8 +226,9 @@ class ChangeFeed:
 
     def _publish(self, synced_at: float | None) -> None:
         found, self._found = self._found, []
-        if self.subscriber is not None and self.position is not None:
-            self.subscriber(found, self.low_water, synced_at)
+        low_water = self.low_water
+        if self.subscriber is not None and low_water is not None:
+            self.subscriber(found, low_water, synced_at)
 
     def _fetch(
         self, position: int | None, gaps: tuple[int, ...]
