@@ -45,6 +45,7 @@ import grpc
 
 from apikeyd.client.aio import AsyncClient
 from apikeyd.client.errors import AuthorizeError
+from apikeyd.client.parts import configured_scopes
 from apikeyd.domain.decision import AuthCode, Decision
 from apikeyd.domain.echo import quote
 from apikeyd.domain.errors import InvalidArgument
@@ -90,14 +91,8 @@ class _Answer(NamedTuple):
 
 def _requirement(value: Requirement | Sequence[str]) -> Requirement:
     if isinstance(value, Requirement):
-        requirement = value
-    else:
-        requirement = Requirement((value,) if isinstance(value, str) else tuple(value))
-    try:
-        parse_required_scopes(tuple(requirement.scopes))  # a wrong scope is refused at start-up, not per request
-    except InvalidArgument as error:
-        raise ValueError(str(error)) from None
-    return requirement
+        return value._replace(scopes=configured_scopes(tuple(value.scopes)))
+    return Requirement(configured_scopes(value))
 
 
 def _split(rule: str) -> tuple[str | None, str]:

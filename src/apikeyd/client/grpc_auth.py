@@ -45,12 +45,11 @@ import grpc
 
 from apikeyd.client.aio import AsyncClient
 from apikeyd.client.errors import AuthorizeError
+from apikeyd.client.parts import configured_scopes
 from apikeyd.client.sync import Client
 from apikeyd.domain.decision import Decision
-from apikeyd.domain.errors import InvalidArgument
 from apikeyd.domain.model import VerifiedKey
 from apikeyd.domain.refusals import RESOURCE_EXHAUSTED, NoKey, presented_key, refusal, retry_after
-from apikeyd.domain.scopes import parse_required_scopes
 from apikeyd.logs import Throttle
 
 log = logging.getLogger(__name__)
@@ -94,12 +93,7 @@ class Rule:
     project_id: str | Extractor = ""
 
     def __post_init__(self) -> None:
-        scopes = (self.scopes,) if isinstance(self.scopes, str) else tuple(self.scopes)
-        try:
-            parse_required_scopes(scopes)  # a wrong scope is refused at start-up, not on every call
-        except InvalidArgument as error:
-            raise ValueError(str(error)) from None
-        object.__setattr__(self, "scopes", scopes)
+        object.__setattr__(self, "scopes", configured_scopes(self.scopes))
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,8 +10,8 @@
   expiry, state); a later check with other scopes, another project or at a later time is decided by the
   server's own rules (domain/decide.py), and a malformed string by the same parser, with no call at all.
 * **What is never cached**: keys with rate limits (every check counts, `has_limits`), keys outside the
-  reach of the stream's watcher key (their changes are not sent to it), and answers that came with an error. NOT_FOUND is cached for `negative_ttl` and forgotten on any CREATED change, as on the
-  server. REVOKED, DISABLED and EXPIRED are cached: the stream reports any change that would undo them.
+  reach of the stream's watcher key (their changes are not sent to it), and answers that came with an
+  error. NOT_FOUND is cached for `negative_ttl` and forgotten on any CREATED change, as on the server. REVOKED, DISABLED and EXPIRED are cached: the stream reports any change that would undo them.
 * **Trust.** Entries are trusted only for the lease past the change stream's last heartbeat (its receipt,
   less the age the server gave it), and not at all before the first heartbeat of a stream or once the
   stream is lost; meanwhile every check is asked of the server.
@@ -19,8 +19,8 @@
   flight from before the change cannot be stored (it still answers its own callers), and a check arriving
   after the change does not join a call made before it (`Miss.generation`). An answer for a key the
   stream reported changed (other than created) less than a lease (ours or the server's, the longer) before
-  the call was sent is not stored either, nor a NOT_FOUND that soon after any key was created: another replica may not have applied the change yet (each does within the server's
-  lease). A stream that starts afresh (not resumed) clears the cache, and nothing asked before that lease
+  the call was sent is not stored either, nor a NOT_FOUND that soon after any key was created: another
+  replica may not have applied the change yet (each does within the server's lease). A stream that starts afresh (not resumed) clears the cache, and nothing asked before that lease
   after its start is stored, for the same reason. An answer the server marks `stale` (given from what it
   verified before its database went away) is not stored.
 * **Time.** Expiry is decided on the server's clock (`clock_offset`, from the heartbeats' send_time), so a
@@ -168,11 +168,6 @@ class LocalCache:
                 return NOT_FOUND
             return Miss(digest, parsed.lookup_id, self._cache.generation(parsed.lookup_id), time.monotonic())
 
-    def generation(self, lookup_id: str) -> int:
-        """A call in flight may be joined only by checks that arrive while this is still its generation."""
-        with self._lock:
-            return self._cache.generation(lookup_id)
-
     def learn(self, miss: Miss, response: pb.AuthorizeResponse) -> Decision:
         """The server's answer to a miss, kept if nothing that could make it stale happened since it was asked."""
         decision = decision_from_pb(response)
@@ -186,7 +181,7 @@ class LocalCache:
                 if miss.sent_at >= self._created_at + self.hold:  # else maybe a replica that has not seen it
                     self._cache.remember_bad(miss.digest, miss.lookup_id, miss.generation)
                 return decision
-            if key is None or response.has_limits or decision.code in (AuthCode.MALFORMED, AuthCode.RATE_LIMITED):
+            if key is None or response.has_limits:  # MALFORMED names no key; RATE_LIMITED only keys with limits
                 return decision
             if self.reach is None or not self.reach.sees(key.account_id, key.project_id):
                 return decision

@@ -9,24 +9,10 @@ from types import TracebackType
 import grpc
 
 from apikeyd.client.errors import AuthorizeError, from_rpc_error
-from apikeyd.client.local import LocalCache, Miss
-from apikeyd.client.parts import ClientParts
+from apikeyd.client.local import Miss
+from apikeyd.client.parts import ClientParts, required_scopes
 from apikeyd.domain.decision import Decision
-from apikeyd.domain.echo import refuse_key
-from apikeyd.domain.errors import InvalidArgument
-from apikeyd.domain.limits import check_authorize
 from apikeyd.v1 import api_keys_pb2 as pb
-
-
-def lookup(cache: LocalCache, key: str, scopes: Sequence[str], resource: str, project_id: str) -> Decision | Miss:
-    """The cache's answer, after the server's bounds on the request: a request the server would refuse with
-    INVALID_ARGUMENT is refused here with the same message."""
-    try:
-        check_authorize(key, scopes, resource, project_id)
-        refuse_key("project_id", project_id)
-        return cache.lookup(key, scopes, resource, project_id)
-    except InvalidArgument as error:
-        raise AuthorizeError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
 
 
 class Client(ClientParts):
@@ -63,13 +49,12 @@ class Client(ClientParts):
         self._channel.close()
 
     def authorize(
-        self, key: str, scopes: Sequence[str] = (), resource: str = "", project_id: str = ""
+        self, key: str, scopes: str | Sequence[str] = (), resource: str = "", project_id: str = ""
     ) -> Decision:
         """The server's decision for a presented key, from the cache when it can be trusted; AuthorizeError
         when the server cannot be asked (never an allow). `scopes`: the required ones, or one as a string."""
-        if isinstance(scopes, str):  # one scope, not its characters
-            scopes = (scopes,)
-        found = lookup(self.cache, key, scopes, resource, project_id)
+        scopes = required_scopes(scopes)
+        found = self._lookup(key, scopes, resource, project_id)
         if isinstance(found, Decision):
             return found
         with self._flights_lock:
@@ -84,7 +69,7 @@ class Client(ClientParts):
                 flight[1].result()
             except AuthorizeError:
                 pass  # its caller's failure; this check makes its own call
-            found = lookup(self.cache, key, scopes, resource, project_id)
+            found = self._lookup(key, scopes, resource, project_id)
             return found if isinstance(found, Decision) else self._ask(found, key, scopes, resource, project_id)
         try:
             return self._ask(found, key, scopes, resource, project_id)
@@ -98,7 +83,7 @@ class Client(ClientParts):
                 if self._flights.get(found.digest, (0, None))[1] is mine:
                     del self._flights[found.digest]
 
-    def _ask(self, miss: Miss, key: str, scopes: Sequence[str], resource: str, project_id: str) -> Decision:
+    def _ask(self, miss: Miss, key: str, scopes: tuple[str, ...], resource: str, project_id: str) -> Decision:
         request = pb.AuthorizeRequest(key=key, required_scopes=scopes, resource=resource, project_id=project_id)
         try:
             response = self._stub.Authorize(request, timeout=self.connection.timeout, metadata=self.connection.metadata)
@@ -121,7 +106,8 @@ class Client(ClientParts):
                     self.follower.receive(response, received)
             except grpc.RpcError as error:
                 if not watchdog.fired:
-                    code, details = from_rpc_error(error).code, from_rpc_error(error).details
+                    failure = from_rpc_error(error)
+                    code, details = failure.code, failure.details
             finally:
                 watchdog.stop()
             delay = self.follower.ended(code, details)
