@@ -43,6 +43,7 @@ from typing import Any, Generic, NoReturn, TypeVar
 
 import grpc
 
+from apikeyd import handlers
 from apikeyd.client.aio import AsyncClient
 from apikeyd.client.errors import AuthorizeError
 from apikeyd.client.parts import configured_scopes
@@ -167,23 +168,6 @@ class _Policy:
         return _Denial(grpc.StatusCode.UNAVAILABLE, "the API key could not be checked: apikeyd is unavailable, retry later")
 
 
-_KINDS = {
-    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
-    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
-    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
-    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
-}
-
-
-def _rewrap(handler: grpc.RpcMethodHandler, behavior: Callable[..., Any]) -> grpc.RpcMethodHandler:
-    make = _KINDS[handler.request_streaming, handler.response_streaming][1]
-    return make(behavior, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
-
-
-def _behavior(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
-    return getattr(handler, _KINDS[handler.request_streaming, handler.response_streaming][0])
-
-
 # --- grpc.server ---------------------------------------------------------------------------------------
 
 
@@ -240,7 +224,7 @@ class ApiKeyInterceptor(_Guard[Client], grpc.ServerInterceptor):
         method = details.method
         if handler is None or method in self._policy.public:
             return handler
-        rule, behavior, streamed_request = self._policy.rule(method), _behavior(handler), handler.request_streaming
+        rule, behavior, streamed_request = self._policy.rule(method), handlers.behavior(handler), handler.request_streaming
         streamed_response = handler.response_streaming
 
         def checked(request: Any, context: grpc.ServicerContext) -> Any:
@@ -250,7 +234,7 @@ class ApiKeyInterceptor(_Guard[Client], grpc.ServerInterceptor):
             result = run_in.run(behavior, request, context)
             return _iterate_in(run_in, result) if streamed_response else result
 
-        return _rewrap(handler, checked)
+        return handlers.with_behavior(handler, checked)
 
     def _decide(self, method: str, rule: Rule | None, request: Any, context: grpc.ServicerContext) -> Decision:
         check = self._policy.check(method, rule, request, context.invocation_metadata())
@@ -287,7 +271,7 @@ class AsyncApiKeyInterceptor(_Guard[AsyncClient], grpc.aio.ServerInterceptor):
         method = details.method
         if handler is None or method in self._policy.public:
             return handler
-        rule, behavior, streamed_request = self._policy.rule(method), _behavior(handler), handler.request_streaming
+        rule, behavior, streamed_request = self._policy.rule(method), handlers.behavior(handler), handler.request_streaming
         decide = self._decide
 
         if handler.response_streaming and inspect.isasyncgenfunction(behavior):
@@ -305,7 +289,7 @@ class AsyncApiKeyInterceptor(_Guard[AsyncClient], grpc.aio.ServerInterceptor):
                     with contextlib.suppress(ValueError):
                         _decision.reset(token)
 
-            return _rewrap(handler, checked_stream)
+            return handlers.with_behavior(handler, checked_stream)
 
         async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
             token = _decision.set(await decide(method, rule, None if streamed_request else request, context))
@@ -314,7 +298,7 @@ class AsyncApiKeyInterceptor(_Guard[AsyncClient], grpc.aio.ServerInterceptor):
             finally:
                 _decision.reset(token)
 
-        return _rewrap(handler, checked)
+        return handlers.with_behavior(handler, checked)
 
     async def _decide(self, method: str, rule: Rule | None, request: Any, context: grpc.aio.ServicerContext) -> Decision:
         check = self._policy.check(method, rule, request, context.invocation_metadata())

@@ -26,6 +26,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from apikeyd import handlers
 from apikeyd.logs import Throttle
 
 log = logging.getLogger(__name__)
@@ -72,19 +73,12 @@ class WireErrors:
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if handler.request_deserializer is None:
             return handler
-        kind = (handler.request_streaming, handler.response_streaming)
-        behavior = {
-            (False, False): handler.unary_unary,
-            (False, True): handler.unary_stream,
-            (True, False): handler.stream_unary,
-            (True, True): handler.stream_stream,
-        }[kind]
+        original = handlers.behavior(handler)
         # grpc runs a plain function on its thread pool with another context; every servicer here is async.
-        if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
+        if not (inspect.iscoroutinefunction(original) or inspect.isasyncgenfunction(original)):
             return handler
-        checked = self._checked_stream(method, behavior) if handler.request_streaming else self._checked(method, behavior)
-        field = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")[2 * kind[0] + kind[1]]
-        return handler._replace(request_deserializer=_tolerant(handler.request_deserializer), **{field: checked})
+        checked = self._checked_stream(method, original) if handler.request_streaming else self._checked(method, original)
+        return handlers.with_behavior(handler, checked, request_deserializer=_tolerant(handler.request_deserializer))
 
     async def _refuse(self, method: str, request: Undecodable, context: grpc.aio.ServicerContext) -> None:
         self.refused += 1
