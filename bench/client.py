@@ -92,10 +92,6 @@ def _connection(server: ServerProcess, timeout: float = 2.0) -> Connection:
     return Connection(server.address, token=server.operator_key, timeout=timeout)
 
 
-def _credential(server: ServerProcess) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {server.operator_key}")]
-
-
 @dataclass(frozen=True)
 class _Key:
     name: str
@@ -113,7 +109,7 @@ def _create_keys(server: ServerProcess, count: int, label: str) -> list[_Key]:
 
 def _revoke(stub: pb_grpc.ApiKeyServiceStub, server: ServerProcess, key: _Key) -> None:
     stub.RevokeApiKey(
-        pb.RevokeApiKeyRequest(name=key.name, reason="bench"), timeout=CALL_TIMEOUT, metadata=_credential(server)
+        pb.RevokeApiKeyRequest(name=key.name, reason="bench"), timeout=CALL_TIMEOUT, metadata=server.credential
     )
 
 

@@ -96,7 +96,7 @@ def _figures(latencies: list[float]) -> tuple[float, float, float]:
 
 def health_under_largest_requests(workdir: Path) -> Iterator[tuple[str, str]]:
     with running_server(workdir / "limits", name="apikeyd-limits") as server:
-        credential = [("authorization", f"Bearer {server.operator_key}")]
+        credential = server.credential
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.ApiKeyServiceStub(channel)
             created = [

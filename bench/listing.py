@@ -166,7 +166,7 @@ def _count_cost(url: str, account: str, filter_sql: str) -> float:
 class _Lister:
     def __init__(self, server: ServerProcess, channel: grpc.Channel) -> None:
         self._stub = pb_grpc.ApiKeyServiceStub(channel)
-        self._metadata = [("authorization", f"Bearer {server.operator_key}")]
+        self._metadata = server.credential
 
     def page(self, account: str, filter_text: str, page_size: int, token: str) -> pb.ListApiKeysResponse:
         return self._stub.ListApiKeys(

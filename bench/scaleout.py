@@ -41,10 +41,6 @@ REVOKES = 30
 REVOKE_WAIT = 5.0  # seconds B may take to refuse a revoked key before the run counts it as a failure
 
 
-def _credential(server: ServerProcess) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {server.operator_key}")]
-
-
 def _create(
     stub: pb_grpc.ApiKeyServiceStub, server: ServerProcess, name: str, **fields: object
 ) -> pb.CreateApiKeyResponse:
@@ -54,7 +50,7 @@ def _create(
             api_key=pb.ApiKey(display_name=name, scopes=["messages:send:all"], **fields),
         ),
         timeout=CALL_TIMEOUT,
-        metadata=_credential(server),
+        metadata=server.credential,
     )
 
 
@@ -108,7 +104,7 @@ def revocation_propagation(workdir: Path) -> Lines:
                 stub_a.RevokeApiKey(
                     pb.RevokeApiKeyRequest(name=created.api_key.name, reason="bench"),
                     timeout=CALL_TIMEOUT,
-                    metadata=_credential(a),
+                    metadata=a.credential,
                 )
                 revoked = time.perf_counter()
                 deadline = revoked + REVOKE_WAIT

@@ -34,6 +34,11 @@ class ServerProcess:
     def pid(self) -> int:
         return self.process.pid
 
+    @property
+    def credential(self) -> list[tuple[str, str]]:
+        """The metadata a call with its operator key sends."""
+        return [("authorization", f"Bearer {self.operator_key}")]
+
 
 def free_port() -> int:
     """A port nobody listens on right now; the server binds it a moment later."""
@@ -89,7 +94,7 @@ def run_apikeyd(*args: str, timeout: float = 60.0) -> str:
 
 def create_keys(server: ServerProcess, count: int) -> list[str]:
     """Full key strings for `count` new keys in accounts/bench; only CreateApiKey ever shows them."""
-    credential = [("authorization", f"Bearer {server.operator_key}")]
+    credential = server.credential
     with grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.ApiKeyServiceStub(channel)
         return [
