@@ -3,6 +3,7 @@ keys of the operator account act on every account. Rights are scopes: `apikeys:r
 `apikeys:authorize`. A caller can hand out only scopes it holds itself, and cannot lock its own key out
 (revoke, delete, rotate, disable, or update it to do less) without saying so with `allow_self`."""
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -78,6 +79,22 @@ class Actor:
     method: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class Reach:
+    """Whose keys a caller sees: its account's (a project key: its project's), or every account's for the
+    operator's keys; outside, a key is as if missing. The change stream sends only the changes in its
+    watcher's reach, so a client-side cache keeps only answers for keys in it."""
+
+    everything: bool
+    account_id: str
+    project_id: str
+
+    def sees(self, account_id: str, project_id: str) -> bool:
+        if self.everything:
+            return True
+        return account_id == self.account_id and (not self.project_id or project_id == self.project_id)
+
+
 @dataclass(frozen=True)
 class Caller:
     """An authenticated management caller; `key` is None for `apikeyd admin-key`, which acts as the operator."""
@@ -115,11 +132,13 @@ class Caller:
         if not self.operator and account_id != self.account_id:
             raise Refused(RULE_ACCOUNT, f"the calling key cannot act on {quote(f'accounts/{account_id}')}")
 
+    @functools.cached_property
+    def reach(self) -> Reach:
+        return Reach(self.operator, self.account_id, self.project_id)
+
     def reaches(self, key: ApiKey | VerifiedKey) -> bool:
         """Whether the key is within the caller's account and project; outside, it is as if missing."""
-        if self.operator:
-            return True
-        return key.account_id == self.account_id and (not self.project_id or key.project_id == self.project_id)
+        return self.reach.sees(key.account_id, key.project_id)
 
     def project_for_new_key(self, requested: str) -> str:
         """A project key creates keys in its own project only; it names it, or leaves it to be filled in."""
@@ -173,23 +192,3 @@ def _refuse_self(action: str) -> None:
     raise FailedPrecondition(
         f"this is the key the call is made with; to {action}, send the request again with allow_self: true"
     )
-
-
-@dataclass(frozen=True, slots=True)
-class Reach:
-    """Whose keys a caller sees: its account's (a project key: its project's), or every account's for the
-    operator's keys. The change stream sends only the changes in its watcher's reach, so a client-side cache
-    keeps only answers for keys in it."""
-
-    everything: bool
-    account_id: str
-    project_id: str
-
-    @classmethod
-    def of(cls, caller: "Caller") -> "Reach":
-        return cls(caller.operator, caller.account_id, caller.project_id)
-
-    def sees(self, account_id: str, project_id: str) -> bool:
-        if self.everything:
-            return True
-        return account_id == self.account_id and (not self.project_id or project_id == self.project_id)

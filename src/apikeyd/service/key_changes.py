@@ -7,7 +7,7 @@ from datetime import timedelta
 import grpc
 
 from apikeyd.change_stream import Batch, ChangeStreams
-from apikeyd.domain.access import Caller, Reach
+from apikeyd.domain.access import Caller
 from apikeyd.domain.errors import InvalidArgument
 from apikeyd.domain.model import KeyChange, key_name
 from apikeyd.v1 import api_keys_pb2 as pb
@@ -51,7 +51,7 @@ async def stream_changes(
     revoked, disabled, expired or loses `apikeys:authorize`."""
     if request.resume_after < 0:
         raise InvalidArgument("resume_after", "must be a position from an earlier response, or 0 to start afresh")
-    reach = Reach.of(caller)
+    reach = caller.reach
     subscription = streams.subscribe(reach)
     try:
         replay = await streams.replay(subscription, request.resume_after)
