@@ -101,6 +101,7 @@ class App:
             metrics=self.metrics,
             budget=self.failure_budget,
             queue=self.verify_queue,
+            credit_executor=self.store_executor,
         )
         self.manager = KeyManager(
             self.repository,

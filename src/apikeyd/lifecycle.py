@@ -15,13 +15,14 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from apikeyd.authorizer.authorizer import Authorizer
 from apikeyd.authorizer.hashing import SecretHasher
 from apikeyd.denials import DenialKey, DenialThrottle
 from apikeyd.domain import keys, listing
 from apikeyd.domain.access import AUTHORIZE, READ, WRITE, Actor, Caller
+from apikeyd.domain.credits import Credits, Refill, validate_credits
 from apikeyd.domain.decision import Decision
 from apikeyd.domain.echo import quote
 from apikeyd.domain.errors import (
@@ -33,6 +34,7 @@ from apikeyd.domain.errors import (
     Unavailable,
     key_not_found,
 )
+from apikeyd.domain.ip_ranges import validate_ranges
 from apikeyd.domain.model import (
     REQUEST_ID_LIFETIME,
     ApiKey,
@@ -61,7 +63,12 @@ from apikeyd.store.repository import Change, Repository
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-UPDATABLE = ("display_name", "description", "scopes", "labels", "expire_time", "rate_limits", "state")
+UPDATABLE = (
+    "display_name", "description", "scopes", "labels", "expire_time", "rate_limits", "state", "credits",
+    "allowed_ip_ranges",
+)
+# Paths an update mask may also name: parts of `credits`, changed without the rest.
+_SUBFIELDS = ("credits.remaining", "credits.refill")
 _CONFLICT_RETRIES = 3
 
 
@@ -75,6 +82,8 @@ class NewKey:
     labels: dict[str, str] = field(default_factory=dict)
     expire_time: datetime | None = None
     rate_limits: tuple[RateLimit, ...] = ()
+    credits: Credits | None = None
+    allowed_ip_ranges: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,12 @@ class IssuedKey:
     key: ApiKey
     secret: str
     replayed: bool = False
+
+
+def _with_first_refill(credits: Credits | None, now: datetime) -> Credits | None:
+    if credits is None or credits.refill is None:
+        return credits
+    return dataclasses.replace(credits, next_refill=credits.refill.first_due(now))
 
 
 def _now() -> datetime:
@@ -136,6 +151,34 @@ def _retrieved(task: "asyncio.Task[Any]") -> None:
         task.exception()
 
 
+def _current_value(current: ApiKey, path: str) -> Any:
+    """What a key holds at an update-mask path; a part of credits the key does not have is a precondition."""
+    if path not in _SUBFIELDS:
+        return getattr(current, path)
+    if current.credits is None:
+        raise FailedPrecondition(f"the key has no credits, so {path} cannot be changed; set `credits` instead")
+    return getattr(current.credits, path.partition(".")[2])
+
+
+def _audit_value(path: str, value: Any) -> str:
+    """A changed limit or range as the audit log's details show it."""
+    if value is None:
+        return "none"
+    if path == "rate_limits":
+        return " ".join(f"{r.limit}/{r.period_seconds}s" for r in value) or "none"
+    if path == "allowed_ip_ranges":
+        return " ".join(value) or "none"
+    if isinstance(value, Credits):
+        return f"remaining={value.remaining}" + (f" refill={_audit_value('credits.refill', value.refill)}" if value.refill else "")
+    if isinstance(value, Refill):
+        interval = value.calendar.value if value.calendar else f"every {value.every.total_seconds():g}s" if value.every else ""
+        return f"{value.amount} {interval} {value.mode.value}" + (f" cap {value.cap}" if value.cap else "")
+    return str(value)
+
+
+_AUDITED = ("rate_limits", "credits", "credits.remaining", "credits.refill", "allowed_ip_ranges")
+
+
 def _validate_update(values: dict[str, Any], now: datetime) -> dict[str, Any]:
     checks: dict[str, Callable[[Any], Any]] = {
         "display_name": validate_display_name,
@@ -145,12 +188,19 @@ def _validate_update(values: dict[str, Any], now: datetime) -> dict[str, Any]:
         "expire_time": lambda v: validate_expire_time(v, now),
         "rate_limits": validate_rate_limits,
         "state": lambda v: v,
+        "credits": validate_credits,
+        "credits.remaining": lambda v: cast(Credits, validate_credits(Credits(v))).remaining,
+        "credits.refill": lambda v: cast(Credits, validate_credits(Credits(0, v))).refill,
+        "allowed_ip_ranges": validate_ranges,
     }
     unknown = sorted(set(values) - set(checks))
     if unknown:
         raise InvalidArgument(
-            "update_mask", f"cannot update {', '.join(map(quote, unknown))}; updatable fields: {', '.join(UPDATABLE)}"
+            "update_mask",
+            f"cannot update {', '.join(map(quote, unknown))}; updatable fields: {', '.join(UPDATABLE + _SUBFIELDS)}",
         )
+    if "credits" in values and any(path in values for path in _SUBFIELDS):
+        raise InvalidArgument("update_mask", "name either `credits` or its parts (credits.remaining, credits.refill), not both")
     if "state" in values and values["state"] not in (KeyState.ACTIVE, KeyState.DISABLED):
         raise InvalidArgument("state", "can only be set to ACTIVE or DISABLED; use RevokeApiKey to revoke")
     return {name: checks[name](value) for name, value in values.items()}
@@ -363,6 +413,8 @@ class KeyManager:
             masked_key=keys.mask(secret),
             expire_time=validate_expire_time(new.expire_time, now),
             rate_limits=validate_rate_limits(list(new.rate_limits)),
+            credits=_with_first_refill(validate_credits(new.credits), now),
+            allowed_ip_ranges=validate_ranges(new.allowed_ip_ranges),
             create_time=now,
             update_time=now,
             revision=1,
@@ -403,11 +455,16 @@ class KeyManager:
                 caller.check_self_update(current, values, allow_self)  # on the row the write locks
                 if current.state is KeyState.REVOKED:
                     raise FailedPrecondition("the key is revoked; a revoked key cannot be changed")
-                changed = {name: v for name, v in values.items() if getattr(current, name) != v}
+                changed = {name: v for name, v in values.items() if _current_value(current, name) != v}
                 kind = EventKind.UPDATED
                 if "state" in changed:
                     kind = EventKind.DISABLED if changed["state"] is KeyState.DISABLED else EventKind.ENABLED
-                return Change(kind, changed, tuple(changed))
+                details = {}
+                for path in _AUDITED:
+                    if path in changed:
+                        details[path] = _audit_value(path, changed[path])
+                        details[f"previous.{path}"] = _audit_value(path, _current_value(current, path))
+                return Change(kind, changed, tuple(changed), details)
 
             return await self._mutate(caller, account_id, key_id, etag, decide, now)
 

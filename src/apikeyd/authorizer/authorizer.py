@@ -27,8 +27,10 @@ from apikeyd.authorizer.fairqueue import FairQueue, QueueFull
 from apikeyd.authorizer.hashing import SecretHasher
 from apikeyd.authorizer.ratelimits import LocalRateLimiter
 from apikeyd.authorizer.redis_ratelimits import RateLimitUnavailable, RedisRateLimiter
+from apikeyd.authorizer.usage import UsageCounter
 from apikeyd.domain import decide, keys
 from apikeyd.domain.access import Caller
+from apikeyd.domain.credits import validate_cost
 from apikeyd.domain.decision import MALFORMED, NOT_FOUND, AuthCode, Decision
 from apikeyd.domain.errors import Unavailable
 from apikeyd.domain.model import ApiKey, VerifiedKey
@@ -36,6 +38,7 @@ from apikeyd.domain.ratelimit import RateOutcome
 from apikeyd.domain.scopes import ScopeSet, parse_required_scopes
 from apikeyd.logs import fields
 from apikeyd.metrics import Metrics
+from apikeyd.store.credits import Spent, spend
 from apikeyd.store.repository import Repository
 
 log = logging.getLogger(__name__)
@@ -86,6 +89,19 @@ def _usable(entry: CachedKey) -> CachedKey | Decision:
 
 
 @dataclass(frozen=True, slots=True)
+class _Request:
+    """What an Authorize asks, beyond the key string."""
+
+    required: tuple[tuple[str, tuple[str, str]], ...]  # parsed required scopes
+    resource: str
+    project_id: str
+    caller: Caller | None
+    required_scopes: Sequence[str]  # as given, for the debug line
+    client_ip: str
+    cost: int
+
+
+@dataclass(frozen=True, slots=True)
 class _Miss:
     """A well-formed string the cache cannot answer for: it needs a verification."""
 
@@ -113,6 +129,7 @@ class Authorizer:
         *,
         budget: FailureBudget | None = None,
         queue: FairQueue | None = None,
+        credit_executor: Executor | None = None,
     ) -> None:
         self._repository = repository
         self._hasher = hasher
@@ -129,10 +146,14 @@ class Authorizer:
             self._shared_limiter = limiter
         elif limiter is not None:
             self._local_limiter = limiter
+        # Spends of credits, one conditional write each: on the store's pool, not behind argon2 verifications.
+        self._credit_executor = credit_executor if credit_executor is not None else verify_executor
         self._inflight: dict[bytes, _Flight] = {}
         self._database_failed_at = float("-inf")  # monotonic time of the last verification read that failed
         self._database_answered_at = float("-inf")  # start of the last health ping that succeeded
         self._last_used: dict[str, float] = {}
+        self._previous_used: dict[str, float] = {}  # keys whose rotated-out secret was used, in its grace
+        self.usage = UsageCounter()
         metrics = metrics or Metrics()
         self._decisions = metrics.decisions  # plain counters by AuthCode, read when Prometheus scrapes
         self._verification_seconds = metrics.verification_seconds
@@ -148,10 +169,14 @@ class Authorizer:
         resource: str,
         project_id: str,
         caller: Caller | None = None,
+        *,
+        client_ip: str = "",
+        cost: int = 1,
     ) -> Decision:
         """The answer for a presented key; with a calling key that is not an operator's, keys outside its
-        account (or project) are answered as unknown."""
-        decision = self.check(presented, required_scopes, resource, project_id, caller)
+        account (or project) are answered as unknown. `client_ip` is checked against a key's IP ranges; `cost`
+        is what an allowed request spends from a key with credits."""
+        decision = self.check(presented, required_scopes, resource, project_id, caller, client_ip=client_ip, cost=cost)
         return decision if isinstance(decision, Decision) else await decision
 
     def check(
@@ -161,59 +186,55 @@ class Authorizer:
         resource: str,
         project_id: str,
         caller: Caller | None = None,
+        *,
+        client_ip: str = "",
+        cost: int = 1,
     ) -> Decision | Coroutine[None, None, Decision]:
         """`authorize` without an await where none is needed: the decision itself when the cache answers and
         no shared limiter is asked, or else a coroutine that gives it. The HTTP ext_authz endpoint answers a
         cached check from its protocol callback this way, with no task and no turn of the event loop."""
         # A bad required scope is the caller's bug: InvalidArgument, not a denial.
         required = parse_required_scopes(tuple(required_scopes))
+        if cost != 1:
+            validate_cost(cost)
+        request = _Request(required, resource, project_id, caller, required_scopes, client_ip, cost)
         found = self._identify_now(presented)
         if isinstance(found, _Miss):
-            return self._authorize_miss(found, required, resource, project_id, caller, required_scopes)
-        return self._conclude(found, required, resource, project_id, caller, required_scopes)
+            return self._authorize_miss(found, request)
+        return self._conclude(found, request)
 
-    async def _authorize_miss(
-        self,
-        miss: _Miss,
-        required: tuple[tuple[str, tuple[str, str]], ...],
-        resource: str,
-        project_id: str,
-        caller: Caller | None,
-        required_scopes: Sequence[str],
-    ) -> Decision:
+    async def _authorize_miss(self, miss: _Miss, request: "_Request") -> Decision:
         found, stale = await self._verified_or_stale(miss)
-        decision = self._conclude(found, required, resource, project_id, caller, required_scopes)
+        if stale and not isinstance(found, Decision) and found.key.has_credits:
+            # Credits are spent in the database, which is not answering: no stale answer can spend them.
+            raise Unavailable("the database is unavailable and the key's credits are kept there; retry later")
+        decision = self._conclude(found, request)
         if not isinstance(decision, Decision):
             decision = await decision
         # Said in the answer, so that a client-side cache does not keep it past the outage.
         return dataclasses.replace(decision, stale=True) if stale else decision
 
-    def _conclude(
-        self,
-        found: CachedKey | Decision,
-        required: tuple[tuple[str, tuple[str, str]], ...],
-        resource: str,
-        project_id: str,
-        caller: Caller | None,
-        required_scopes: Sequence[str],
-    ) -> Decision | Coroutine[None, None, Decision]:
+    def _conclude(self, found: CachedKey | Decision, request: "_Request") -> Decision | Coroutine[None, None, Decision]:
         # Reach first: a key outside the caller's account must not even show that it is revoked.
+        caller = request.caller
         if caller is not None and found.key is not None and not caller.reaches(found.key):
-            return self._counted(NOT_FOUND, required_scopes, project_id)
+            return self._counted(NOT_FOUND, request)
         if isinstance(found, Decision):
-            return self._counted(found, required_scopes, project_id)
-        decision = self._decide(found, required, resource, project_id)
-        if decision is None:  # a key with rate limits, with a shared limiter: the one await of a cached check
-            return self._shared_conclusion(found, project_id, required_scopes)
-        return self._counted(decision, required_scopes, project_id)
+            return self._counted(found, request)
+        decision = self._decide(found, request)
+        if decision is None:  # shared rate limits or credits: the one await of a cached check
+            return self._counted_later(self._limited(found, request.cost), request)
+        return self._counted(decision, request)
 
-    async def _shared_conclusion(self, entry: CachedKey, project_id: str, required_scopes: Sequence[str]) -> Decision:
-        return self._counted(await self._shared_rate_check(entry), required_scopes, project_id)
+    async def _counted_later(self, decision: Coroutine[None, None, Decision], request: "_Request") -> Decision:
+        return self._counted(await decision, request)
 
-    def _counted(self, decision: Decision, required_scopes: Sequence[str], project_id: str) -> Decision:
+    def _counted(self, decision: Decision, request: "_Request") -> Decision:
         self._decisions[decision.code] += 1
+        if decision.key is not None:
+            self.usage.count(decision.key, decision.code)
         if log.isEnabledFor(logging.DEBUG):
-            _log_decision(decision, required_scopes, project_id)
+            _log_decision(decision, request.required_scopes, request.project_id)
         return decision
 
     async def identify(self, presented: str) -> CachedKey | Decision:
@@ -267,40 +288,90 @@ class Authorizer:
 
     # --- what a usable key may do, in the contract's order -----------------------------------------
 
-    def _decide(
-        self, entry: CachedKey, required: tuple[tuple[str, tuple[str, str]], ...], resource: str, project_id: str
-    ) -> Decision | None:
-        """After identify: project, scopes, rate limits. None: all passed but the rate limits, which a shared
-        limiter checks in `authorize`."""
+    def _decide(self, entry: CachedKey, request: "_Request") -> Decision | None:
+        """After identify: the client's address, project, scopes, then what counts. None: all passed but the
+        shared rate limits or the credits, which `_limited` awaits."""
         key = entry.key
-        denial = decide.wrong_project(entry, project_id)
+        if key.ip_ranges:
+            denial = decide.outside_ranges(entry, request.client_ip)
+            if denial is not None:
+                return denial
+        denial = decide.wrong_project(entry, request.project_id)
         if denial is not None:
             return denial
-        self._last_used[key.key_id] = time.time()
-        denial = decide.lacking_scopes(entry, required, resource)
+        now = time.time()
+        self._last_used[key.key_id] = now
+        if entry.secret_expire_at is not None:
+            self._previous_used[key.key_id] = now
+        denial = decide.lacking_scopes(entry, request.required, request.resource)
         if denial is not None:
             return denial
-        if not key.rate_limits:
+        if not key.rate_limits and not key.has_credits:
             return entry.allowed
-        if self._shared_limiter is not None:
+        if self._shared_limiter is not None or key.has_credits:
             return None
         return _rate_decision(key, self._local_limiter.hit(key.key_id, key.rate_limits))
 
-    async def _shared_rate_check(self, entry: CachedKey) -> Decision:
+    async def _limited(self, entry: CachedKey, cost: int) -> Decision:
+        """Rate limits, then credits, as one decision: the rate limits' budget is taken first and given back
+        if the credits refuse (or cannot be asked), so a denied request consumes neither. Credits are spent
+        by one conditional write in the database, the record, so no process or replica can over-spend."""
         key = entry.key
-        assert self._shared_limiter is not None, "_decide defers to the shared limiter only when there is one"
+        rate: RateOutcome | None = None
+        if key.rate_limits:
+            if self._shared_limiter is None:
+                rate = self._local_limiter.hit(key.key_id, key.rate_limits)
+            else:
+                try:
+                    rate = await self._shared_limiter.hit(key.key_id, key.rate_limits)
+                except RateLimitUnavailable as error:  # counted and logged by the limiter
+                    if not error.allow:
+                        return Decision(
+                            AuthCode.RATE_LIMITED,
+                            f"rate limits cannot be checked right now; retry after {error.retry_after:.3f} s",
+                            key,
+                            RateOutcome(False, min(limit.limit for limit in key.rate_limits), 0, error.retry_after),
+                        )
+            if rate is not None and not rate.allowed:
+                return _rate_decision(key, rate)
+        if not key.has_credits:
+            return entry.allowed if rate is None else _rate_decision(key, rate)
         try:
-            rate = await self._shared_limiter.hit(key.key_id, key.rate_limits)
-        except RateLimitUnavailable as error:  # counted and logged by the limiter
-            if error.allow:
-                return entry.allowed
-            return Decision(
-                AuthCode.RATE_LIMITED,
-                f"rate limits cannot be checked right now; retry after {error.retry_after:.3f} s",
-                key,
-                RateOutcome(False, min(limit.limit for limit in key.rate_limits), 0, error.retry_after),
+            spent = await asyncio.get_running_loop().run_in_executor(
+                self._credit_executor, spend, self._repository, key.key_id, cost, datetime.now(UTC)
             )
-        return _rate_decision(key, rate)
+        except BaseException:
+            if rate is not None:
+                await self._refund(key)
+            raise
+        return await self._credit_decision(entry, rate, spent, cost)
+
+    async def _credit_decision(self, entry: CachedKey, rate: RateOutcome | None, spent: Spent, cost: int) -> Decision:
+        key = entry.key
+        if spent.allowed:
+            return dataclasses.replace(entry.allowed, rate=rate, credits_remaining=spent.remaining)
+        if rate is not None:
+            await self._refund(key)
+        if spent.remaining is None:  # deleted since it was verified; the feed drops it within its lease
+            return NOT_FOUND
+        return Decision(
+            AuthCode.CREDITS_EXHAUSTED,
+            f"the key has {spent.remaining} credits left and the request costs {cost}",
+            key,
+            expire_at=entry.expire_at,
+            secret_expire_at=entry.secret_expire_at,
+            credits_remaining=spent.remaining,
+        )
+
+    async def _refund(self, key: VerifiedKey) -> None:
+        """Give back the rate-limit budget a request took before another check refused it."""
+        if self._shared_limiter is None:
+            self._local_limiter.refund(key.key_id, key.rate_limits)
+            return
+        try:
+            await self._shared_limiter.refund(key.key_id, key.rate_limits)
+        except RateLimitUnavailable:
+            pass  # counted and logged by the limiter; the budget comes back within the period anyway
 
     # --- misses -----------------------------------------------------------------------------------
 
@@ -420,13 +491,18 @@ class Authorizer:
         if not self._last_used:
             return 0
         batch, self._last_used = self._last_used, {}
+        previous, self._previous_used = self._previous_used, {}
         times = {key_id: datetime.fromtimestamp(t, UTC) for key_id, t in batch.items()}
+        previous_times = {key_id: datetime.fromtimestamp(t, UTC) for key_id, t in previous.items()}
         try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._repository.record_last_used, times)
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._repository.record_last_used, times, previous_times
+            )
         except Exception:
-            for key_id, t in batch.items():  # keep them for the next flush, newest wins
-                if t > self._last_used.get(key_id, 0.0):
-                    self._last_used[key_id] = t
+            for kept, taken in ((self._last_used, batch), (self._previous_used, previous)):
+                for key_id, t in taken.items():  # keep them for the next flush, newest wins
+                    if t > kept.get(key_id, 0.0):
+                        kept[key_id] = t
             log.warning("could not write %d last-used times; will retry", len(batch), exc_info=True)
             return 0
         self._local_limiter.prune()

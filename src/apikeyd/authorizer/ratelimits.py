@@ -21,6 +21,17 @@ class LocalRateLimiter:
             state.update(zip(limits, new_tats))
         return outcome
 
+    def refund(self, key_id: str, limits: tuple[RateLimit, ...]) -> None:
+        """Give back one request that `hit` counted and a later check refused: each TAT moves back by one
+        emission interval. Requests counted in between keep theirs, so the state is never more generous
+        than if the refunded one had not come."""
+        state = self._tats.get(key_id)
+        if state is None:
+            return
+        for rate in limits:
+            if rate in state:
+                state[rate] -= rate.period_seconds * ratelimit.NANOS
+
     def prune(self) -> None:
         """Drop keys whose every limit has refilled: they hold nothing a fresh start would not."""
         now = self._clock()

@@ -98,6 +98,28 @@ return {1, best_limit, best_remaining, 0}
 """
 
 
+# Gives back one request that GCRA_SCRIPT counted and a later check refused (credits): each limit's debt, as
+# of now, shrinks by one emission interval. Same KEYS and ARGV. Requests counted in between keep theirs.
+REFUND_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+for i = 1, #KEYS do
+  local limit = tonumber(ARGV[2 * i - 1])
+  local period = tonumber(ARGV[2 * i]) * 1000000
+  local stored = redis.call('GET', KEYS[i])
+  if stored then
+    local stamp, d = string.match(stored, '^(%d+):(%d+)$')
+    if stamp then
+      local debt = tonumber(d) - (now - tonumber(stamp)) * limit - period
+      if debt < 0 then debt = 0 end
+      redis.call('SET', KEYS[i], string.format('%.0f:%.0f', now, debt), 'PX', tonumber(ARGV[2 * i]) * 1000)
+    end
+  end
+end
+return 1
+"""
+
+
 class RateLimitUnavailable(Exception):
     """Redis could not answer; `allow` is the APIKEYD_RATE_LIMIT_FAILURE policy, `retry_after` a hint."""
 
@@ -139,6 +161,7 @@ class RedisRateLimiter(Collector):
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
         self._script = self._client.register_script(GCRA_SCRIPT)
+        self._refund = self._client.register_script(REFUND_SCRIPT)
         self.errors = 0  # checks answered by the failure policy; plain int, bumped on the event loop
         self._failing = False
         self._skip_until = 0.0
@@ -148,16 +171,27 @@ class RedisRateLimiter(Collector):
     def _keys(self, key_id: str, limits: tuple[RateLimit, ...]) -> list[str]:
         return [f"{self.prefix}:rl:{{{key_id}}}:{rate.limit}:{rate.period_seconds}" for rate in limits]
 
+    @staticmethod
+    def _args(limits: tuple[RateLimit, ...]) -> list[int]:
+        args: list[int] = []
+        for rate in limits:
+            args += (rate.limit, rate.period_seconds)
+        return args
+
+    async def refund(self, key_id: str, limits: tuple[RateLimit, ...]) -> None:
+        """Give back one request `hit` counted; raises RateLimitUnavailable when Redis cannot answer."""
+        try:
+            await self._refund(keys=self._keys(key_id, limits), args=self._args(limits))
+        except (RedisError, OSError, TimeoutError) as error:
+            self._failed(error)
+
     async def hit(self, key_id: str, limits: tuple[RateLimit, ...]) -> RateOutcome:
         """Count one request against every limit, or none when any limit refuses it; raises
         RateLimitUnavailable when Redis cannot answer."""
         if self._failing and time.monotonic() < self._skip_until:
             self._failed(None)
-        args: list[int] = []
-        for rate in limits:
-            args += (rate.limit, rate.period_seconds)
         try:
-            allowed, limit, remaining, wait_us = await self._script(keys=self._keys(key_id, limits), args=args)
+            allowed, limit, remaining, wait_us = await self._script(keys=self._keys(key_id, limits), args=self._args(limits))
         except (RedisError, OSError, TimeoutError) as error:
             self._failed(error)
         if self._failing:
@@ -198,6 +232,7 @@ class RedisRateLimiter(Collector):
         """Loads the script and says where limits live; an unreachable Redis is a warning, not an error."""
         try:
             await self._client.script_load(GCRA_SCRIPT)
+            await self._client.script_load(REFUND_SCRIPT)
         except (RedisError, OSError, TimeoutError) as error:
             log.warning(
                 "rate limits shared through %s, which does not answer yet (%s: %s); until it does, requests of "

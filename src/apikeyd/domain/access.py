@@ -65,6 +65,10 @@ def update_losses(current: ApiKey, values: Mapping[str, Any]) -> list[str]:
     if "rate_limits" in values:
         if not all(_rate_limit_implied(new, current.rate_limits) for new in values["rate_limits"]):
             losses.append("tighten its rate limits")
+    if values.get("credits") is not None or "credits.remaining" in values or "credits.refill" in values:
+        losses.append("set its credits")
+    if values.get("allowed_ip_ranges"):
+        losses.append("restrict it to IP ranges")
     return losses
 
 

@@ -1,5 +1,6 @@
 """The rules after a presented secret has verified, in the contract's order: usable (REVOKED, DISABLED,
-EXPIRED), then the project, then the scopes. The server's Authorize (authorizer/) and the client library's
+EXPIRED), then the client's address, the project, the scopes (and then, in the authorizer, the rate limits
+and credits, which count). The server's Authorize (authorizer/) and the client library's
 local cache (apikeyd.client) both decide with these, so a cached answer is the server's answer."""
 
 from datetime import UTC, datetime
@@ -7,6 +8,7 @@ from typing import Protocol
 
 from apikeyd.domain.decision import AuthCode, Decision
 from apikeyd.domain.echo import quote
+from apikeyd.domain.ip_ranges import contains, parse_address
 from apikeyd.domain.model import KeyState, VerifiedKey
 from apikeyd.domain.scopes import ScopeSet
 
@@ -56,6 +58,19 @@ def unusable(entry: Verified, now: float) -> Decision | None:
         when = isoformat(entry.secret_expire_at)
         return _denial(entry, AuthCode.EXPIRED, f"this secret was rotated out and stopped working at {when}")
     return None
+
+
+def outside_ranges(entry: Verified, client_ip: str) -> Decision | None:
+    """A key with allowed_ip_ranges presented from elsewhere, or with no address given. Only keys with ranges
+    parse the address: every other check pays nothing for it."""
+    ranges = entry.key.ip_ranges
+    if not ranges:
+        return None
+    if not client_ip:
+        return _denial(entry, AuthCode.IP_NOT_ALLOWED, "the key is restricted to IP ranges and no client_ip was given")
+    if contains(ranges, parse_address(client_ip)):
+        return None
+    return _denial(entry, AuthCode.IP_NOT_ALLOWED, f"the client address {quote(client_ip)} is outside the key's allowed_ip_ranges")
 
 
 def wrong_project(entry: Verified, project_id: str) -> Decision | None:

@@ -8,8 +8,9 @@ from apikeyd.domain.ratelimit import RateOutcome
 
 
 class AuthCode(enum.IntEnum):
-    """The contract's codes. The checks run MALFORMED, NOT_FOUND, REVOKED, DISABLED, EXPIRED, PROJECT_MISMATCH,
-    INSUFFICIENT_SCOPE, RATE_LIMITED; from DISABLED on, the response carries the key's identity."""
+    """The contract's codes. The checks run MALFORMED, NOT_FOUND, REVOKED, DISABLED, EXPIRED, IP_NOT_ALLOWED,
+    PROJECT_MISMATCH, INSUFFICIENT_SCOPE, RATE_LIMITED, CREDITS_EXHAUSTED; from DISABLED on, the response
+    carries the key's identity."""
 
     OK = 0
     MALFORMED = 1
@@ -20,6 +21,8 @@ class AuthCode(enum.IntEnum):
     PROJECT_MISMATCH = 6
     INSUFFICIENT_SCOPE = 7
     RATE_LIMITED = 8
+    CREDITS_EXHAUSTED = 9
+    IP_NOT_ALLOWED = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +39,8 @@ class Decision:
     # Answered from an entry verified earlier while the database does not answer (stale-if-error): true
     # then, but not to be kept by a client-side cache.
     stale: bool = False
+    # For a key with credits: what is left after this request (with CREDITS_EXHAUSTED, what is left).
+    credits_remaining: int | None = None
 
     @property
     def allowed(self) -> bool:

@@ -13,6 +13,8 @@ grpc checks two sizes before any of this runs, and answers RESOURCE_EXHAUSTED it
 from collections.abc import Collection, Iterable
 
 from apikeyd.domain.errors import InvalidArgument
+from apikeyd.domain.ip_ranges import MAX_IP_LENGTH as MAX_IP_LENGTH
+from apikeyd.domain.ip_ranges import MAX_IP_RANGES as MAX_IP_RANGES
 from apikeyd.domain.model import MAX_LABEL_VALUE as MAX_LABEL_VALUE
 from apikeyd.domain.model import MAX_LABELS as MAX_LABELS
 from apikeyd.domain.model import MAX_RATE_LIMITS as MAX_RATE_LIMITS
@@ -88,12 +90,14 @@ MAX_FILTER_VALUE_LENGTH = 256
 
 # --- UpdateApiKey ---------------------------------------------------------------------------------
 
-MAX_UPDATE_MASK_PATHS = 16  # seven fields are updatable (lifecycle.UPDATABLE)
+MAX_UPDATE_MASK_PATHS = 16  # nine fields are updatable, and two parts of credits (lifecycle.UPDATABLE)
 MAX_UPDATE_MASK_PATH_LENGTH = 64
 
 # --- bounds of the field rules elsewhere, for the complete table -----------------------------------
 # model.py: display_name 1-255 characters, description and revoke reason at most 1024, labels (MAX_LABELS,
-# keys and values of MAX_LABEL_VALUE) and rate limits (MAX_RATE_LIMITS), imported above. A key's scopes:
+# keys and values of MAX_LABEL_VALUE) and rate limits (MAX_RATE_LIMITS), imported above; ip_ranges.py: at
+# most MAX_IP_RANGES ranges of MAX_IP_LENGTH characters, and a client_ip of as many; credits.py: balances and
+# refills up to 10^15, a cost up to 10^9. A key's scopes:
 MAX_SCOPES = 100
 MAX_SCOPE_LENGTH = 320
 

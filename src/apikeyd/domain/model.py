@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from apikeyd.domain.credits import Credits
 from apikeyd.domain.echo import quote, refuse_key
 from apikeyd.domain.errors import InvalidArgument
+from apikeyd.domain.ip_ranges import Ranges, compile_ranges
 
 
 class KeyState(enum.Enum):
@@ -62,6 +64,10 @@ class ApiKey:
     revoke_time: datetime | None = None
     revoke_reason: str = ""
     previous_secret_expire_time: datetime | None = None
+    credits: Credits | None = None
+    allowed_ip_ranges: tuple[str, ...] = ()
+    previous_secret_last_used_time: datetime | None = None
+    end_grace_after_unused: timedelta | None = None
 
     @property
     def name(self) -> str:
@@ -85,6 +91,8 @@ class ApiKey:
             state=self.state,
             rate_limits=self.rate_limits,
             revoke_time=self.revoke_time,
+            has_credits=self.credits is not None,
+            ip_ranges=_compiled_ranges(self.allowed_ip_ranges) if self.allowed_ip_ranges else (),
         )
 
 
@@ -106,10 +114,18 @@ class VerifiedKey:
     state: KeyState
     rate_limits: tuple[RateLimit, ...]
     revoke_time: datetime | None
+    has_credits: bool = False  # its balance is in the database: every allowed check spends there
+    ip_ranges: Ranges = ()  # allowed_ip_ranges, compiled (domain/ip_ranges.py); () allows any address
 
     @property
     def name(self) -> str:
         return key_name(self.account_id, self.key_id)
+
+    @property
+    def has_limits(self) -> bool:
+        """Every check counts (rate limits, credits) or depends on the client (IP ranges): a client-side
+        cache must ask the server each time."""
+        return bool(self.rate_limits) or self.has_credits or bool(self.ip_ranges)
 
 
 # An account's keys tend to repeat their scopes and labels. These memos hand back the first of equal values
@@ -122,6 +138,12 @@ _SHARED_ITEMS = 8
 @functools.lru_cache(maxsize=1024)
 def _shared_scopes(scopes: tuple[str, ...]) -> tuple[str, ...]:
     return scopes
+
+
+@functools.lru_cache(maxsize=1024)
+def _compiled_ranges(ranges: tuple[str, ...]) -> Ranges:
+    """Keys of one customer tend to share their ranges: compiled once (at most 100 ranges of 3 ints each)."""
+    return compile_ranges(ranges)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -241,6 +263,9 @@ MAX_RATE_LIMITS = 8
 # beyond it Redis rounded (10^15 a day never counted down, 2^63-1 came back as -2^63).
 MAX_LIMIT_TIMES_PERIOD = 9_000_000_000
 MAX_GRACE = timedelta(days=7)
+# The shortest wait for an unused previous secret: last uses are written in batches (every 30 s by default),
+# so a shorter one could end a grace whose secret was used a moment ago on another replica.
+MIN_END_GRACE_AFTER_UNUSED = timedelta(minutes=5)
 
 
 # C0 control characters and DEL: PostgreSQL refuses NUL in text (SQLite would store it, so the backends would
@@ -316,6 +341,19 @@ def validate_grace(grace: timedelta) -> timedelta:
     if not timedelta(0) <= grace <= MAX_GRACE:
         raise InvalidArgument("grace_period", f"must be from 0 to 7 days, got {grace.total_seconds():g} s")
     return grace
+
+
+def validate_end_grace_after_unused(value: timedelta | None, grace: timedelta) -> timedelta | None:
+    if value is None:
+        return None
+    if not MIN_END_GRACE_AFTER_UNUSED <= value <= max(grace, MIN_END_GRACE_AFTER_UNUSED):
+        raise InvalidArgument(
+            "end_grace_after_unused",
+            f"must be from 5 minutes to the grace_period ({grace.total_seconds():g} s), got {value.total_seconds():g} s",
+        )
+    if value > grace:
+        raise InvalidArgument("end_grace_after_unused", "needs a grace_period of at least 5 minutes")
+    return value
 
 
 def validate_reason(reason: str) -> str:

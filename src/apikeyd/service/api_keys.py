@@ -12,6 +12,7 @@ from apikeyd.domain.access import AUTHORIZE, Caller
 from apikeyd.domain.decision import Decision
 from apikeyd.domain.echo import refuse_key
 from apikeyd.domain.errors import InvalidArgument, Unauthenticated
+from apikeyd.domain.ip_ranges import parse_address
 from apikeyd.domain.model import parse_key_name, parse_parent
 from apikeyd.lifecycle import IssuedKey, KeyManager
 from apikeyd.metrics import Metrics
@@ -172,10 +173,18 @@ class ApiKeyService(pb_grpc.ApiKeyServiceServicer):
         check_request(request, context)
         caller = await authorizing_caller(self._manager, self._authorize_requires_key, context, "Authorize")
         project_id = refuse_key("project_id", request.project_id)  # it goes into messages and log lines
+        if request.client_ip:
+            parse_address(request.client_ip)  # a bad address is the caller's bug, whatever the key
         decision = await self._authorizer.authorize(
-            request.key, request.required_scopes, request.resource, project_id, caller
+            request.key,
+            request.required_scopes,
+            request.resource,
+            project_id,
+            caller,
+            client_ip=request.client_ip,
+            cost=request.cost if request.HasField("cost") else 1,
         )
-        if decision.rate is not None or not decision.allowed:
+        if decision.rate is not None or decision.credits_remaining is not None or not decision.allowed:
             return decision_to_pb(decision)
         rendered = self._rendered.get(id(decision))
         if rendered is not None and rendered[0] is decision:

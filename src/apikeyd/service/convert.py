@@ -7,6 +7,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from apikeyd.domain.credits import Calendar, Credits, Refill, RefillMode
 from apikeyd.domain.decision import Decision
 from apikeyd.domain.echo import quote
 from apikeyd.domain.errors import InvalidArgument
@@ -39,14 +40,16 @@ def _datetime(message: Any, field: str) -> datetime | None:
         raise InvalidArgument(field, "is not a valid timestamp") from None
 
 
-def duration(message: Any, field: str) -> timedelta:
+def duration(message: Any, field: str, name: str = "") -> timedelta:
+    """The whole-second Duration `field` of `message`; `name` is the field's path in errors."""
     value: Duration = getattr(message, field)
+    name = name or field
     if value.nanos:
-        raise InvalidArgument(field, "must be whole seconds")
+        raise InvalidArgument(name, "must be whole seconds")
     try:  # timedelta ends near ±8.6e13 s, well inside int64; the domain then checks the real range
         return timedelta(seconds=value.seconds)
     except OverflowError:
-        raise InvalidArgument(field, f"{value.seconds} s is out of range") from None
+        raise InvalidArgument(name, f"{value.seconds} s is out of range") from None
 
 
 def api_key_to_pb(key: ApiKey) -> pb.ApiKey:
@@ -70,7 +73,60 @@ def api_key_to_pb(key: ApiKey) -> pb.ApiKey:
         revoke_reason=key.revoke_reason,
         previous_secret_expire_time=_timestamp(key.previous_secret_expire_time),
         etag=key.etag,
+        credits=_credits_to_pb(key.credits),
+        allowed_ip_ranges=key.allowed_ip_ranges,
+        previous_secret_last_used_time=_timestamp(key.previous_secret_last_used_time),
+        end_grace_after_unused=None if key.end_grace_after_unused is None else _duration(key.end_grace_after_unused),
     )
+
+
+def _duration(value: timedelta) -> Duration:
+    message = Duration()
+    message.FromTimedelta(value)
+    return message
+
+
+_CALENDAR_TO_PB = {Calendar.DAILY: pb.CreditRefill.DAILY, Calendar.MONTHLY: pb.CreditRefill.MONTHLY}
+_CALENDAR_FROM_PB = {v: k for k, v in _CALENDAR_TO_PB.items()}
+_MODE_TO_PB = {RefillMode.REPLACE: pb.CreditRefill.REPLACE, RefillMode.ADD: pb.CreditRefill.ADD}
+_MODE_FROM_PB = {**{v: k for k, v in _MODE_TO_PB.items()}, pb.CreditRefill.MODE_UNSPECIFIED: RefillMode.REPLACE}
+
+
+def _credits_to_pb(credits: Credits | None) -> pb.Credits | None:
+    if credits is None:
+        return None
+    message = pb.Credits(remaining=credits.remaining, next_refill_time=_timestamp(credits.next_refill))
+    refill = credits.refill
+    if refill is not None:
+        message.refill.amount = refill.amount
+        message.refill.mode = _MODE_TO_PB[refill.mode]
+        message.refill.cap = refill.cap
+        if refill.calendar is not None:
+            message.refill.calendar = _CALENDAR_TO_PB[refill.calendar]
+        if refill.every is not None:
+            message.refill.every.FromTimedelta(refill.every)
+    return message
+
+
+def _refill(message: pb.Credits, field: str) -> Refill | None:
+    if not message.HasField("refill"):
+        return None
+    refill = message.refill
+    if refill.mode not in _MODE_FROM_PB:
+        raise InvalidArgument(f"{field}.mode", "must be REPLACE or ADD")
+    calendar = None
+    if refill.HasField("calendar"):
+        if refill.calendar not in _CALENDAR_FROM_PB:
+            raise InvalidArgument(f"{field}.calendar", "must be DAILY or MONTHLY")
+        calendar = _CALENDAR_FROM_PB[refill.calendar]
+    every = duration(refill, "every", f"{field}.every") if refill.HasField("every") else None
+    return Refill(refill.amount, _MODE_FROM_PB[refill.mode], calendar, every, refill.cap)
+
+
+def _credits(message: pb.ApiKey) -> Credits | None:
+    if not message.HasField("credits"):
+        return None
+    return Credits(message.credits.remaining, _refill(message.credits, "credits.refill"))
 
 
 def _rate_limits(message: pb.ApiKey) -> tuple[RateLimit, ...]:
@@ -91,6 +147,8 @@ def new_key_from_pb(message: pb.ApiKey) -> NewKey:
         labels=dict(message.labels),
         expire_time=_datetime(message, "expire_time"),
         rate_limits=_rate_limits(message),
+        credits=_credits(message),
+        allowed_ip_ranges=tuple(message.allowed_ip_ranges),
     )
 
 
@@ -112,6 +170,14 @@ def update_from_pb(message: pb.ApiKey, mask: FieldMask) -> dict[str, Any]:
             values[path] = _datetime(message, "expire_time")
         elif path == "rate_limits":
             values[path] = _rate_limits(message)
+        elif path == "credits":
+            values[path] = _credits(message)
+        elif path == "credits.remaining":
+            values[path] = message.credits.remaining
+        elif path == "credits.refill":
+            values[path] = _refill(message.credits, "credits.refill")
+        elif path == "allowed_ip_ranges":
+            values[path] = tuple(message.allowed_ip_ranges)
         elif path == "state":
             if message.state not in _STATE_FROM_PB:
                 raise InvalidArgument("state", "must be ACTIVE or DISABLED")
@@ -128,6 +194,8 @@ def _is_set(message: pb.ApiKey, path: str) -> bool:
         return message.HasField("expire_time")
     if path == "state":
         return message.state != pb.ApiKey.STATE_UNSPECIFIED
+    if path == "credits":
+        return message.HasField("credits")
     return bool(getattr(message, path))
 
 
@@ -174,7 +242,7 @@ def decision_to_pb(decision: Decision) -> pb.AuthorizeResponse:
         response.scopes.extend(key.scopes)
         response.labels.update(key.labels)
         response.display_name = key.display_name
-        response.has_limits = bool(key.rate_limits)
+        response.has_limits = key.has_limits
         if key.revoke_time is not None:
             response.revoke_time.FromDatetime(key.revoke_time)
     response.stale = decision.stale
@@ -188,6 +256,8 @@ def decision_to_pb(decision: Decision) -> pb.AuthorizeResponse:
         response.remaining = rate.remaining
         if rate.retry_after:
             response.retry_after.FromTimedelta(timedelta(seconds=rate.retry_after))
+    if decision.credits_remaining is not None:
+        response.credits_remaining = decision.credits_remaining
     if decision.missing_scopes:
         response.missing_scopes.extend(decision.missing_scopes)
     return response

@@ -52,6 +52,8 @@ def _api_key(key: pb.ApiKey) -> None:
     L.check_count("api_key.scopes", key.scopes, L.MAX_SCOPES)
     L.check_count("api_key.labels", key.labels, L.MAX_LABELS)
     L.check_count("api_key.rate_limits", key.rate_limits, L.MAX_RATE_LIMITS)
+    L.check_count("api_key.allowed_ip_ranges", key.allowed_ip_ranges, L.MAX_IP_RANGES)
+    L.check_each_length("api_key.allowed_ip_ranges", key.allowed_ip_ranges, L.MAX_IP_LENGTH)
 
 
 def _create(request: pb.CreateApiKeyRequest) -> None:
@@ -92,6 +94,7 @@ def _rotate(request: pb.RotateApiKeyRequest) -> None:
 
 def _authorize(request: pb.AuthorizeRequest) -> None:
     L.check_authorize(request.key, request.required_scopes, request.resource, request.project_id)
+    L.check_length("client_ip", request.client_ip, L.MAX_IP_LENGTH)
 
 
 def _check(request: ext.CheckRequest) -> None:

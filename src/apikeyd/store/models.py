@@ -1,10 +1,12 @@
 """Tables. Times are stored as UTC; SQLite keeps them as sortable text, PostgreSQL as timestamptz."""
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, DateTime, Index, Integer, String, TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from apikeyd.domain.credits import Calendar, Credits, Refill, RefillMode
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -25,6 +27,34 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def refill_to_json(refill: Refill | None) -> dict[str, Any] | None:
+    if refill is None:
+        return None
+    value: dict[str, Any] = {"amount": refill.amount, "mode": refill.mode.value, "cap": refill.cap}
+    if refill.calendar is not None:
+        value["calendar"] = refill.calendar.value
+    if refill.every is not None:
+        value["every_seconds"] = int(refill.every.total_seconds())
+    return value
+
+
+def credits_from_columns(remaining: int | None, refill: dict[str, Any] | None, next_refill: datetime | None) -> Credits | None:
+    if remaining is None:
+        return None
+    if refill is None:
+        return Credits(remaining)
+    every = refill.get("every_seconds")
+    calendar = refill.get("calendar")
+    parsed = Refill(
+        amount=int(refill["amount"]),
+        mode=RefillMode(refill["mode"]),
+        calendar=Calendar(calendar) if calendar else None,
+        every=timedelta(seconds=every) if every else None,
+        cap=int(refill.get("cap", 0)),
+    )
+    return Credits(remaining, parsed, next_refill)
 
 
 class Base(DeclarativeBase):
@@ -58,6 +88,15 @@ class ApiKeyRow(Base):
     revoke_reason: Mapped[str] = mapped_column(String(1024), default="")
     # Bumped by every change; the etag and the guard against lost updates.
     revision: Mapped[int] = mapped_column(Integer)
+    # Credits (store/credits.py): NULL remaining for unlimited. Spending writes only these two columns
+    # and not the revision, so a spend is no change to the key.
+    credits_remaining: Mapped[int | None] = mapped_column(BigInteger)
+    credits_next_refill: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # {"amount", "mode", "calendar" or "every_seconds", "cap"}
+    credits_refill: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    allowed_ip_ranges: Mapped[list[str]] = mapped_column(JSON, default=list)
+    previous_secret_last_used_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    end_grace_after_unused_seconds: Mapped[int | None] = mapped_column(Integer)
 
     # ListApiKeys pages: keyset on (create_time, key_id) within the account, or within its project, state or
     # both when the filter names them (migration 0003), so a page costs the same at any account size.
@@ -118,3 +157,32 @@ class ServerSecretRow(Base):
 
     name: Mapped[str] = mapped_column(String(63), primary_key=True)
     value: Mapped[str] = mapped_column(String(255))  # hex
+
+
+class KeyUsageRow(Base):
+    """Authorize outcomes of one key in one bucket (store/usage.py). Account and project are kept here, so
+    that usage is listed by who may see it without a join, and outlives the key's deletion."""
+
+    __tablename__ = "key_usage"
+
+    key_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    granularity: Mapped[str] = mapped_column(String(8), primary_key=True)  # minute, hour, day
+    bucket: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
+    account_id: Mapped[str] = mapped_column(String(63))
+    project_id: Mapped[str] = mapped_column(String(63), default="")
+    ok: Mapped[int] = mapped_column(BigInteger, default=0)
+    rate_limited: Mapped[int] = mapped_column(BigInteger, default=0)
+    credits_exhausted: Mapped[int] = mapped_column(BigInteger, default=0)
+    insufficient_scope: Mapped[int] = mapped_column(BigInteger, default=0)
+    project_mismatch: Mapped[int] = mapped_column(BigInteger, default=0)
+    expired: Mapped[int] = mapped_column(BigInteger, default=0)
+    disabled: Mapped[int] = mapped_column(BigInteger, default=0)
+    revoked: Mapped[int] = mapped_column(BigInteger, default=0)
+    ip_not_allowed: Mapped[int] = mapped_column(BigInteger, default=0)
+
+    __table_args__ = (
+        # An account's page: keyset on (key_id, bucket) within a granularity.
+        Index("ix_key_usage_account", "account_id", "granularity", "key_id", "bucket"),
+        # Retention: the oldest buckets of a granularity first.
+        Index("ix_key_usage_retention", "granularity", "bucket"),
+    )

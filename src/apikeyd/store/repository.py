@@ -4,7 +4,7 @@ import contextlib
 import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, Select, and_, create_engine, delete, event, func, or_, select, text, tuple_, update
@@ -14,6 +14,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from apikeyd.domain.access import Actor
+from apikeyd.domain.credits import Credits, Refill
 from apikeyd.domain.echo import quote
 from apikeyd.domain.errors import (
     Aborted,
@@ -35,7 +36,14 @@ from apikeyd.domain.model import (
     RateLimit,
     request_id_reused,
 )
-from apikeyd.store.models import ApiKeyRow, KeyEventRow, RequestIdRow, ServerSecretRow
+from apikeyd.store.models import (
+    ApiKeyRow,
+    KeyEventRow,
+    RequestIdRow,
+    ServerSecretRow,
+    credits_from_columns,
+    refill_to_json,
+)
 
 _WRITE = "apikeyd_write"
 FEED_CHANNEL = "apikeyd_key_events"  # NOTIFY channel of committed key events (PostgreSQL)
@@ -119,11 +127,35 @@ def _to_domain(row: ApiKeyRow) -> ApiKey:
         revoke_time=row.revoke_time,
         revoke_reason=row.revoke_reason,
         previous_secret_expire_time=row.previous_secret_expire_time,
+        credits=credits_from_columns(row.credits_remaining, row.credits_refill, row.credits_next_refill),
+        allowed_ip_ranges=tuple(row.allowed_ip_ranges or ()),
+        previous_secret_last_used_time=row.previous_secret_last_used_time,
+        end_grace_after_unused=(
+            None if row.end_grace_after_unused_seconds is None else timedelta(seconds=row.end_grace_after_unused_seconds)
+        ),
     )
 
 
-def _to_columns(values: dict[str, Any]) -> dict[str, Any]:
+def _to_columns(values: dict[str, Any], now: datetime | None = None) -> dict[str, Any]:
+    """Domain values as columns; `now` starts a refill's interval when credits are set."""
     columns = dict(values)
+    if "credits" in columns:
+        credits: Credits | None = columns.pop("credits")
+        columns["credits_remaining"] = None if credits is None else credits.remaining
+        refill = None if credits is None else credits.refill
+        columns["credits_refill"] = refill_to_json(refill)
+        columns["credits_next_refill"] = None if refill is None or now is None else refill.first_due(now)
+    if "credits.remaining" in columns:
+        columns["credits_remaining"] = columns.pop("credits.remaining")
+    if "credits.refill" in columns:
+        new_refill: Refill | None = columns.pop("credits.refill")
+        columns["credits_refill"] = refill_to_json(new_refill)
+        columns["credits_next_refill"] = None if new_refill is None or now is None else new_refill.first_due(now)
+    if "allowed_ip_ranges" in columns:
+        columns["allowed_ip_ranges"] = list(columns["allowed_ip_ranges"])
+    if "end_grace_after_unused" in columns:
+        grace: timedelta | None = columns.pop("end_grace_after_unused")
+        columns["end_grace_after_unused_seconds"] = None if grace is None else int(grace.total_seconds())
     if "state" in columns:
         columns["state"] = columns["state"].value
     if "rate_limits" in columns:
@@ -235,6 +267,10 @@ class Repository:
     def _transaction(self, write: bool) -> Iterator[Session]:
         with database_errors(), (self._write if write else self._read).begin() as session:
             yield session
+
+    def session(self, write: bool) -> contextlib.AbstractContextManager[Session]:
+        """One transaction, for the store's other modules (credits.py, usage.py): the same errors and locks."""
+        return self._transaction(write)
 
     def ping(self) -> None:
         with self._transaction(write=False) as session:
@@ -401,7 +437,16 @@ class Repository:
             revoke_time=None,
             revoke_reason="",
             revision=key.revision,
-            **_to_columns({"state": key.state, "scopes": key.scopes, "rate_limits": key.rate_limits}),
+            **_to_columns(
+                {
+                    "state": key.state,
+                    "scopes": key.scopes,
+                    "rate_limits": key.rate_limits,
+                    "credits": key.credits,
+                    "allowed_ip_ranges": key.allowed_ip_ranges,
+                },
+                key.create_time,
+            ),
         )
         with self._transaction(write=True) as session:
             # First the account's lock: a retry racing the create it repeats must find that create's
@@ -477,7 +522,7 @@ class Repository:
             current = _to_domain(row)
             self._check_etag(current, expected_etag)
             change = decide(current, Credentials(row.secret_hash, row.previous_secret_hash))
-            values = {**_to_columns(change.values), "update_time": now, "revision": current.revision + 1}
+            values = {**_to_columns(change.values, now), "update_time": now, "revision": current.revision + 1}
             result = session.execute(
                 update(ApiKeyRow)
                 .where(ApiKeyRow.key_id == key_id, ApiKeyRow.revision == current.revision)
@@ -529,21 +574,20 @@ class Repository:
             result = session.execute(delete(RequestIdRow).where(RequestIdRow.create_time < before))
             return int(result.rowcount)  # type: ignore[attr-defined]
 
-    def record_last_used(self, times: dict[str, datetime]) -> None:
-        """Write a batch of last-used times; a time never replaces a newer one another process wrote."""
+    def record_last_used(self, times: dict[str, datetime], previous: dict[str, datetime] | None = None) -> None:
+        """Write a batch of last-used times, and of the previous secret's last uses during a rotation's
+        grace; a time never replaces a newer one another process wrote."""
         if not times:
             return
         with self._transaction(write=True) as session:
-            for key_id, used in times.items():
-                session.execute(
-                    update(ApiKeyRow)
-                    .where(
-                        ApiKeyRow.key_id == key_id,
-                        (ApiKeyRow.last_used_time.is_(None)) | (ApiKeyRow.last_used_time < used),
+            for column, batch in ((ApiKeyRow.last_used_time, times), (ApiKeyRow.previous_secret_last_used_time, previous or {})):
+                for key_id, used in batch.items():
+                    session.execute(
+                        update(ApiKeyRow)
+                        .where(ApiKeyRow.key_id == key_id, (column.is_(None)) | (column < used))
+                        .values({column.key: used})
+                        .execution_options(synchronize_session=False)
                     )
-                    .values(last_used_time=used)
-                    .execution_options(synchronize_session=False)
-                )
 
     # --- helpers ----------------------------------------------------------------------------------
 

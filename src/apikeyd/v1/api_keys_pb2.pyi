@@ -15,6 +15,17 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class UsageGranularity(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    USAGE_GRANULARITY_UNSPECIFIED: _ClassVar[UsageGranularity]
+    MINUTE: _ClassVar[UsageGranularity]
+    HOUR: _ClassVar[UsageGranularity]
+    DAY: _ClassVar[UsageGranularity]
+USAGE_GRANULARITY_UNSPECIFIED: UsageGranularity
+MINUTE: UsageGranularity
+HOUR: UsageGranularity
+DAY: UsageGranularity
+
 class RateLimit(_message.Message):
     __slots__ = ("limit", "period")
     LIMIT_FIELD_NUMBER: _ClassVar[int]
@@ -23,8 +34,48 @@ class RateLimit(_message.Message):
     period: _duration_pb2.Duration
     def __init__(self, limit: _Optional[int] = ..., period: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
+class Credits(_message.Message):
+    __slots__ = ("remaining", "refill", "next_refill_time")
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    REFILL_FIELD_NUMBER: _ClassVar[int]
+    NEXT_REFILL_TIME_FIELD_NUMBER: _ClassVar[int]
+    remaining: int
+    refill: CreditRefill
+    next_refill_time: _timestamp_pb2.Timestamp
+    def __init__(self, remaining: _Optional[int] = ..., refill: _Optional[_Union[CreditRefill, _Mapping]] = ..., next_refill_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class CreditRefill(_message.Message):
+    __slots__ = ("amount", "calendar", "every", "mode", "cap")
+    class Calendar(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        CALENDAR_UNSPECIFIED: _ClassVar[CreditRefill.Calendar]
+        DAILY: _ClassVar[CreditRefill.Calendar]
+        MONTHLY: _ClassVar[CreditRefill.Calendar]
+    CALENDAR_UNSPECIFIED: CreditRefill.Calendar
+    DAILY: CreditRefill.Calendar
+    MONTHLY: CreditRefill.Calendar
+    class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        MODE_UNSPECIFIED: _ClassVar[CreditRefill.Mode]
+        REPLACE: _ClassVar[CreditRefill.Mode]
+        ADD: _ClassVar[CreditRefill.Mode]
+    MODE_UNSPECIFIED: CreditRefill.Mode
+    REPLACE: CreditRefill.Mode
+    ADD: CreditRefill.Mode
+    AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    CALENDAR_FIELD_NUMBER: _ClassVar[int]
+    EVERY_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    CAP_FIELD_NUMBER: _ClassVar[int]
+    amount: int
+    calendar: CreditRefill.Calendar
+    every: _duration_pb2.Duration
+    mode: CreditRefill.Mode
+    cap: int
+    def __init__(self, amount: _Optional[int] = ..., calendar: _Optional[_Union[CreditRefill.Calendar, str]] = ..., every: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., mode: _Optional[_Union[CreditRefill.Mode, str]] = ..., cap: _Optional[int] = ...) -> None: ...
+
 class ApiKey(_message.Message):
-    __slots__ = ("name", "key_id", "account_id", "project_id", "display_name", "description", "scopes", "labels", "state", "masked_key", "expire_time", "rate_limits", "create_time", "update_time", "last_used_time", "revoke_time", "revoke_reason", "previous_secret_expire_time", "etag")
+    __slots__ = ("name", "key_id", "account_id", "project_id", "display_name", "description", "scopes", "labels", "state", "masked_key", "expire_time", "rate_limits", "create_time", "update_time", "last_used_time", "revoke_time", "revoke_reason", "previous_secret_expire_time", "etag", "credits", "allowed_ip_ranges", "previous_secret_last_used_time", "end_grace_after_unused")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[ApiKey.State]
@@ -61,6 +112,10 @@ class ApiKey(_message.Message):
     REVOKE_REASON_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_SECRET_EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
     ETAG_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_IP_RANGES_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_SECRET_LAST_USED_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_GRACE_AFTER_UNUSED_FIELD_NUMBER: _ClassVar[int]
     name: str
     key_id: str
     account_id: str
@@ -80,7 +135,11 @@ class ApiKey(_message.Message):
     revoke_reason: str
     previous_secret_expire_time: _timestamp_pb2.Timestamp
     etag: str
-    def __init__(self, name: _Optional[str] = ..., key_id: _Optional[str] = ..., account_id: _Optional[str] = ..., project_id: _Optional[str] = ..., display_name: _Optional[str] = ..., description: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., state: _Optional[_Union[ApiKey.State, str]] = ..., masked_key: _Optional[str] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., rate_limits: _Optional[_Iterable[_Union[RateLimit, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoke_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoke_reason: _Optional[str] = ..., previous_secret_expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., etag: _Optional[str] = ...) -> None: ...
+    credits: Credits
+    allowed_ip_ranges: _containers.RepeatedScalarFieldContainer[str]
+    previous_secret_last_used_time: _timestamp_pb2.Timestamp
+    end_grace_after_unused: _duration_pb2.Duration
+    def __init__(self, name: _Optional[str] = ..., key_id: _Optional[str] = ..., account_id: _Optional[str] = ..., project_id: _Optional[str] = ..., display_name: _Optional[str] = ..., description: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., state: _Optional[_Union[ApiKey.State, str]] = ..., masked_key: _Optional[str] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., rate_limits: _Optional[_Iterable[_Union[RateLimit, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoke_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoke_reason: _Optional[str] = ..., previous_secret_expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., etag: _Optional[str] = ..., credits: _Optional[_Union[Credits, _Mapping]] = ..., allowed_ip_ranges: _Optional[_Iterable[str]] = ..., previous_secret_last_used_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_grace_after_unused: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class CreateApiKeyRequest(_message.Message):
     __slots__ = ("parent", "api_key", "request_id")
@@ -161,18 +220,20 @@ class DeleteApiKeyRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., etag: _Optional[str] = ..., allow_self: _Optional[bool] = ...) -> None: ...
 
 class RotateApiKeyRequest(_message.Message):
-    __slots__ = ("name", "grace_period", "etag", "request_id", "allow_self")
+    __slots__ = ("name", "grace_period", "etag", "request_id", "allow_self", "end_grace_after_unused")
     NAME_FIELD_NUMBER: _ClassVar[int]
     GRACE_PERIOD_FIELD_NUMBER: _ClassVar[int]
     ETAG_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ALLOW_SELF_FIELD_NUMBER: _ClassVar[int]
+    END_GRACE_AFTER_UNUSED_FIELD_NUMBER: _ClassVar[int]
     name: str
     grace_period: _duration_pb2.Duration
     etag: str
     request_id: str
     allow_self: bool
-    def __init__(self, name: _Optional[str] = ..., grace_period: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., etag: _Optional[str] = ..., request_id: _Optional[str] = ..., allow_self: _Optional[bool] = ...) -> None: ...
+    end_grace_after_unused: _duration_pb2.Duration
+    def __init__(self, name: _Optional[str] = ..., grace_period: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., etag: _Optional[str] = ..., request_id: _Optional[str] = ..., allow_self: _Optional[bool] = ..., end_grace_after_unused: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class RotateApiKeyResponse(_message.Message):
     __slots__ = ("api_key", "secret", "secret_already_delivered")
@@ -185,19 +246,23 @@ class RotateApiKeyResponse(_message.Message):
     def __init__(self, api_key: _Optional[_Union[ApiKey, _Mapping]] = ..., secret: _Optional[str] = ..., secret_already_delivered: _Optional[bool] = ...) -> None: ...
 
 class AuthorizeRequest(_message.Message):
-    __slots__ = ("key", "required_scopes", "resource", "project_id")
+    __slots__ = ("key", "required_scopes", "resource", "project_id", "cost", "client_ip")
     KEY_FIELD_NUMBER: _ClassVar[int]
     REQUIRED_SCOPES_FIELD_NUMBER: _ClassVar[int]
     RESOURCE_FIELD_NUMBER: _ClassVar[int]
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_IP_FIELD_NUMBER: _ClassVar[int]
     key: str
     required_scopes: _containers.RepeatedScalarFieldContainer[str]
     resource: str
     project_id: str
-    def __init__(self, key: _Optional[str] = ..., required_scopes: _Optional[_Iterable[str]] = ..., resource: _Optional[str] = ..., project_id: _Optional[str] = ...) -> None: ...
+    cost: int
+    client_ip: str
+    def __init__(self, key: _Optional[str] = ..., required_scopes: _Optional[_Iterable[str]] = ..., resource: _Optional[str] = ..., project_id: _Optional[str] = ..., cost: _Optional[int] = ..., client_ip: _Optional[str] = ...) -> None: ...
 
 class AuthorizeResponse(_message.Message):
-    __slots__ = ("allowed", "code", "message", "key_id", "name", "account_id", "project_id", "scopes", "labels", "limit", "remaining", "retry_after", "missing_scopes", "display_name", "expire_time", "secret_expire_time", "revoke_time", "has_limits", "stale")
+    __slots__ = ("allowed", "code", "message", "key_id", "name", "account_id", "project_id", "scopes", "labels", "limit", "remaining", "retry_after", "missing_scopes", "display_name", "expire_time", "secret_expire_time", "revoke_time", "has_limits", "stale", "credits_remaining")
     class Code(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         OK: _ClassVar[AuthorizeResponse.Code]
@@ -209,6 +274,8 @@ class AuthorizeResponse(_message.Message):
         PROJECT_MISMATCH: _ClassVar[AuthorizeResponse.Code]
         INSUFFICIENT_SCOPE: _ClassVar[AuthorizeResponse.Code]
         RATE_LIMITED: _ClassVar[AuthorizeResponse.Code]
+        CREDITS_EXHAUSTED: _ClassVar[AuthorizeResponse.Code]
+        IP_NOT_ALLOWED: _ClassVar[AuthorizeResponse.Code]
     OK: AuthorizeResponse.Code
     MALFORMED: AuthorizeResponse.Code
     NOT_FOUND: AuthorizeResponse.Code
@@ -218,6 +285,8 @@ class AuthorizeResponse(_message.Message):
     PROJECT_MISMATCH: AuthorizeResponse.Code
     INSUFFICIENT_SCOPE: AuthorizeResponse.Code
     RATE_LIMITED: AuthorizeResponse.Code
+    CREDITS_EXHAUSTED: AuthorizeResponse.Code
+    IP_NOT_ALLOWED: AuthorizeResponse.Code
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -244,6 +313,7 @@ class AuthorizeResponse(_message.Message):
     REVOKE_TIME_FIELD_NUMBER: _ClassVar[int]
     HAS_LIMITS_FIELD_NUMBER: _ClassVar[int]
     STALE_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_REMAINING_FIELD_NUMBER: _ClassVar[int]
     allowed: bool
     code: AuthorizeResponse.Code
     message: str
@@ -263,7 +333,8 @@ class AuthorizeResponse(_message.Message):
     revoke_time: _timestamp_pb2.Timestamp
     has_limits: bool
     stale: bool
-    def __init__(self, allowed: _Optional[bool] = ..., code: _Optional[_Union[AuthorizeResponse.Code, str]] = ..., message: _Optional[str] = ..., key_id: _Optional[str] = ..., name: _Optional[str] = ..., account_id: _Optional[str] = ..., project_id: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., limit: _Optional[int] = ..., remaining: _Optional[int] = ..., retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., missing_scopes: _Optional[_Iterable[str]] = ..., display_name: _Optional[str] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., secret_expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoke_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., has_limits: _Optional[bool] = ..., stale: _Optional[bool] = ...) -> None: ...
+    credits_remaining: int
+    def __init__(self, allowed: _Optional[bool] = ..., code: _Optional[_Union[AuthorizeResponse.Code, str]] = ..., message: _Optional[str] = ..., key_id: _Optional[str] = ..., name: _Optional[str] = ..., account_id: _Optional[str] = ..., project_id: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., limit: _Optional[int] = ..., remaining: _Optional[int] = ..., retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., missing_scopes: _Optional[_Iterable[str]] = ..., display_name: _Optional[str] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., secret_expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoke_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., has_limits: _Optional[bool] = ..., stale: _Optional[bool] = ..., credits_remaining: _Optional[int] = ...) -> None: ...
 
 class WatchApiKeyChangesRequest(_message.Message):
     __slots__ = ("resume_after",)
@@ -392,3 +463,54 @@ class ListAuditEventsResponse(_message.Message):
     audit_events: _containers.RepeatedCompositeFieldContainer[AuditEvent]
     next_page_token: str
     def __init__(self, audit_events: _Optional[_Iterable[_Union[AuditEvent, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class ListApiKeyUsageRequest(_message.Message):
+    __slots__ = ("parent", "granularity", "start_time", "end_time", "key_ids", "page_size", "page_token")
+    PARENT_FIELD_NUMBER: _ClassVar[int]
+    GRANULARITY_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    KEY_IDS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    parent: str
+    granularity: UsageGranularity
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    key_ids: _containers.RepeatedScalarFieldContainer[str]
+    page_size: int
+    page_token: str
+    def __init__(self, parent: _Optional[str] = ..., granularity: _Optional[_Union[UsageGranularity, str]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., key_ids: _Optional[_Iterable[str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ApiKeyUsage(_message.Message):
+    __slots__ = ("api_key", "key_id", "project_id", "granularity", "start_time", "total", "counts")
+    class CountsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    API_KEY_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    GRANULARITY_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    api_key: str
+    key_id: str
+    project_id: str
+    granularity: UsageGranularity
+    start_time: _timestamp_pb2.Timestamp
+    total: int
+    counts: _containers.ScalarMap[str, int]
+    def __init__(self, api_key: _Optional[str] = ..., key_id: _Optional[str] = ..., project_id: _Optional[str] = ..., granularity: _Optional[_Union[UsageGranularity, str]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., total: _Optional[int] = ..., counts: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class ListApiKeyUsageResponse(_message.Message):
+    __slots__ = ("usage", "next_page_token")
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    usage: _containers.RepeatedCompositeFieldContainer[ApiKeyUsage]
+    next_page_token: str
+    def __init__(self, usage: _Optional[_Iterable[_Union[ApiKeyUsage, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

@@ -90,6 +90,11 @@ class ApiKeyServiceStub:
                 request_serializer=apikeyd_dot_v1_dot_api__keys__pb2.WatchApiKeyChangesRequest.SerializeToString,
                 response_deserializer=apikeyd_dot_v1_dot_api__keys__pb2.WatchApiKeyChangesResponse.FromString,
                 _registered_method=True)
+        self.ListApiKeyUsage = channel.unary_unary(
+                '/apikeyd.v1.ApiKeyService/ListApiKeyUsage',
+                request_serializer=apikeyd_dot_v1_dot_api__keys__pb2.ListApiKeyUsageRequest.SerializeToString,
+                response_deserializer=apikeyd_dot_v1_dot_api__keys__pb2.ListApiKeyUsageResponse.FromString,
+                _registered_method=True)
 
 
 class ApiKeyServiceServicer:
@@ -174,6 +179,14 @@ class ApiKeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListApiKeyUsage(self, request, context):
+        """Lists how keys were used: Authorize outcomes per key and time bucket, for one key or for many keys of
+        an account in one call. Needs `apikeys:read`, like GetApiKey.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ApiKeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -226,6 +239,11 @@ def add_ApiKeyServiceServicer_to_server(servicer, server):
                     servicer.WatchApiKeyChanges,
                     request_deserializer=apikeyd_dot_v1_dot_api__keys__pb2.WatchApiKeyChangesRequest.FromString,
                     response_serializer=apikeyd_dot_v1_dot_api__keys__pb2.WatchApiKeyChangesResponse.SerializeToString,
+            ),
+            'ListApiKeyUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApiKeyUsage,
+                    request_deserializer=apikeyd_dot_v1_dot_api__keys__pb2.ListApiKeyUsageRequest.FromString,
+                    response_serializer=apikeyd_dot_v1_dot_api__keys__pb2.ListApiKeyUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -503,6 +521,33 @@ class ApiKeyService:
             '/apikeyd.v1.ApiKeyService/WatchApiKeyChanges',
             apikeyd_dot_v1_dot_api__keys__pb2.WatchApiKeyChangesRequest.SerializeToString,
             apikeyd_dot_v1_dot_api__keys__pb2.WatchApiKeyChangesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApiKeyUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/apikeyd.v1.ApiKeyService/ListApiKeyUsage',
+            apikeyd_dot_v1_dot_api__keys__pb2.ListApiKeyUsageRequest.SerializeToString,
+            apikeyd_dot_v1_dot_api__keys__pb2.ListApiKeyUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,
