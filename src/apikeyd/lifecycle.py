@@ -15,20 +15,18 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from apikeyd.authorizer.authorizer import Authorizer
 from apikeyd.authorizer.hashing import SecretHasher
 from apikeyd.denials import DenialKey, DenialThrottle
-from apikeyd.domain import keys, listing
+from apikeyd.domain import keys, listing, updates
 from apikeyd.domain.access import AUTHORIZE, READ, WRITE, Actor, Caller
-from apikeyd.domain.credits import Credits, Refill, validate_credits
+from apikeyd.domain.credits import Credits, validate_credits
 from apikeyd.domain.decision import Decision
-from apikeyd.domain.echo import quote
 from apikeyd.domain.errors import (
     Aborted,
     FailedPrecondition,
-    InvalidArgument,
     PermissionDenied,
     Unauthenticated,
     Unavailable,
@@ -48,6 +46,7 @@ from apikeyd.domain.model import (
     request_id_reused,
     validate_description,
     validate_display_name,
+    validate_end_grace_after_unused,
     validate_expire_time,
     validate_grace,
     validate_labels,
@@ -63,12 +62,6 @@ from apikeyd.store.repository import Change, Repository
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-UPDATABLE = (
-    "display_name", "description", "scopes", "labels", "expire_time", "rate_limits", "state", "credits",
-    "allowed_ip_ranges",
-)
-# Paths an update mask may also name: parts of `credits`, changed without the rest.
-_SUBFIELDS = ("credits.remaining", "credits.refill")
 _CONFLICT_RETRIES = 3
 
 
@@ -151,61 +144,6 @@ def _retrieved(task: "asyncio.Task[Any]") -> None:
         task.exception()
 
 
-def _current_value(current: ApiKey, path: str) -> Any:
-    """What a key holds at an update-mask path; a part of credits the key does not have is a precondition."""
-    if path not in _SUBFIELDS:
-        return getattr(current, path)
-    if current.credits is None:
-        raise FailedPrecondition(f"the key has no credits, so {path} cannot be changed; set `credits` instead")
-    return getattr(current.credits, path.partition(".")[2])
-
-
-def _audit_value(path: str, value: Any) -> str:
-    """A changed limit or range as the audit log's details show it."""
-    if value is None:
-        return "none"
-    if path == "rate_limits":
-        return " ".join(f"{r.limit}/{r.period_seconds}s" for r in value) or "none"
-    if path == "allowed_ip_ranges":
-        return " ".join(value) or "none"
-    if isinstance(value, Credits):
-        return f"remaining={value.remaining}" + (f" refill={_audit_value('credits.refill', value.refill)}" if value.refill else "")
-    if isinstance(value, Refill):
-        interval = value.calendar.value if value.calendar else f"every {value.every.total_seconds():g}s" if value.every else ""
-        return f"{value.amount} {interval} {value.mode.value}" + (f" cap {value.cap}" if value.cap else "")
-    return str(value)
-
-
-_AUDITED = ("rate_limits", "credits", "credits.remaining", "credits.refill", "allowed_ip_ranges")
-
-
-def _validate_update(values: dict[str, Any], now: datetime) -> dict[str, Any]:
-    checks: dict[str, Callable[[Any], Any]] = {
-        "display_name": validate_display_name,
-        "description": validate_description,
-        "scopes": validate_scopes,
-        "labels": validate_labels,
-        "expire_time": lambda v: validate_expire_time(v, now),
-        "rate_limits": validate_rate_limits,
-        "state": lambda v: v,
-        "credits": validate_credits,
-        "credits.remaining": lambda v: cast(Credits, validate_credits(Credits(v))).remaining,
-        "credits.refill": lambda v: cast(Credits, validate_credits(Credits(0, v))).refill,
-        "allowed_ip_ranges": validate_ranges,
-    }
-    unknown = sorted(set(values) - set(checks))
-    if unknown:
-        raise InvalidArgument(
-            "update_mask",
-            f"cannot update {', '.join(map(quote, unknown))}; updatable fields: {', '.join(UPDATABLE + _SUBFIELDS)}",
-        )
-    if "credits" in values and any(path in values for path in _SUBFIELDS):
-        raise InvalidArgument("update_mask", "name either `credits` or its parts (credits.remaining, credits.refill), not both")
-    if "state" in values and values["state"] not in (KeyState.ACTIVE, KeyState.DISABLED):
-        raise InvalidArgument("state", "can only be set to ACTIVE or DISABLED; use RevokeApiKey to revoke")
-    return {name: checks[name](value) for name, value in values.items()}
-
-
 class KeyManager:
     def __init__(
         self,
@@ -234,17 +172,17 @@ class KeyManager:
     async def page_token_key(self) -> bytes:
         """Read once, by the first listing: migration 0005 made it, and `serve` checks the schema at start."""
         if self._page_token_key is None:
-            self._page_token_key = await self._run(self._repository.page_token_key)
+            self._page_token_key = await self.run(self._repository.page_token_key)
         return self._page_token_key
 
-    async def _run(self, call: Callable[[], T]) -> T:
+    async def run(self, call: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     async def _retrying(self, call: Callable[[], T], etag: str) -> T:
         """Without an etag the caller asked for last-writer-wins, so a lost race is retried, not reported."""
         for attempt in range(_CONFLICT_RETRIES):
             try:
-                return await self._run(call)
+                return await self.run(call)
             except Aborted:
                 if etag or attempt == _CONFLICT_RETRIES - 1:
                     raise
@@ -323,7 +261,7 @@ class KeyManager:
                     if suppressed:
                         details["suppressed"] = suppressed
                     try:
-                        await self._run(
+                        await self.run(
                             lambda: self._repository.record_denial(
                                 caller.account_id, caller.project_id, actor, key_id, details, _now()
                             )
@@ -340,7 +278,7 @@ class KeyManager:
 
     async def forget_old_request_ids(self) -> int:
         """Housekeeping: request_ids past their 24 hours would be ignored anyway."""
-        return await self._run(lambda: self._repository.forget_request_ids(_now() - REQUEST_ID_LIFETIME))
+        return await self.run(lambda: self._repository.forget_request_ids(_now() - REQUEST_ID_LIFETIME))
 
     # --- reads ------------------------------------------------------------------------------------
 
@@ -348,7 +286,7 @@ class KeyManager:
         async with self._denials(caller, key_name(account_id, key_id), key_id):
             caller.require(READ)
             caller.check_account(account_id)
-        return self._reached(caller, await self._run(lambda: self._repository.get(account_id, key_id)))
+        return self._reached(caller, await self.run(lambda: self._repository.get(account_id, key_id)))
 
     async def list_keys(
         self, caller: Caller, account_id: str, filter_text: str, page_size: int, page_token: str
@@ -366,7 +304,7 @@ class KeyManager:
 
         # `resume` is the last key the page examined: its last key, or with a `labels.` term that stopped at
         # the bound on keys examined, a later one; the page may then be short, even empty (AIP-158).
-        page, resume = await self._run(lambda: self._repository.list_keys(account_id, flt, size, after))
+        page, resume = await self.run(lambda: self._repository.list_keys(account_id, flt, size, after))
         token = listing.encode_page_token(await self.page_token_key(), account_id, filter_text, resume) if resume is not None else ""
         return page, token
 
@@ -381,7 +319,7 @@ class KeyManager:
         before = listing.decode_event_page_token(await self.page_token_key(), page_token, account_id, filter_text) if page_token else None
         # `resume` is the last event the page examined; with a term checked row by row that stopped at the
         # bound on events examined, the page may be short, even empty (AIP-158).
-        events, resume = await self._run(
+        events, resume = await self.run(
             lambda: self._repository.list_events(account_id, caller.project_id, flt, size, before)
         )
         token = listing.encode_event_page_token(await self.page_token_key(), account_id, filter_text, resume) if resume is not None else ""
@@ -426,7 +364,7 @@ class KeyManager:
         actor = caller.actor
         # The limit guards against a tenant's runaway scripts; operators are not limited.
         limit = None if account_id == self.operator_account else self._max_live_keys
-        created, replayed = await self._run(
+        created, replayed = await self.run(
             lambda: self._repository.create(
                 key, Credentials(self._hasher.hash(parsed.secret)), actor, request, limit
             )
@@ -445,7 +383,7 @@ class KeyManager:
         async with self._denials(caller, key_name(account_id, key_id), key_id):
             caller.require(WRITE)
             caller.check_account(account_id)
-            values = _validate_update(values, now)
+            values = updates.validate(values, now)
             if "scopes" in values:
                 caller.check_grant(values["scopes"])
 
@@ -455,18 +393,13 @@ class KeyManager:
                 caller.check_self_update(current, values, allow_self)  # on the row the write locks
                 if current.state is KeyState.REVOKED:
                     raise FailedPrecondition("the key is revoked; a revoked key cannot be changed")
-                changed = {name: v for name, v in values.items() if _current_value(current, name) != v}
+                changed, details = updates.changes(current, values)
                 kind = EventKind.UPDATED
                 if "state" in changed:
                     kind = EventKind.DISABLED if changed["state"] is KeyState.DISABLED else EventKind.ENABLED
-                details = {}
-                for path in _AUDITED:
-                    if path in changed:
-                        details[path] = _audit_value(path, changed[path])
-                        details[f"previous.{path}"] = _audit_value(path, _current_value(current, path))
                 return Change(kind, changed, tuple(changed), details)
 
-            return await self._mutate(caller, account_id, key_id, etag, decide, now)
+            return await self.mutate(caller, account_id, key_id, etag, decide, now)
 
     async def revoke(
         self, caller: Caller, account_id: str, key_id: str, reason: str, etag: str, allow_self: bool = False
@@ -485,7 +418,7 @@ class KeyManager:
             values = {"state": KeyState.REVOKED, "revoke_time": now, "revoke_reason": reason}
             return Change(EventKind.REVOKED, values, ("state", "revoke_time", "revoke_reason"), {"reason": reason})
 
-        return await self._mutate(caller, account_id, key_id, etag, decide, now)
+        return await self.mutate(caller, account_id, key_id, etag, decide, now)
 
     async def delete(self, caller: Caller, account_id: str, key_id: str, etag: str, allow_self: bool = False) -> ApiKey:
         async with self._denials(caller, key_name(account_id, key_id), key_id):
@@ -512,10 +445,15 @@ class KeyManager:
         etag: str,
         request_id: str = "",
         allow_self: bool = False,
+        end_grace_after_unused: timedelta | None = None,
     ) -> IssuedKey:
         now = _now()
         grace = validate_grace(grace)
-        request = _request(request_id, "RotateApiKey", account_id, key_id, grace.total_seconds())
+        end_after = validate_end_grace_after_unused(end_grace_after_unused, grace)
+        request = _request(
+            request_id, "RotateApiKey", account_id, key_id, grace.total_seconds(),
+            None if end_after is None else end_after.total_seconds(),
+        )
 
         def may_rotate(current: ApiKey) -> ApiKey:
             self._reached(caller, current)
@@ -532,10 +470,14 @@ class KeyManager:
                 "previous_secret_hash": credentials.secret_hash,
                 "previous_secret_expire_time": now + grace,
                 "masked_key": keys.mask(secret),
+                # The previous secret's uses start afresh: it is another secret than the last rotation's.
+                "previous_secret_last_used_time": None,
+                "end_grace_after_unused": end_after,
             }
-            return Change(
-                EventKind.ROTATED, values, ("secret", "previous_secret_expire_time"), {"grace_seconds": grace.total_seconds()}
-            )
+            details: dict[str, Any] = {"grace_seconds": grace.total_seconds()}
+            if end_after is not None:
+                details["end_grace_after_unused_seconds"] = end_after.total_seconds()
+            return Change(EventKind.ROTATED, values, ("secret", "previous_secret_expire_time"), details)
 
         actor = caller.actor
         async with self._denials(caller, key_name(account_id, key_id), key_id):
@@ -544,9 +486,9 @@ class KeyManager:
             # Prefix and lookup id never change, so the new secret and its (slow) hash are made before the
             # write transaction rather than while it holds the lock; a caller without the right is refused
             # before paying for the hash.
-            current = may_rotate(await self._run(lambda: self._repository.get(account_id, key_id)))
+            current = may_rotate(await self.run(lambda: self._repository.get(account_id, key_id)))
             secret, parsed = keys.generate(current.prefix, current.lookup_id)
-            secret_hash = await self._run(lambda: self._hasher.hash(parsed.secret))
+            secret_hash = await self.run(lambda: self._hasher.hash(parsed.secret))
             rotated, replayed = await self._committing(
                 lambda: self._repository.modify(account_id, key_id, etag, decide, now, actor, request),
                 etag,
@@ -557,7 +499,7 @@ class KeyManager:
         )
         return IssuedKey(rotated, "" if replayed else secret, replayed)
 
-    async def _mutate(
+    async def mutate(
         self,
         caller: Caller,
         account_id: str,

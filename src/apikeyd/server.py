@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import grpc
@@ -22,6 +23,7 @@ from apikeyd.config import Settings
 from apikeyd.domain import limits
 from apikeyd.domain.errors import Unavailable
 from apikeyd.exception_text import describe
+from apikeyd.graces import end_idle_graces
 from apikeyd.logs import fields
 from apikeyd.metrics import MetricsEndpoint
 from apikeyd.ports import port_problem
@@ -279,6 +281,9 @@ class Server:
         while True:
             await asyncio.sleep(self.app.settings.last_used_flush_interval)
             await self.app.authorizer.flush_last_used()
+            # After the flush, so this process's own last uses of previous secrets are in the database.
+            margin = timedelta(seconds=2 * self.app.settings.last_used_flush_interval)
+            await end_idle_graces(self.app.manager, self.app.repository, margin)
             try:
                 await self.app.manager.forget_old_request_ids()
             except Unavailable:

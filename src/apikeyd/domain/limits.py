@@ -90,7 +90,7 @@ MAX_FILTER_VALUE_LENGTH = 256
 
 # --- UpdateApiKey ---------------------------------------------------------------------------------
 
-MAX_UPDATE_MASK_PATHS = 16  # nine fields are updatable, and two parts of credits (lifecycle.UPDATABLE)
+MAX_UPDATE_MASK_PATHS = 16  # nine fields are updatable, and two parts of credits (domain/updates.py)
 MAX_UPDATE_MASK_PATH_LENGTH = 64
 
 # --- bounds of the field rules elsewhere, for the complete table -----------------------------------

@@ -140,8 +140,9 @@ class ApiKeyService(pb_grpc.ApiKeyServiceServicer):
         caller = await self._caller(context, "RotateApiKey")
         account_id, key_id = parse_key_name(request.name)
         grace = duration(request, "grace_period")
+        end_after = duration(request, "end_grace_after_unused") if request.HasField("end_grace_after_unused") else None
         issued = await self._manager.rotate(
-            caller, account_id, key_id, grace, request.etag, request.request_id, request.allow_self
+            caller, account_id, key_id, grace, request.etag, request.request_id, request.allow_self, end_after
         )
         key, secret, replayed = self._issued(issued)
         return pb.RotateApiKeyResponse(api_key=key, secret=secret, secret_already_delivered=replayed)

@@ -12,7 +12,8 @@ from apikeyd.domain.decision import Decision
 from apikeyd.domain.echo import quote
 from apikeyd.domain.errors import InvalidArgument
 from apikeyd.domain.model import ApiKey, AuditEvent, EventKind, KeyState, RateLimit, key_name
-from apikeyd.lifecycle import UPDATABLE, NewKey
+from apikeyd.domain.updates import UPDATABLE
+from apikeyd.lifecycle import NewKey
 from apikeyd.v1 import api_keys_pb2 as pb
 
 _STATE_TO_PB = {
