@@ -13,6 +13,7 @@ from apikeyd.cli.options import (
     EXPIRES,
     LABEL,
     RATE_LIMIT,
+    REFILL,
     REQUEST_ID,
     account_option,
     account_parent,
@@ -40,6 +41,42 @@ def keys() -> None:
     """
 
 
+_REFILL_MODES = {"replace": pb.CreditRefill.REPLACE, "add": pb.CreditRefill.ADD}
+
+
+def credit_options(function: Any) -> Any:
+    """--credits, --refill, --refill-mode, --refill-cap and --allowed-ip, for create and update."""
+    for option in reversed(
+        (
+            click.option("--credits", type=click.IntRange(0), help="uses the key may make; each allowed check spends its cost"),
+            click.option("--refill", type=REFILL, help="credits given back: 1000/day, 50000/month or 500/12h"),
+            click.option(
+                "--refill-mode", type=click.Choice(tuple(_REFILL_MODES)),
+                help="replace: the balance becomes the amount [default]; add: the amount is added, up to --refill-cap",
+            ),
+            click.option("--refill-cap", type=click.IntRange(1), help="with --refill-mode add: the most the balance grows to"),
+            click.option(
+                "--allowed-ip", "allowed_ips", multiple=True,
+                help="a CIDR range (203.0.113.0/24, 2001:db8::/32) or address the key may be used from; repeatable",
+            ),
+        )
+    ):
+        function = option(function)
+    return function
+
+
+def _refill(refill: pb.CreditRefill | None, mode: str | None, cap: int | None) -> pb.CreditRefill | None:
+    if refill is None:
+        if mode is not None or cap is not None:
+            raise click.UsageError("--refill-mode and --refill-cap need --refill")
+        return None
+    if mode is not None:
+        refill.mode = _REFILL_MODES[mode]
+    if cap is not None:
+        refill.cap = cap
+    return refill
+
+
 @keys.command("create")
 @account_option(required=True)
 @click.option("--display-name", required=True, help="what the key is for, 1 to 255 characters")
@@ -63,6 +100,7 @@ def keys() -> None:
     type=RATE_LIMIT,
     help="e.g. 50/min, 2/s, 100/10s; repeatable, all must hold",
 )
+@credit_options
 @click.option("--request-id", type=REQUEST_ID, help="a UUID making a retry safe; default a fresh one")
 @json_option
 @connection_options
@@ -76,6 +114,11 @@ def keys_create(
     labels: tuple[tuple[str, str], ...],
     expires: datetime | str | None,
     rate_limits: tuple[tuple[int, int], ...],
+    credits: int | None,
+    refill: pb.CreditRefill | None,
+    refill_mode: str | None,
+    refill_cap: int | None,
+    allowed_ips: tuple[str, ...],
     request_id: str | None,
     as_json: bool,
 ) -> None:
@@ -91,7 +134,15 @@ def keys_create(
         description=description,
         labels=label_map(labels),
         rate_limits=rate_limit_messages(rate_limits),
+        allowed_ip_ranges=list(allowed_ips),
     )
+    refill = _refill(refill, refill_mode, refill_cap)
+    if credits is None and refill is not None:
+        raise click.UsageError("--refill needs --credits, the balance to start with")
+    if credits is not None:
+        api_key.credits.remaining = credits
+        if refill is not None:
+            api_key.credits.refill.CopyFrom(refill)
     if isinstance(expires, datetime):
         api_key.expire_time.CopyFrom(timestamp(expires))
     request_id = request_id or str(uuid.uuid4())
@@ -155,8 +206,12 @@ def keys_get(client: Client, key: str, account: str | None, as_json: bool) -> No
 @click.option("--expires", type=EXPIRES, help="90d, 12h, 30m, 2w (from now), an RFC 3339 time, or never")
 @click.option("--rate-limit", "rate_limits", multiple=True, type=RATE_LIMIT, help="replacing all; repeatable")
 @click.option("--clear-rate-limits", is_flag=True, help="remove every rate limit")
+@credit_options
+@click.option("--clear-credits", is_flag=True, help="remove the credits: unlimited uses")
+@click.option("--clear-refill", is_flag=True, help="keep the balance, stop refilling it")
+@click.option("--clear-allowed-ips", is_flag=True, help="allow every address")
 @etag_option
-@allow_self_option("narrow the scopes, expiry or rate limits of")
+@allow_self_option("narrow the scopes, expiry, rate limits, credits or addresses of")
 @json_option
 @connection_options
 def keys_update(
@@ -171,11 +226,22 @@ def keys_update(
     expires: datetime | str | None,
     rate_limits: tuple[tuple[int, int], ...],
     clear_rate_limits: bool,
+    credits: int | None,
+    refill: pb.CreditRefill | None,
+    refill_mode: str | None,
+    refill_cap: int | None,
+    allowed_ips: tuple[str, ...],
+    clear_credits: bool,
+    clear_refill: bool,
+    clear_allowed_ips: bool,
     etag: str,
     allow_self: bool,
     as_json: bool,
 ) -> None:
-    """Change the fields given, and only those (the update_mask names exactly them)."""
+    """Change the fields given, and only those (the update_mask names exactly them).
+
+    --credits sets the balance (the refill stays); --refill changes the refill (the balance stays); both
+    together replace the credits as a whole, as they do on a key that has none yet."""
     if labels and clear_labels:
         raise click.UsageError("--label and --clear-labels exclude each other")
     if rate_limits and clear_rate_limits:
@@ -201,13 +267,51 @@ def keys_update(
     if rate_limits or clear_rate_limits:
         api_key.rate_limits.extend(rate_limit_messages(rate_limits))
         paths.append("rate_limits")
+    if allowed_ips and clear_allowed_ips:
+        raise click.UsageError("--allowed-ip and --clear-allowed-ips exclude each other")
+    if allowed_ips or clear_allowed_ips:
+        api_key.allowed_ip_ranges.extend(allowed_ips)
+        paths.append("allowed_ip_ranges")
+    paths += _credit_paths(client, api_key, credits, _refill(refill, refill_mode, refill_cap), clear_credits, clear_refill)
     if not paths:
         raise click.UsageError(
             "nothing to update: give --display-name, --description, --scope, --label, --clear-labels, "
-            "--expires, --rate-limit or --clear-rate-limits"
+            "--expires, --rate-limit, --clear-rate-limits, --credits, --refill, --clear-credits, --clear-refill, "
+            "--allowed-ip or --clear-allowed-ips"
         )
     request = pb.UpdateApiKeyRequest(api_key=api_key, update_mask=FieldMask(paths=paths), allow_self=allow_self)
     show_key(client.call("UpdateApiKey", request), as_json)
+
+
+def _credit_paths(
+    client: Client,
+    api_key: pb.ApiKey,
+    credits: int | None,
+    refill: pb.CreditRefill | None,
+    clear_credits: bool,
+    clear_refill: bool,
+) -> list[str]:
+    """The update mask's credit paths, with their values set on `api_key`."""
+    if clear_credits and (credits is not None or refill is not None or clear_refill):
+        raise click.UsageError("--clear-credits excludes --credits, --refill and --clear-refill")
+    if clear_refill and refill is not None:
+        raise click.UsageError("--refill and --clear-refill exclude each other")
+    if clear_credits:
+        return ["credits"]
+    if credits is None and refill is None and not clear_refill:
+        return []
+    if credits is not None:
+        api_key.credits.remaining = credits
+    if refill is not None:
+        api_key.credits.refill.CopyFrom(refill)
+    if credits is not None and (refill is not None or clear_refill):
+        return ["credits"]
+    has_credits = client.call("GetApiKey", pb.GetApiKeyRequest(name=api_key.name)).HasField("credits")
+    if credits is not None:
+        return ["credits.remaining" if has_credits else "credits"]
+    if not has_credits:
+        raise click.UsageError("the key has no credits: give --credits too, the balance to start with")
+    return ["credits.refill"]
 
 
 def _set_state(client: Client, name: str, state: Any, etag: str, allow_self: bool, as_json: bool) -> None:
@@ -297,6 +401,10 @@ def keys_delete(
 @click.option(
     "--grace", type=DURATION, help="how long the old secret keeps working: 0 to 7d, e.g. 24h [default 0]"
 )
+@click.option(
+    "--end-grace-after-unused", "end_after", type=DURATION,
+    help="end the grace early once the old secret has gone unused this long (5m up to --grace), e.g. 1h",
+)
 @etag_option
 @click.option("--request-id", type=REQUEST_ID, help="a UUID making a retry safe; default a fresh one")
 @allow_self_option("rotate")
@@ -307,6 +415,7 @@ def keys_rotate(
     key: str,
     account: str | None,
     grace: timedelta | None,
+    end_after: timedelta | None,
     etag: str,
     request_id: str | None,
     allow_self: bool,
@@ -321,6 +430,8 @@ def keys_rotate(
     )
     if grace is not None:
         request.grace_period.FromTimedelta(grace)
+    if end_after is not None:
+        request.end_grace_after_unused.FromTimedelta(end_after)
     hint = f"--request-id {request.request_id}"
     show_issued(
         client.call("RotateApiKey", request, retry_hint=hint), "rotated", request.request_id, as_json

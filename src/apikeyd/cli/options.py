@@ -198,7 +198,33 @@ def parse_timeout(text: str) -> float:
     return seconds
 
 
+def parse_refill(text: str) -> pb.CreditRefill:
+    """`AMOUNT/day` (at 00:00 UTC), `AMOUNT/month` (on the 1st) or `AMOUNT/DURATION` (e.g. 500/12h)."""
+    amount, sep, interval = text.strip().lower().partition("/")
+    if not sep or not amount.strip().isdigit():
+        raise ValueError(f"{quote(text)} is not a refill: use AMOUNT/INTERVAL, like 1000/day, 50000/month or 500/12h")
+    refill = pb.CreditRefill(amount=int(amount))
+    interval = interval.strip()
+    if interval in ("day", "daily"):
+        refill.calendar = pb.CreditRefill.DAILY
+    elif interval in ("month", "monthly"):
+        refill.calendar = pb.CreditRefill.MONTHLY
+    else:
+        refill.every.FromTimedelta(parse_duration(interval))
+    return refill
+
+
+def format_refill(refill: pb.CreditRefill) -> str:
+    if refill.HasField("calendar"):
+        interval = "day" if refill.calendar == pb.CreditRefill.DAILY else "month"
+    else:
+        interval = format_seconds(refill.every.seconds)
+    mode = "add" if refill.mode == pb.CreditRefill.ADD else "replace"
+    return f"{refill.amount}/{interval} {mode}" + (f" up to {refill.cap}" if refill.cap else "")
+
+
 DURATION = _Parsed("duration", parse_duration)
+REFILL = _Parsed("amount/interval", parse_refill)
 EXPIRES = _Parsed("duration|time", parse_expires)
 RATE_LIMIT = _Parsed("limit/period", parse_rate_limit)
 LABEL = _Parsed("key=value", _parse_label)

@@ -9,7 +9,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from apikeyd.cli.connection import Client
-from apikeyd.cli.options import format_rate_limit
+from apikeyd.cli.options import format_rate_limit, format_refill, format_seconds
 from apikeyd.v1 import api_keys_pb2 as pb
 
 
@@ -69,8 +69,18 @@ def _key_fields(key: pb.ApiKey) -> list[tuple[str, str]]:
     if key.HasField("revoke_time"):
         reason = f" ({key.revoke_reason})" if key.revoke_reason else ""
         fields.append(("revoked", format_time(key, "revoke_time") + reason))
+    if key.HasField("credits"):
+        credits = str(key.credits.remaining)
+        if key.credits.HasField("refill"):
+            credits += f" (refill {format_refill(key.credits.refill)}, next {format_time(key.credits, 'next_refill_time')})"
+        fields.append(("credits", credits))
+    if key.allowed_ip_ranges:
+        fields.append(("allowed IPs", ", ".join(key.allowed_ip_ranges)))
     if key.HasField("previous_secret_expire_time"):
         fields.append(("previous secret until", format_time(key, "previous_secret_expire_time")))
+        fields.append(("previous secret used", format_time(key, "previous_secret_last_used_time", "never")))
+        if key.HasField("end_grace_after_unused"):
+            fields.append(("grace ends early", f"after {format_seconds(key.end_grace_after_unused.seconds)} unused"))
     fields.append(("etag", key.etag))
     return fields
 
