@@ -401,3 +401,35 @@ def test_a_key_cannot_set_credits_on_itself_without_allow_self(server, account):
         )
     )
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "allow_self" in (error.details() or "")
+
+
+def test_a_batch_of_spends_is_decided_in_order_in_one_write(server, account):
+    """What authorizer/credits.py sends when spends of one key arrive while its previous write is in flight."""
+    from apikeyd.store.credits import Spent, spend
+
+    created = create_key(server.stub, account, credits=_credits(8))
+    now = datetime.now(UTC)
+    spent = spend(server.app.repository, created.api_key.key_id, [5, 4, 3, 1], now)
+    assert spent == [Spent(True, 3), Spent(False, 3), Spent(True, 0), Spent(False, 0)]
+    assert _remaining(server.stub, created.api_key.name) == 0
+    assert spend(server.app.repository, "00000000-0000-0000-0000-000000000000", [1, 1], now) == [Spent(False, None)] * 2
+
+
+def test_concurrent_checks_of_one_key_share_writes_and_spend_exactly(server, account):
+    created = create_key(server.stub, account, credits=_credits(100))
+    codes: list[int] = []
+    lock = threading.Lock()
+
+    def check() -> None:
+        for _ in range(15):
+            code = authorize(server.stub, created.secret).code
+            with lock:
+                codes.append(code)
+
+    threads = [threading.Thread(target=check) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert codes.count(R.OK) == 100 and codes.count(R.CREDITS_EXHAUSTED) == 20
+    assert _remaining(server.stub, created.api_key.name) == 0

@@ -23,6 +23,7 @@ from typing import Literal
 
 from apikeyd.authorizer.budget import FailureBudget
 from apikeyd.authorizer.cache import CachedKey, VerifiedKeyCache
+from apikeyd.authorizer.credits import CreditSpender
 from apikeyd.authorizer.fairqueue import FairQueue, QueueFull
 from apikeyd.authorizer.hashing import SecretHasher
 from apikeyd.authorizer.ratelimits import LocalRateLimiter
@@ -38,7 +39,7 @@ from apikeyd.domain.ratelimit import RateOutcome
 from apikeyd.domain.scopes import ScopeSet, parse_required_scopes
 from apikeyd.logs import fields
 from apikeyd.metrics import Metrics
-from apikeyd.store.credits import Spent, spend
+from apikeyd.store.credits import Spent
 from apikeyd.store.repository import Repository
 
 log = logging.getLogger(__name__)
@@ -146,8 +147,8 @@ class Authorizer:
             self._shared_limiter = limiter
         elif limiter is not None:
             self._local_limiter = limiter
-        # Spends of credits, one conditional write each: on the store's pool, not behind argon2 verifications.
-        self._credit_executor = credit_executor if credit_executor is not None else verify_executor
+        # Spends of credits, batched per key: on the store's pool, not behind argon2 verifications.
+        self._credits = CreditSpender(repository, credit_executor if credit_executor is not None else verify_executor)
         self._inflight: dict[bytes, _Flight] = {}
         self._database_failed_at = float("-inf")  # monotonic time of the last verification read that failed
         self._database_answered_at = float("-inf")  # start of the last health ping that succeeded
@@ -337,9 +338,7 @@ class Authorizer:
         if not key.has_credits:
             return entry.allowed if rate is None else _rate_decision(key, rate)
         try:
-            spent = await asyncio.get_running_loop().run_in_executor(
-                self._credit_executor, spend, self._repository, key.key_id, cost, datetime.now(UTC)
-            )
+            spent = await self._credits.spend(key.key_id, cost)
         except BaseException:
             if rate is not None:
                 await self._refund(key)
