@@ -17,10 +17,20 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.field_mask_pb2 import FieldMask
 
+from apikeyd.config import Settings
 from apikeyd.domain.credits import Calendar, Credits, Refill, RefillMode
 from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
-from tests.conftest import authorize, create_key, free_port, rpc_error, scratch_postgres_database, wait_for
+from tests.conftest import (
+    RunningServer,
+    authorize,
+    create_key,
+    free_port,
+    rpc_error,
+    scratch_postgres_database,
+    wait_for,
+)
+from tests.test_database_outage import postgres as postgres  # the fixture: a PostgreSQL server of the test's own
 from tests.test_ratelimits_redis import _limits, _start_redis, _stop
 from tests.test_ratelimits_redis import redis_prefix as redis_prefix  # the fixture
 from tests.test_worker_faults import _operator_key
@@ -433,3 +443,36 @@ def test_concurrent_checks_of_one_key_share_writes_and_spend_exactly(server, acc
         thread.join(timeout=120)
     assert codes.count(R.OK) == 100 and codes.count(R.CREDITS_EXHAUSTED) == 20
     assert _remaining(server.stub, created.api_key.name) == 0
+
+
+def test_while_the_database_is_away_a_key_with_credits_is_unavailable_and_nothing_is_lost(postgres, account):
+    """A key without credits is still answered from what this process verified (stale-if-error); a key with
+    credits cannot spend anywhere else than in the database, so its checks get UNAVAILABLE, and its balance
+    is exactly what it was when the database comes back."""
+    settings = Settings.load(
+        environ={}, database_url=postgres.url, stale_if_error=30.0, health_check_interval=0.2, metrics_listen="127.0.0.1:0"
+    )
+    server = RunningServer(settings)
+    try:
+        plain = create_key(server.stub, account)
+        metered = create_key(server.stub, account, credits=_credits(5))
+        assert authorize(server.stub, plain.secret).code == R.OK
+        assert authorize(server.stub, metered.secret).credits_remaining == 4
+        postgres.stop()
+        error = rpc_error(lambda: authorize(server.stub, metered.secret))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        wait_for(lambda: server.app.feed.lost, "the feed notices the database is gone")
+        assert authorize(server.stub, plain.secret).code == R.OK  # stale, and said so
+        assert rpc_error(lambda: authorize(server.stub, metered.secret)).code() == grpc.StatusCode.UNAVAILABLE
+        postgres.start()
+        answer = wait_for(lambda: _answered(server, metered.secret), "the database is back", timeout=30)
+        assert answer.code == R.OK and answer.credits_remaining == 3
+    finally:
+        server.stop()
+
+
+def _answered(server, secret: str) -> pb.AuthorizeResponse | None:
+    try:
+        return authorize(server.stub, secret)
+    except grpc.RpcError:
+        return None

@@ -279,6 +279,13 @@ class Authorizer:
             return _usable(entry), True
         return (NOT_FOUND if entry is None else _usable(entry)), False
 
+    def _database_down(self) -> bool:
+        """A database call failed less than _DATABASE_RETRY ago, and nothing has succeeded since: a health ping
+        or a read of the change feed that began after the failure and succeeded says the database is back."""
+        failed_at = self._database_failed_at
+        answered_at = max(self._database_answered_at, self.cache.synced_at)
+        return failed_at > answered_at and time.monotonic() - failed_at < _DATABASE_RETRY
+
     def database_answered(self, since: float) -> None:
         """A database call begun at monotonic time `since` succeeded (the health watcher's ping)."""
         self._database_answered_at = max(self._database_answered_at, since)
@@ -338,7 +345,13 @@ class Authorizer:
         if not key.has_credits:
             return entry.allowed if rate is None else _rate_decision(key, rate)
         try:
-            spent = await self._credits.spend(key.key_id, cost)
+            if self._database_down():  # fail at once, not after a connect timeout each
+                raise Unavailable("the database is unavailable and the key's credits are kept there; retry later")
+            try:
+                spent = await self._credits.spend(key.key_id, cost)
+            except Unavailable:
+                self._database_failed_at = time.monotonic()  # only a real attempt: recovery is a later success
+                raise
         except BaseException:
             if rate is not None:
                 await self._refund(key)
@@ -383,11 +396,7 @@ class Authorizer:
         generation = self.cache.generation(parsed.lookup_id)
         flight = self._inflight.get(digest)
         if flight is None or flight.generation != generation:
-            failed_at = self._database_failed_at
-            # A health ping or a read of the change feed that began after the failure and succeeded says the
-            # database is back.
-            answered_at = max(self._database_answered_at, self.cache.synced_at)
-            if failed_at > answered_at and time.monotonic() - failed_at < _DATABASE_RETRY:
+            if self._database_down():
                 raise Unavailable("the database is unavailable; retry later")
             # In a context of its own: the verification serves every check that joins it and may outlive the
             # call that started it, whose log fields (its grpc context) must not be read once it has ended.
