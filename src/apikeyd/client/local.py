@@ -9,7 +9,7 @@
 * **The same decision.** An entry keeps what the server's answer said of the key (identity, scopes,
   expiry, state); a later check with other scopes, another project or at a later time is decided by the
   server's own rules (domain/decide.py), and a malformed string by the same parser, with no call at all.
-* **What is never cached**: keys with rate limits (every check counts, `has_limits`), keys outside the
+* **What is never cached**: keys with rate limits, credits or IP ranges (`has_limits`), keys outside the
   reach of the stream's watcher key (their changes are not sent to it), and answers that came with an
   error. NOT_FOUND is cached for `negative_ttl` and forgotten on any CREATED change, as on the server. REVOKED, DISABLED and EXPIRED are cached: the stream reports any change that would undo them.
 * **Trust.** Entries are trusted only for the lease past the change stream's last heartbeat (its receipt,
