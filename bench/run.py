@@ -66,6 +66,11 @@ What it measures, in this order:
    streams: cached Authorize with and without them, their heartbeats' CPU and the server's RSS per stream,
    beside a bare grpc.aio floor. About 2 to 2.5 minutes.
 
+16. Credits (bench.credits): a cached Authorize of a key with credits, which spends in the database (one
+   conditional write per check, batched per key while a write is in flight), against a cached Authorize of
+   a key without credits (the anchor) on the same server, SQLite and PostgreSQL: sequential p50/p99 and
+   calls/s with 8 in flight, interleaved rounds. About 30 s.
+
 Every loop is bounded in count and in time; everything listens on and connects to 127.0.0.1 only.
 """
 
@@ -78,7 +83,7 @@ from pathlib import Path
 
 import grpc
 
-from bench import cache_memory, client, envoy, flood, grpc_cpu, inprocess, limits, listing, load, scaleout
+from bench import cache_memory, client, credits, envoy, flood, grpc_cpu, inprocess, limits, listing, load, scaleout
 from bench.server_process import ServerProcess, create_keys, running_server
 
 COLD_KEYS = 80
@@ -166,7 +171,7 @@ def _section(title: str) -> None:
 
 
 def _report_scaleout(workdir: Path) -> None:
-    """Sections 7-15: each starts its own servers and stops them before the next."""
+    """Sections 7-16: each starts its own servers and stops them before the next."""
     for title, section in (
         ("revocation propagation: two replicas on PostgreSQL", scaleout.revocation_propagation),
         ("worker processes: `apikeyd serve --workers W` on SQLite", scaleout.worker_throughput),
@@ -177,6 +182,7 @@ def _report_scaleout(workdir: Path) -> None:
         ("envoy: no auth, its api_key_auth filter, and apikeyd, under wrk", envoy.envoy_comparison),
         ("gRPC CPU per cached Authorize: apikeyd against a bare grpc.aio floor", grpc_cpu.cpu_per_call),
         ("client library: cached checks in process, revocation, faults, idle streams", client.client_library),
+        ("credits: a check that spends, against a cached check", credits.credit_cost),
     ):
         _section(title)
         started = time.monotonic()
