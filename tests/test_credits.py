@@ -476,3 +476,39 @@ def _answered(server, secret: str) -> pb.AuthorizeResponse | None:
         return authorize(server.stub, secret)
     except grpc.RpcError:
         return None
+
+
+def test_setting_the_balance_is_not_undone_by_a_refill_that_was_already_due(server, account):
+    created = create_key(server.stub, account, credits=_credits(5, amount=100, every=Duration(seconds=1)))
+    due = created.api_key.credits.next_refill_time.ToDatetime(tzinfo=UTC)
+    wait_for(lambda: datetime.now(UTC) > due, "the refill to come due")  # no check has applied it yet
+    cut = server.stub.UpdateApiKey(
+        pb.UpdateApiKeyRequest(
+            api_key=pb.ApiKey(name=created.api_key.name, credits=_credits(0)), update_mask=FieldMask(paths=["credits.remaining"])
+        )
+    )
+    assert cut.credits.remaining == 0 and cut.credits.next_refill_time.ToDatetime(tzinfo=UTC) > due
+    assert authorize(server.stub, created.secret).code == R.CREDITS_EXHAUSTED
+
+
+def test_changing_the_refill_keeps_a_refill_that_was_already_due(server, account):
+    created = create_key(server.stub, account, credits=_credits(0, amount=50, every=Duration(seconds=1)))
+    due = created.api_key.credits.next_refill_time.ToDatetime(tzinfo=UTC)
+    wait_for(lambda: datetime.now(UTC) > due, "the refill to come due")
+    changed = server.stub.UpdateApiKey(
+        pb.UpdateApiKeyRequest(
+            api_key=pb.ApiKey(name=created.api_key.name, credits=_credits(0, amount=7, calendar=pb.CreditRefill.MONTHLY)),
+            update_mask=FieldMask(paths=["credits.refill"]),
+        )
+    )
+    assert changed.credits.remaining == 50 and changed.credits.refill.amount == 7
+
+
+def test_an_update_with_an_empty_mask_never_gives_back_spent_credits(server, account):
+    created = create_key(server.stub, account, credits=_credits(10))
+    read = server.stub.GetApiKey(pb.GetApiKeyRequest(name=created.api_key.name))
+    for _ in range(5):
+        assert authorize(server.stub, created.secret).code == R.OK
+    read.display_name = "renamed"  # read-modify-write (AIP-134), the etag still good: spends keep it
+    updated = server.stub.UpdateApiKey(pb.UpdateApiKeyRequest(api_key=read))
+    assert updated.display_name == "renamed" and updated.credits.remaining == 5

@@ -6,7 +6,7 @@ the cache and the change feed put in force everywhere.
 Last uses reach the database in batches, every APIKEYD_LAST_USED_FLUSH_INTERVAL on each process, so a use
 on another replica may not be written yet. A key's grace is ended only when its last use is older than the
 option plus two flush intervals (`margin`): a secret in use keeps working. Every process sweeps; the change
-is decided again on the row the write locks, so two sweeps end a grace once."""
+is decided again on the row the write locks and clears the option, so two sweeps end a grace once."""
 
 import logging
 from datetime import UTC, datetime, timedelta
@@ -43,9 +43,11 @@ async def end_idle_graces(manager: KeyManager, repository: Repository, margin: t
             if last + idle + margin > now:
                 raise _Nothing("used meanwhile")
             unused = (now - last).total_seconds()
+            # The option goes with the grace it ended: a sweep on a replica whose clock is behind, or that
+            # began earlier, must not end it a second time.
             return Change(
                 EventKind.UPDATED,
-                {"previous_secret_expire_time": now},
+                {"previous_secret_expire_time": now, "end_grace_after_unused": None},
                 ("previous_secret_expire_time",),
                 {"reason": f"the previous secret went unused for {unused:.0f} s (end_grace_after_unused)"},
             )

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from apikeyd.authorizer.authorizer import Authorizer
 from apikeyd.authorizer.hashing import SecretHasher
 from apikeyd.denials import DenialKey, DenialThrottle
-from apikeyd.domain import keys, listing, updates
+from apikeyd.domain import decide, keys, listing, updates
 from apikeyd.domain.access import AUTHORIZE, READ, WRITE, Actor, Caller
 from apikeyd.domain.credits import Credits, validate_credits
 from apikeyd.domain.decision import Decision
@@ -32,7 +32,7 @@ from apikeyd.domain.errors import (
     Unavailable,
     key_not_found,
 )
-from apikeyd.domain.ip_ranges import validate_ranges
+from apikeyd.domain.ip_ranges import peer_ip, validate_ranges
 from apikeyd.domain.model import (
     REQUEST_ID_LIFETIME,
     ApiKey,
@@ -213,6 +213,10 @@ class KeyManager:
         found = await self._authorizer.identify(token)
         if isinstance(found, Decision):
             raise Unauthenticated(f"the bearer key is not usable: {found.message}")
+        if found.key.ip_ranges:  # a key kept to its ranges is kept to them for managing keys too
+            outside = decide.outside_ranges(found, peer_ip(peer))
+            if outside is not None:
+                raise Unauthenticated(f"the bearer key is not usable from here: {outside.message}")
         return Caller(found.key, found.scopes, found.key.account_id == self.operator_account, peer, method)
 
     async def watcher(self, token: str, peer: str) -> Caller:
@@ -393,11 +397,11 @@ class KeyManager:
                 caller.check_self_update(current, values, allow_self)  # on the row the write locks
                 if current.state is KeyState.REVOKED:
                     raise FailedPrecondition("the key is revoked; a revoked key cannot be changed")
-                changed, details = updates.changes(current, values)
+                changed, paths, details = updates.changes(current, values, now)
                 kind = EventKind.UPDATED
                 if "state" in changed:
                     kind = EventKind.DISABLED if changed["state"] is KeyState.DISABLED else EventKind.ENABLED
-                return Change(kind, changed, tuple(changed), details)
+                return Change(kind, changed, paths, details)
 
             return await self.mutate(caller, account_id, key_id, etag, decide, now)
 

@@ -283,7 +283,10 @@ class Server:
             await self.app.authorizer.flush_last_used()
             # After the flush, so this process's own last uses of previous secrets are in the database.
             margin = timedelta(seconds=2 * self.app.settings.last_used_flush_interval)
-            await end_idle_graces(self.app.manager, self.app.repository, margin)
+            try:
+                await end_idle_graces(self.app.manager, self.app.repository, margin)
+            except Exception:  # a bug must not stop last-used flushing with it
+                log.warning("could not end idle rotation graces; will retry", exc_info=True)
             try:
                 await self.app.manager.forget_old_request_ids()
             except Unavailable:

@@ -352,10 +352,12 @@ class Authorizer:
             except Unavailable:
                 self._database_failed_at = time.monotonic()  # only a real attempt: recovery is a later success
                 raise
-        except BaseException:
+        except Exception:
             if rate is not None:
                 await self._refund(key)
             raise
+        # A caller cancelled while the spend is written gets no refund: the write goes on and may commit it,
+        # and an allowed request consumes both.
         return await self._credit_decision(entry, rate, spent, cost)
 
     async def _credit_decision(self, entry: CachedKey, rate: RateOutcome | None, spent: Spent, cost: int) -> Decision:

@@ -50,7 +50,11 @@ class CreditSpender:
             costs = [cost for cost, _ in batch]
             try:
                 spent = await loop.run_in_executor(self._executor, spend, self._repository, key_id, costs, datetime.now(UTC))
-            except BaseException as error:  # Unavailable, mostly: every waiter of this write gets it
+            except asyncio.CancelledError:  # the loop is closing: nobody is left to answer
+                for _, answer in batch + self._waiting.pop(key_id):
+                    answer.cancel()
+                raise
+            except Exception as error:  # Unavailable, mostly: every waiter of this write gets it
                 for _, answer in batch:
                     if not answer.done():
                         answer.set_exception(error)

@@ -35,6 +35,8 @@ def validate_ranges(values: list[str] | tuple[str, ...], field: str = "allowed_i
                     field, f"entry {index}, {quote(value)}, is not an IP address or CIDR range such as 203.0.113.0/24"
                 ) from None
             raise InvalidArgument(field, f"entry {index}, {quote(value)}, has host bits set: did you mean {loose}?") from None
+        if isinstance(network, ipaddress.IPv6Network) and network.network_address.scope_id is not None:
+            raise InvalidArgument(field, f"entry {index}, {quote(value)}, has a scope id; write the range without `%...`")
         if isinstance(network, ipaddress.IPv6Network) and network.network_address.ipv4_mapped is not None and network.prefixlen >= 96:
             # Written as IPv4-mapped: kept as the IPv4 range it means, which is how clients are matched.
             network = ipaddress.ip_network(f"{network.network_address.ipv4_mapped}/{network.prefixlen - 96}")
@@ -65,6 +67,18 @@ def parse_address(value: str, field: str = "client_ip") -> tuple[int, int]:
         if address.ipv4_mapped is not None:
             return 4, int(address.ipv4_mapped)
     return address.version, int(address)
+
+
+def peer_ip(peer: str) -> str:
+    """The address in a grpc peer string (`ipv4:203.0.113.5:51234`, `ipv6:[2001:db8::1]:51234`), without a
+    link-local scope id (`%25eth0`, which no range can name); empty for a unix socket or anything else,
+    which no range contains."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    if kind == "ipv6" and rest.startswith("["):
+        return rest[1 : rest.find("]")].partition("%")[0]
+    return ""
 
 
 def contains(ranges: Ranges, address: tuple[int, int]) -> bool:

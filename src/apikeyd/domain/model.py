@@ -92,6 +92,7 @@ class ApiKey:
             rate_limits=self.rate_limits,
             revoke_time=self.revoke_time,
             has_credits=self.credits is not None,
+            grace_ends_when_unused=self.end_grace_after_unused is not None,
             ip_ranges=_compiled_ranges(self.allowed_ip_ranges) if self.allowed_ip_ranges else (),
         )
 
@@ -116,6 +117,9 @@ class VerifiedKey:
     revoke_time: datetime | None
     has_credits: bool = False  # its balance is in the database: every allowed check spends there
     ip_ranges: Ranges = ()  # allowed_ip_ranges, compiled (domain/ip_ranges.py); () allows any address
+    # Its rotation's grace ends once the previous secret goes unused (graces.py): every use of that secret
+    # must reach the server, so a client-side cache keeps no answer for it.
+    grace_ends_when_unused: bool = False
 
     @property
     def name(self) -> str:

@@ -25,12 +25,18 @@ UPDATABLE = (
     "display_name", "description", "scopes", "labels", "expire_time", "rate_limits", "state", "credits",
     "allowed_ip_ranges",
 )
+# What an empty update mask (AIP-134: every updatable field that is set) never implies: a key read with Get
+# and sent back carries the balance as it was then, and spends do not change the etag, so an implied
+# `credits` would hand back every credit spent since the read.
+IMPLIED = tuple(path for path in UPDATABLE if path != "credits")
 # Paths an update mask may also name: parts of `credits`, changed without the rest.
 _SUBFIELDS = ("credits.remaining", "credits.refill")
 
 
 def _current_value(current: ApiKey, path: str) -> Any:
     """What a key holds at an update-mask path; a part of credits the key does not have is a precondition."""
+    if path == "credits":  # its next_refill is the store's: not part of what a caller sets
+        return None if current.credits is None else Credits(current.credits.remaining, current.credits.refill)
     if path not in _SUBFIELDS:
         return getattr(current, path)
     if current.credits is None:
@@ -57,16 +63,38 @@ def _audit_value(path: str, value: Any) -> str:
 _AUDITED = ("rate_limits", "credits", "credits.remaining", "credits.refill", "allowed_ip_ranges")
 
 
-def changes(current: ApiKey, values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
-    """What validated `values` change on `current`, and the audit details of changed limits and ranges: the
-    new and the previous value, so the log shows what a key was allowed before."""
+def changes(current: ApiKey, values: dict[str, Any], now: datetime) -> tuple[dict[str, Any], tuple[str, ...], dict[str, str]]:
+    """What validated `values` change on `current`: the values to store, the changed paths, and the audit
+    details of changed limits and ranges (the new and the previous value, so the log shows what a key was
+    allowed before). Credits are stored whole (_new_credits)."""
     changed = {name: v for name, v in values.items() if _current_value(current, name) != v}
     details = {}
     for path in _AUDITED:
         if path in changed:
             details[path] = _audit_value(path, changed[path])
             details[f"previous.{path}"] = _audit_value(path, _current_value(current, path))
-    return changed, details
+    stored = {name: v for name, v in changed.items() if name not in ("credits", *_SUBFIELDS)}
+    if len(stored) < len(changed):
+        stored["credits"] = _new_credits(current.credits, changed, now)
+    return stored, tuple(changed), details
+
+
+def _new_credits(current: Credits | None, changed: dict[str, Any], now: datetime) -> Credits | None:
+    """The credits an update leaves. Decided on the row the write locks, so the balance read here is the one
+    spends left, none lost; refills that came due before the change are applied first, under the refill they
+    were due by, so a balance set now is not undone by a refill that was already due, nor one lost."""
+    if "credits" in changed:
+        new: Credits | None = changed["credits"]
+        if new is None or new.refill is None:
+            return new
+        return Credits(new.remaining, new.refill, new.refill.first_due(now))
+    assert current is not None, "_current_value refuses parts of credits a key does not have"
+    base = current.refilled(now)
+    remaining = changed.get("credits.remaining", base.remaining)
+    if "credits.refill" not in changed:
+        return Credits(remaining, base.refill, base.next_refill)
+    refill: Refill | None = changed["credits.refill"]
+    return Credits(remaining, refill, None if refill is None else refill.first_due(now))
 
 
 def validate(values: dict[str, Any], now: datetime) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from apikeyd.domain.decision import Decision
 from apikeyd.domain.echo import quote
 from apikeyd.domain.errors import InvalidArgument
 from apikeyd.domain.model import ApiKey, AuditEvent, EventKind, KeyState, RateLimit, key_name
-from apikeyd.domain.updates import UPDATABLE
+from apikeyd.domain.updates import IMPLIED, UPDATABLE
 from apikeyd.lifecycle import NewKey
 from apikeyd.v1 import api_keys_pb2 as pb
 
@@ -158,7 +158,7 @@ def update_from_pb(message: pb.ApiKey, mask: FieldMask) -> dict[str, Any]:
     if mask.paths:
         paths = list(dict.fromkeys(mask.paths))
     else:
-        paths = [p for p in UPDATABLE if _is_set(message, p)]
+        paths = [p for p in IMPLIED if _is_set(message, p)]
         if not paths:
             raise InvalidArgument("update_mask", f"name the fields to change: {', '.join(UPDATABLE)}")
     values: dict[str, Any] = {}
@@ -195,8 +195,6 @@ def _is_set(message: pb.ApiKey, path: str) -> bool:
         return message.HasField("expire_time")
     if path == "state":
         return message.state != pb.ApiKey.STATE_UNSPECIFIED
-    if path == "credits":
-        return message.HasField("credits")
     return bool(getattr(message, path))
 
 
@@ -243,7 +241,7 @@ def decision_to_pb(decision: Decision) -> pb.AuthorizeResponse:
         response.scopes.extend(key.scopes)
         response.labels.update(key.labels)
         response.display_name = key.display_name
-        response.has_limits = key.has_limits
+        response.has_limits = key.has_limits or (decision.secret_expire_at is not None and key.grace_ends_when_unused)
         if key.revoke_time is not None:
             response.revoke_time.FromDatetime(key.revoke_time)
     response.stale = decision.stale

@@ -14,8 +14,8 @@ BATCH = 100  # keys ended per sweep: a sweep is short, and the next one takes th
 def idle_graces(repository: Repository, now: datetime, margin: timedelta) -> list[tuple[str, str]]:
     """(account_id, key_id) of keys in a grace whose previous secret was last used (or, unused since, the key
     last changed: a rotation is a change) at least end_grace_after_unused plus `margin` before `now`. The
-    per-row arithmetic is done in Python over the keys in a grace with the option set, which are few: a
-    grace lasts at most 7 days."""
+    partial index ix_api_keys_idle_graces holds only keys with the option, and a grace lasts at most 7 days,
+    so the rows read are few; the per-row arithmetic is done here, the same on both backends."""
     with repository.session(write=False) as session:
         rows = session.execute(
             select(
@@ -29,7 +29,8 @@ def idle_graces(repository: Repository, now: datetime, margin: timedelta) -> lis
                 ApiKeyRow.previous_secret_hash.is_not(None),
                 ApiKeyRow.previous_secret_expire_time > now,
             )
-            .order_by(ApiKeyRow.previous_secret_expire_time)
+            # The longest unused first, so that keys still in use cannot crowd out those that are due.
+            .order_by(func.coalesce(ApiKeyRow.previous_secret_last_used_time, ApiKeyRow.update_time))
             .limit(BATCH * 10)
         ).all()
     due = []

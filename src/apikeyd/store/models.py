@@ -3,7 +3,7 @@
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Index, Integer, String, TypeDecorator
+from sqlalchemy import JSON, BigInteger, DateTime, Index, Integer, String, TypeDecorator, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from apikeyd.domain.credits import Calendar, Credits, Refill, RefillMode
@@ -105,6 +105,13 @@ class ApiKeyRow(Base):
         Index("ix_api_keys_project_page", "account_id", "project_id", "create_time", "key_id"),
         Index("ix_api_keys_state_page", "account_id", "state", "create_time", "key_id"),
         Index("ix_api_keys_project_state_page", "account_id", "project_id", "state", "create_time", "key_id"),
+        # The sweep that ends graces early (store/graces.py): only keys whose rotation asked for it.
+        Index(
+            "ix_api_keys_idle_graces",
+            "previous_secret_expire_time",
+            postgresql_where=text("end_grace_after_unused_seconds IS NOT NULL"),
+            sqlite_where=text("end_grace_after_unused_seconds IS NOT NULL"),
+        ),
     )
 
 

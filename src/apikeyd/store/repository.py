@@ -14,7 +14,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from apikeyd.domain.access import Actor
-from apikeyd.domain.credits import Credits, Refill
+from apikeyd.domain.credits import Credits
 from apikeyd.domain.echo import quote
 from apikeyd.domain.errors import (
     Aborted,
@@ -136,21 +136,13 @@ def _to_domain(row: ApiKeyRow) -> ApiKey:
     )
 
 
-def _to_columns(values: dict[str, Any], now: datetime | None = None) -> dict[str, Any]:
-    """Domain values as columns; `now` starts a refill's interval when credits are set."""
+def _to_columns(values: dict[str, Any]) -> dict[str, Any]:
     columns = dict(values)
-    if "credits" in columns:
+    if "credits" in columns:  # whole, with its next refill decided (lifecycle, domain/updates.py)
         credits: Credits | None = columns.pop("credits")
         columns["credits_remaining"] = None if credits is None else credits.remaining
-        refill = None if credits is None else credits.refill
-        columns["credits_refill"] = refill_to_json(refill)
-        columns["credits_next_refill"] = None if refill is None or now is None else refill.first_due(now)
-    if "credits.remaining" in columns:
-        columns["credits_remaining"] = columns.pop("credits.remaining")
-    if "credits.refill" in columns:
-        new_refill: Refill | None = columns.pop("credits.refill")
-        columns["credits_refill"] = refill_to_json(new_refill)
-        columns["credits_next_refill"] = None if new_refill is None or now is None else new_refill.first_due(now)
+        columns["credits_refill"] = refill_to_json(None if credits is None else credits.refill)
+        columns["credits_next_refill"] = None if credits is None else credits.next_refill
     if "allowed_ip_ranges" in columns:
         columns["allowed_ip_ranges"] = list(columns["allowed_ip_ranges"])
     if "end_grace_after_unused" in columns:
@@ -444,8 +436,7 @@ class Repository:
                     "rate_limits": key.rate_limits,
                     "credits": key.credits,
                     "allowed_ip_ranges": key.allowed_ip_ranges,
-                },
-                key.create_time,
+                }
             ),
         )
         with self._transaction(write=True) as session:
@@ -522,7 +513,7 @@ class Repository:
             current = _to_domain(row)
             self._check_etag(current, expected_etag)
             change = decide(current, Credentials(row.secret_hash, row.previous_secret_hash))
-            values = {**_to_columns(change.values, now), "update_time": now, "revision": current.revision + 1}
+            values = {**_to_columns(change.values), "update_time": now, "revision": current.revision + 1}
             result = session.execute(
                 update(ApiKeyRow)
                 .where(ApiKeyRow.key_id == key_id, ApiKeyRow.revision == current.revision)

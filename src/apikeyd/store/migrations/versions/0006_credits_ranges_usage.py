@@ -30,6 +30,11 @@ def upgrade() -> None:
         table.add_column(sa.Column("allowed_ip_ranges", sa.JSON(), nullable=False, server_default="[]"))
         table.add_column(sa.Column("previous_secret_last_used_time", sa.DateTime(timezone=True), nullable=True))
         table.add_column(sa.Column("end_grace_after_unused_seconds", sa.Integer(), nullable=True))
+    op.create_index(
+        "ix_api_keys_idle_graces", "api_keys", ["previous_secret_expire_time"],
+        postgresql_where=sa.text("end_grace_after_unused_seconds IS NOT NULL"),
+        sqlite_where=sa.text("end_grace_after_unused_seconds IS NOT NULL"),
+    )
     op.create_table(
         "key_usage",
         sa.Column("key_id", sa.String(length=36), nullable=False),
@@ -48,6 +53,7 @@ def downgrade() -> None:
     op.drop_index("ix_key_usage_retention", table_name="key_usage")
     op.drop_index("ix_key_usage_account", table_name="key_usage")
     op.drop_table("key_usage")
+    op.drop_index("ix_api_keys_idle_graces", table_name="api_keys")
     with op.batch_alter_table("api_keys") as table:
         for column in (
             "end_grace_after_unused_seconds", "previous_secret_last_used_time", "allowed_ip_ranges",
