@@ -7,8 +7,6 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
-import hashlib
-import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -53,7 +51,6 @@ from apikeyd.domain.model import (
     validate_project_id,
     validate_rate_limits,
     validate_reason,
-    validate_request_id,
 )
 from apikeyd.domain.scopes import validate_scopes
 from apikeyd.logs import fields
@@ -105,16 +102,6 @@ def _with_first_refill(credits: Credits | None, now: datetime) -> Credits | None
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _fingerprint(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, default=str, sort_keys=True).encode()).hexdigest()
-
-
-def _request(request_id: str, method: str, *parts: Any) -> IdempotentRequest | None:
-    if not request_id:
-        return None
-    return IdempotentRequest(validate_request_id(request_id), method, _fingerprint(method, *parts))
 
 
 def _log_change(what: str, key: ApiKey, actor: Actor, event: str, **details: Any) -> None:
@@ -362,7 +349,7 @@ class KeyManager:
             revision=1,
         )
         # The fingerprint holds the project the key gets, so a project key's request never matches another's.
-        request = _request(
+        request = IdempotentRequest.of(
             request_id, "CreateApiKey", account_id, dataclasses.asdict(dataclasses.replace(new, project_id=project_id))
         )
         actor = caller.actor
@@ -454,7 +441,7 @@ class KeyManager:
         now = _now()
         grace = validate_grace(grace)
         end_after = validate_end_grace_after_unused(end_grace_after_unused, grace)
-        request = _request(
+        request = IdempotentRequest.of(
             request_id, "RotateApiKey", account_id, key_id, grace.total_seconds(),
             None if end_after is None else end_after.total_seconds(),
         )

@@ -2,6 +2,8 @@
 
 import enum
 import functools
+import hashlib
+import json
 import re
 import sys
 from collections.abc import Mapping
@@ -190,6 +192,14 @@ class IdempotentRequest:
     request_id: str
     method: str
     fingerprint: str
+
+    @classmethod
+    def of(cls, request_id: str, method: str, *parts: Any) -> "IdempotentRequest | None":
+        """The request behind a request_id and what the request asked (`parts`), none without an id."""
+        if not request_id:
+            return None
+        fingerprint = hashlib.sha256(json.dumps([method, *parts], default=str, sort_keys=True).encode()).hexdigest()
+        return cls(validate_request_id(request_id), method, fingerprint)
 
 
 REQUEST_ID_LIFETIME = timedelta(hours=24)
