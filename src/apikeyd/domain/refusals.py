@@ -23,6 +23,7 @@ PERMISSION_DENIED = Refusal(403, "PERMISSION_DENIED")  # a usable key that may n
 RESOURCE_EXHAUSTED = Refusal(429, "RESOURCE_EXHAUSTED")  # the key's rate limit: retry later
 # The key's credits: no retry-after, as waiting brings none back before the key's refill, if it has one.
 OUT_OF_CREDITS = Refusal(429, "RESOURCE_EXHAUSTED")
+CREDITS_HEADER = "x-apikeyd-credits-remaining"  # what a key with credits has left, for whoever presented it
 
 _REFUSALS = {
     AuthCode.MALFORMED: UNAUTHENTICATED,

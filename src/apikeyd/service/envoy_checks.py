@@ -43,6 +43,7 @@ from apikeyd.domain.decision import AuthCode, Decision
 from apikeyd.domain.echo import quote, refuse_key
 from apikeyd.domain.errors import InvalidArgument, Unavailable
 from apikeyd.domain.refusals import (
+    CREDITS_HEADER,
     OUT_OF_CREDITS,
     RESOURCE_EXHAUSTED,
     UNAUTHENTICATED,
@@ -58,7 +59,6 @@ log = logging.getLogger(__name__)
 IDENTITY_PREFIX = "x-apikey-"
 ROUTE_SETTINGS = ("required_scopes", "resource", "resource_header", "keep_credential", "cost")
 FORWARDED_FOR = "x-forwarded-for"
-CREDITS_TO_CLIENT = "x-apikeyd-credits-remaining"
 CREDITS_TO_SERVICE = "x-apikey-credits-remaining"
 _MAX_COST_DIGITS = 10  # validate_cost bounds the value; this bounds what int() is given
 
@@ -166,7 +166,7 @@ def _client_headers(decision: Decision) -> tuple[tuple[str, str], ...]:
             ("x-ratelimit-remaining", str(decision.rate.remaining)),
         )
     if decision.credits_remaining is not None:
-        headers += ((CREDITS_TO_CLIENT, str(decision.credits_remaining)),)
+        headers += ((CREDITS_HEADER, str(decision.credits_remaining)),)
     return headers
 
 
