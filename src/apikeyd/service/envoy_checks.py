@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 IDENTITY_PREFIX = "x-apikey-"
 ROUTE_SETTINGS = ("required_scopes", "resource", "resource_header", "keep_credential", "cost")
 FORWARDED_FOR = "x-forwarded-for"
+_FROM_FORWARDED_FOR, _FROM_DOWNSTREAM = f"{FORWARDED_FOR} header", "the downstream address"  # for a 400's message
 CREDITS_TO_SERVICE = "x-apikey-credits-remaining"
 _MAX_COST_DIGITS = 10  # validate_cost bounds the value; this bounds what int() is given
 
@@ -243,8 +244,8 @@ class EnvoyChecks:
             if forwarded:
                 entries = forwarded.rsplit(",", self._hops)
                 if len(entries) >= self._hops:
-                    return entries[-self._hops].strip(), f"{FORWARDED_FOR} header"
-        return downstream, "the downstream address"
+                    return entries[-self._hops].strip(), _FROM_FORWARDED_FOR
+        return downstream, _FROM_DOWNSTREAM
 
     def answer(
         self, settings: tuple[tuple[str, str], ...], headers: Mapping[str, str], caller: Caller | None, downstream: str
