@@ -40,6 +40,8 @@ def _cases(account: str, name: str) -> dict[str, tuple[str, Callable[[Any], Any]
         "NUL in display_name": ("display_name", lambda stub: create_key(stub, account, display_name="a\x00b")),
         "NUL in description": ("description", update(description="a\x00b")),
         "ESC in display_name": ("display_name", update(display_name="\x1b[31mred")),
+        "NUL in allowed_ip_ranges": ("allowed_ip_ranges", update(allowed_ip_ranges=["10.0.0.0/8\x00"])),
+        "NUL in client_ip": ("client_ip", lambda stub: stub.Authorize(pb.AuthorizeRequest(key="k", client_ip="10.0.0.1\x00"))),
         "NUL in revoke reason": ("reason", lambda stub: stub.RevokeApiKey(pb.RevokeApiKeyRequest(name=name, reason="a\x00b"))),
         "NUL in a label filter": ("filter", lambda stub: stub.ListApiKeys(pb.ListApiKeysRequest(parent=parent, filter='labels.env = "a\x00"'))),
         "NUL in an audit key_id filter": ("filter", events(filter='key_id = "\x00"')),

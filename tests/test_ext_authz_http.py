@@ -379,3 +379,20 @@ def test_any_bytes_get_an_http_answer_or_a_close_and_nothing_breaks(server, data
     finally:
         connection.close()
     assert ask(server, ANY).status == 401
+
+
+def test_the_downstream_address_comes_in_the_header_the_http_service_adds(server, account):
+    ranged = create_key(server.stub, account, allowed_ip_ranges=["192.0.2.0/24"]).secret
+    plain = create_key(server.stub, account).secret
+    cold = ask(server, ANY, (ext_authz_http.DOWNSTREAM_HEADER, "junk"), ("x-api-key", ranged))  # decided after an await
+    assert (cold.status, cold.json()["code"]) == (400, "INVALID_ARGUMENT"), cold.body
+    inside, outside = (ext_authz_http.DOWNSTREAM_HEADER, "192.0.2.7"), (ext_authz_http.DOWNSTREAM_HEADER, "198.51.100.1")
+    assert ask(server, ANY, inside, ("x-api-key", ranged)).status == 200
+    for headers in ((outside,), ()):  # without the header (a config from before it): no address, refused
+        answer = ask(server, ANY, *headers, ("x-api-key", ranged))
+        assert (answer.status, answer.json()["code"]) == (403, "IP_NOT_ALLOWED"), answer.body
+    answer = ask(server, ANY, (ext_authz_http.DOWNSTREAM_HEADER, "junk"), ("x-api-key", ranged))
+    assert (answer.status, answer.json()["code"]) == (400, "INVALID_ARGUMENT")
+    assert answer.json()["message"].startswith("the downstream address:"), answer.body
+    for headers in ((outside,), (), ((ext_authz_http.DOWNSTREAM_HEADER, "junk"),)):
+        assert ask(server, ANY, *headers, ("x-api-key", plain)).status == 200, "keys without ranges never read it"

@@ -107,6 +107,14 @@ ROWS: list[Row] = [
          api_key=_key(rate_limits=[pb.RateLimit(limit=10, period=Duration(seconds=i + 1)) for i in range(n)]),
      ),
      L.MAX_RATE_LIMITS, "rate_limits", {OK}),
+    ("create.allowed_ip_ranges", "CreateApiKey",
+     lambda t, n: pb.CreateApiKeyRequest(
+         parent=f"accounts/{t.account}", api_key=_key(allowed_ip_ranges=[f"10.0.{i // 256}.{i % 256}/32" for i in range(n)])
+     ),
+     L.MAX_IP_RANGES, "allowed_ip_ranges", {OK}),
+    ("create.ip_range_length", "CreateApiKey",
+     lambda t, n: pb.CreateApiKeyRequest(parent=f"accounts/{t.account}", api_key=_key(allowed_ip_ranges=["1" * n])),
+     L.MAX_IP_LENGTH, "allowed_ip_ranges", {INVALID}),  # no range is that long: refused as no range
     ("get.name", "GetApiKey", lambda t, n: pb.GetApiKeyRequest(name=_name(n)), L.MAX_NAME_LENGTH, "name", {NOT_FOUND}),
     ("list.parent", "ListApiKeys", lambda t, n: pb.ListApiKeysRequest(parent=f"accounts/{_id(n - 9)}"),
      L.MAX_PARENT_LENGTH, "parent", {OK}),
@@ -178,6 +186,8 @@ ROWS: list[Row] = [
      L.MAX_RESOURCE_LENGTH, "resource", {OK}),
     ("authorize.project_id", "Authorize", lambda t, n: pb.AuthorizeRequest(key=t.secret, project_id=_id(n)),
      L.MAX_PROJECT_ID_LENGTH, "project_id", {OK}),
+    ("authorize.client_ip", "Authorize", lambda t, n: pb.AuthorizeRequest(key=t.secret, client_ip="1" * n),
+     L.MAX_IP_LENGTH, "client_ip", {INVALID}),  # no address is that long: refused as no address
 ]
 
 

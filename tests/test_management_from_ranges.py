@@ -3,7 +3,7 @@ with `apikeys:write` must not manage keys, or lift its own ranges, from outside 
 
 import grpc
 
-from apikeyd.domain.ip_ranges import peer_ip
+from apikeyd.domain.ip_ranges import grpc_peer_host
 from apikeyd.v1 import api_keys_pb2 as pb
 from tests.conftest import create_key, rpc_error
 
@@ -23,7 +23,8 @@ def test_a_key_inside_its_ranges_manages_keys(server, account):
 
 
 def test_grpc_peer_strings():
-    assert peer_ip("ipv4:203.0.113.5:51234") == "203.0.113.5"
-    assert peer_ip("ipv6:[2001:db8::1]:51234") == "2001:db8::1"
-    assert peer_ip("ipv6:[fe80::1%25eth0]:1") == "fe80::1"
-    assert peer_ip("unix:/tmp/apikeyd.sock") == "" and peer_ip("") == "" and peer_ip("ipv6:garbage") == ""
+    assert grpc_peer_host("ipv4:203.0.113.5:51234") == "203.0.113.5"
+    assert grpc_peer_host("ipv6:[2001:db8::1]:51234") == "2001:db8::1"
+    assert grpc_peer_host("ipv6:%5B2001:db8::1%5D:51234") == "2001:db8::1"
+    assert grpc_peer_host("ipv6:[fe80::1%25eth0]:1") == "fe80::1"
+    assert grpc_peer_host("unix:/tmp/apikeyd.sock") == "" and grpc_peer_host("") == "" and grpc_peer_host("ipv6:garbage") == ""

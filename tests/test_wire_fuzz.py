@@ -110,7 +110,9 @@ def _plausible_text(field: d.FieldDescriptor, targets: Targets) -> st.SearchStra
         "filter": ["", "state = ACTIVE"],
         "scopes": ["messages:send:all"],
         "display_name": ["k"],
-        "paths": ["display_name", "description", "labels", "expire_time", "rate_limits", "state"],
+        "paths": ["display_name", "description", "labels", "expire_time", "rate_limits", "state", "allowed_ip_ranges"],
+        "allowed_ip_ranges": ["192.0.2.0/24", "2001:db8::/32", "::ffff:198.51.100.0/120"],
+        "client_ip": ["", "192.0.2.1", "::ffff:192.0.2.1", "2001:db8::1"],
     }
     return st.sampled_from(likely.get(field.name, [""]))
 

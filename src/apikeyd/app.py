@@ -54,6 +54,10 @@ def check_request_size(settings: Settings) -> None:
         raise StartupError(
             f"{Settings.env_name('max_change_streams')}={settings.max_change_streams}: give 0 (no change streams) or more"
         )
+    if settings.xff_trusted_hops < 0:
+        raise StartupError(
+            f"{Settings.env_name('xff_trusted_hops')}={settings.xff_trusted_hops}: give 0 (Envoy's downstream address) or more"
+        )
 
 
 def check_feed_timing(settings: Settings) -> None:

@@ -87,6 +87,11 @@ class Settings:
         "127.0.0.1:50052", "host:port or unix:/path to answer Envoy's ext_authz over HTTP on (deploy/envoy/envoy.yaml); "
         "empty disables", empty_is_off=True,
     )
+    xff_trusted_hops: int = _setting(
+        0, "proxies of your own in front of Envoy: a key's allowed_ip_ranges are checked against the address that "
+        "many entries from the right of x-forwarded-for (as Envoy's xff_num_trusted_hops); 0 takes Envoy's "
+        "downstream address and ignores x-forwarded-for"
+    )
     feed_poll_interval: float = _setting(
         0.0, "seconds between reads of the key_events change feed; 0 picks 0.25 on SQLite, 0.5 on PostgreSQL "
         "(where LISTEN/NOTIFY wakes it at once and the read is a fallback); must be less than feed_lease"

@@ -30,7 +30,7 @@ from apikeyd.domain.errors import (
     Unavailable,
     key_not_found,
 )
-from apikeyd.domain.ip_ranges import peer_ip, validate_ranges
+from apikeyd.domain.ip_ranges import grpc_peer_host, validate_ranges
 from apikeyd.domain.model import (
     REQUEST_ID_LIFETIME,
     ApiKey,
@@ -201,7 +201,7 @@ class KeyManager:
         if isinstance(found, Decision):
             raise Unauthenticated(f"the bearer key is not usable: {found.message}")
         if found.key.ip_ranges:  # a key kept to its ranges is kept to them for managing keys too
-            outside = decide.outside_ranges(found, peer_ip(peer))
+            outside = decide.outside_ranges(found, grpc_peer_host(peer))
             if outside is not None:
                 raise Unauthenticated(f"the bearer key is not usable from here: {outside.message}")
         return Caller(found.key, found.scopes, found.key.account_id == self.operator_account, peer, method)

@@ -114,14 +114,14 @@ class Server:
         )
         api_keys_pb2_grpc.add_ApiKeyServiceServicer_to_server(service, self.grpc)
         # Envoy's external authorization, on the same port and with the same Authorizer as Authorize.
+        checks = EnvoyChecks(app.authorizer, app.settings.xff_trusted_hops)
         ext_authz.add_to_server(
-            ext_authz.ExtAuthzService(app.manager, app.authorizer, app.metrics, app.settings.authorize_requires_key),
-            self.grpc,
+            ext_authz.ExtAuthzService(app.manager, checks, app.metrics, app.settings.authorize_requires_key), self.grpc
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         # The same checks over HTTP, Envoy's cheaper way to ask (service/ext_authz_http.py), on the same loop.
         self.http_checks = HttpCheckEndpoint(
-            HttpChecks(app.manager, EnvoyChecks(app.authorizer), app.metrics, app.settings.authorize_requires_key)
+            HttpChecks(app.manager, checks, app.metrics, app.settings.authorize_requires_key)
         )
         reflection.enable_server_reflection(
             (

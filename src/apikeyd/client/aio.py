@@ -10,7 +10,7 @@ import grpc
 
 from apikeyd.client.errors import AuthorizeError, from_rpc_error
 from apikeyd.client.local import Miss
-from apikeyd.client.parts import ClientParts, required_scopes
+from apikeyd.client.parts import ClientParts, authorize_request, required_scopes
 from apikeyd.domain.decision import Decision
 from apikeyd.v1 import api_keys_pb2 as pb
 
@@ -44,23 +44,31 @@ class AsyncClient(ClientParts):
         await self._channel.close()
 
     async def authorize(
-        self, key: str, scopes: str | Sequence[str] = (), resource: str = "", project_id: str = ""
+        self,
+        key: str,
+        scopes: str | Sequence[str] = (),
+        resource: str = "",
+        project_id: str = "",
+        *,
+        client_ip: str = "",
+        cost: int = 1,
     ) -> Decision:
         """As Client.authorize; a cached answer costs no await of anything."""
         scopes = required_scopes(scopes)
-        found = self._lookup(key, scopes, resource, project_id)
+        found = self._lookup(key, scopes, resource, project_id, client_ip, cost)
         if isinstance(found, Decision):
             return found
+        request = authorize_request(key, scopes, resource, project_id, client_ip, cost)
         flight = self._flights.get(found.digest)
         if flight is not None and flight[0] == found.generation:
             with contextlib.suppress(AuthorizeError):
                 await asyncio.shield(flight[1])
-            found = self._lookup(key, scopes, resource, project_id)
-            return found if isinstance(found, Decision) else await self._ask(found, key, scopes, resource, project_id)
+            found = self._lookup(key, scopes, resource, project_id, client_ip, cost)
+            return found if isinstance(found, Decision) else await self._ask(found, request)
         mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._flights[found.digest] = (found.generation, mine)
         try:
-            return await self._ask(found, key, scopes, resource, project_id)
+            return await self._ask(found, request)
         except AuthorizeError as error:
             mine.set_exception(error)
             mine.exception()  # retrieved: joiners make their own call
@@ -71,8 +79,7 @@ class AsyncClient(ClientParts):
             if self._flights.get(found.digest, (0, None))[1] is mine:
                 del self._flights[found.digest]
 
-    async def _ask(self, miss: Miss, key: str, scopes: tuple[str, ...], resource: str, project_id: str) -> Decision:
-        request = pb.AuthorizeRequest(key=key, required_scopes=scopes, resource=resource, project_id=project_id)
+    async def _ask(self, miss: Miss, request: pb.AuthorizeRequest) -> Decision:
         try:
             response = await self._stub.Authorize(
                 request, timeout=self.connection.timeout, metadata=self.connection.metadata

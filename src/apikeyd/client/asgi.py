@@ -17,10 +17,15 @@ Plain ASGI, with no framework imported: it wraps a Starlette or FastAPI app, or 
   `(scopes, resource, project_id)` tuple), or PUBLIC. `public` names prefixes that need no key at all. A
   request no rule covers (or for which the function returns None) is refused 403 without a check, so a new
   route stays closed until someone says what it needs.
+* **The client's address** is the ASGI scope's `client`, for keys with allowed_ip_ranges: behind a proxy,
+  run the server so that it reports the real client (uvicorn's --forwarded-allow-ips) or such keys see the
+  proxy. A `client` that is no IP address (none, a test client's made-up name) gives no address, which
+  such a key refuses and every other key ignores.
 * **Allowed**: the app gets the key in `scope["state"]["apikey"]` (Starlette's `request.state.apikey`) and
   the whole Decision in `scope["apikeyd.decision"]`.
 * **Refused**, as on Envoy's path (domain/refusals.py): 401 with `WWW-Authenticate: Bearer` for no usable
-  key, 403 for one that may not do this, 429 with `Retry-After` (whole seconds) for a rate-limited one, 400
+  key, 403 for one that may not do this (its address outside the key's ranges too), 429 with `Retry-After`
+  (whole seconds) for a rate-limited one and with `X-Apikeyd-Credits-Remaining` for spent credits, 400
   when the check refused the request's own values (an over-long key, say), 503 when apikeyd cannot be
   asked; each with `{"error": {"code": ..., "message": ...}}`, the code an AuthCode name or
   MISSING_CREDENTIAL, AMBIGUOUS_CREDENTIAL, NO_RULE, INVALID_ARGUMENT or UNAVAILABLE. The presented key is
@@ -45,11 +50,20 @@ import grpc
 
 from apikeyd.client.aio import AsyncClient
 from apikeyd.client.errors import AuthorizeError
-from apikeyd.client.parts import configured_scopes
+from apikeyd.client.parts import configured_scopes, peer_ip
 from apikeyd.domain.decision import AuthCode, Decision
 from apikeyd.domain.echo import quote
 from apikeyd.domain.errors import InvalidArgument
-from apikeyd.domain.refusals import RESOURCE_EXHAUSTED, UNAUTHENTICATED, NoKey, presented_key, refusal, retry_after
+from apikeyd.domain.refusals import (
+    CREDITS_HEADER,
+    OUT_OF_CREDITS,
+    RESOURCE_EXHAUSTED,
+    UNAUTHENTICATED,
+    NoKey,
+    presented_key,
+    refusal,
+    retry_after,
+)
 from apikeyd.domain.scopes import parse_required_scopes
 from apikeyd.logs import Throttle
 
@@ -227,7 +241,9 @@ class ApiKeyMiddleware:
         except NoKey as refused:
             return _Answer(401, refused.code, str(refused), (("www-authenticate", "Bearer"),))
         try:
-            decision = await self.client().authorize(key, scopes, resource, project_id)
+            client = scope.get("client")
+            client_ip = peer_ip(str(client[0])) if client else ""
+            decision = await self.client().authorize(key, scopes, resource, project_id, client_ip=client_ip)
         except AuthorizeError as error:
             if error.code is grpc.StatusCode.INVALID_ARGUMENT:  # the request's values: its details name the field
                 return _Answer(400, "INVALID_ARGUMENT", error.details)
@@ -248,6 +264,8 @@ def _refused(decision: Decision) -> _Answer:
         headers = (("www-authenticate", 'Bearer error="insufficient_scope"'),)
     elif how is RESOURCE_EXHAUSTED:
         headers = (("retry-after", str(retry_after(decision))),)
+    elif how is OUT_OF_CREDITS and decision.credits_remaining is not None:
+        headers = ((CREDITS_HEADER, str(decision.credits_remaining)),)
     return _Answer(how.http_status, decision.code.name, decision.message, headers)
 
 

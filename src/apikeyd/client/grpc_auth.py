@@ -21,9 +21,13 @@ grpc.aio.server, with an AsyncClient made on the server's loop.
   all. A method in neither is refused PERMISSION_DENIED without a check, so that a method added to a service
   stays closed until someone says what it needs; `unlisted=Rule()` lets any usable key call such methods
   instead. A method the server does not have is UNIMPLEMENTED, as without the interceptor.
+* **The client's address** is the call's peer (`context.peer()`), for keys with allowed_ip_ranges; a peer
+  that is no IP address (a unix socket) gives none, which such a key refuses and every other key ignores.
 * **Denials** are answered as on Envoy's path (domain/refusals.py): UNAUTHENTICATED for a key that is not
-  usable, PERMISSION_DENIED for one that may not do this, RESOURCE_EXHAUSTED with a `retry-after` trailer
-  (whole seconds) for a rate-limited one, each with the decision's message as its details. When apikeyd
+  usable, PERMISSION_DENIED for one that may not do this (its address outside the key's ranges too),
+  RESOURCE_EXHAUSTED with a `retry-after` trailer (whole seconds) for a rate-limited one and an
+  `x-apikeyd-credits-remaining` trailer for one whose credits are spent, each with the decision's message
+  as its details. When apikeyd
   cannot be asked, UNAVAILABLE (and INVALID_ARGUMENT when the check refused the call's own values, such as
   an over-long key or resource). The presented key is never in a status, a trailer or a log line; it does
   stay in the handler's `context.invocation_metadata()`, which grpc does not let an interceptor change.
@@ -35,6 +39,7 @@ grpc.aio.server, with an AsyncClient made on the server's loop.
 
 import contextlib
 import contextvars
+import functools
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping, Sequence
@@ -46,11 +51,20 @@ import grpc
 from apikeyd import handlers
 from apikeyd.client.aio import AsyncClient
 from apikeyd.client.errors import AuthorizeError
-from apikeyd.client.parts import configured_scopes
+from apikeyd.client.parts import configured_scopes, peer_ip
 from apikeyd.client.sync import Client
 from apikeyd.domain.decision import Decision
+from apikeyd.domain.ip_ranges import grpc_peer_host
 from apikeyd.domain.model import VerifiedKey
-from apikeyd.domain.refusals import RESOURCE_EXHAUSTED, NoKey, presented_key, refusal, retry_after
+from apikeyd.domain.refusals import (
+    CREDITS_HEADER,
+    OUT_OF_CREDITS,
+    RESOURCE_EXHAUSTED,
+    NoKey,
+    presented_key,
+    refusal,
+    retry_after,
+)
 from apikeyd.logs import Throttle
 
 log = logging.getLogger(__name__)
@@ -110,10 +124,18 @@ class _Check:
     scopes: Sequence[str]
     resource: str
     project_id: str
+    client_ip: str
 
 
 def _value(given: str | Extractor, call: Call) -> str:
     return given if isinstance(given, str) else given(call)
+
+
+# By the peer string, which every call on one connection shares: one parse a connection, not a call.
+@functools.lru_cache(maxsize=4096)
+def _peer_ip(peer: str) -> str:
+    """grpc's peer as a client_ip."""
+    return peer_ip(grpc_peer_host(peer))
 
 
 class _Policy:
@@ -134,7 +156,7 @@ class _Policy:
     def rule(self, method: str) -> Rule | None:
         return self.rules.get(method, self.unlisted)
 
-    def check(self, method: str, rule: Rule | None, request: Any, metadata: Any) -> _Check | _Denial:
+    def check(self, method: str, rule: Rule | None, request: Any, metadata: Any, peer: str) -> _Check | _Denial:
         if rule is None:
             return _Denial(grpc.StatusCode.PERMISSION_DENIED, f"{method} is not open to API keys")
         entries: dict[str, str] = {}
@@ -149,13 +171,17 @@ class _Policy:
         except NoKey as refused:
             return _Denial(grpc.StatusCode.UNAUTHENTICATED, str(refused))
         call = Call(method, entries, request)
-        return _Check(key, rule.scopes, _value(rule.resource, call), _value(rule.project_id, call))
+        return _Check(key, rule.scopes, _value(rule.resource, call), _value(rule.project_id, call), _peer_ip(peer))
 
     def answer(self, decision: Decision) -> Decision | _Denial:
         if decision.allowed:
             return decision
         how = refusal(decision.code)
-        trailers = (("retry-after", str(retry_after(decision))),) if how is RESOURCE_EXHAUSTED else ()
+        trailers: tuple[tuple[str, str], ...] = ()
+        if how is RESOURCE_EXHAUSTED:
+            trailers = (("retry-after", str(retry_after(decision))),)
+        elif how is OUT_OF_CREDITS and decision.credits_remaining is not None:
+            trailers = ((CREDITS_HEADER, str(decision.credits_remaining)),)
         return _Denial(grpc.StatusCode[how.grpc_code], decision.message, trailers)
 
     def failed(self, method: str, error: AuthorizeError) -> _Denial:
@@ -237,11 +263,13 @@ class ApiKeyInterceptor(_Guard[Client], grpc.ServerInterceptor):
         return handlers.with_behavior(handler, checked)
 
     def _decide(self, method: str, rule: Rule | None, request: Any, context: grpc.ServicerContext) -> Decision:
-        check = self._policy.check(method, rule, request, context.invocation_metadata())
+        check = self._policy.check(method, rule, request, context.invocation_metadata(), context.peer())
         if isinstance(check, _Denial):
             _abort(context, check)
         try:
-            decision = self._client.authorize(check.key, check.scopes, check.resource, check.project_id)
+            decision = self._client.authorize(
+                check.key, check.scopes, check.resource, check.project_id, client_ip=check.client_ip
+            )
         except AuthorizeError as error:
             _abort(context, self._policy.failed(method, error))
         answer = self._policy.answer(decision)
@@ -301,11 +329,13 @@ class AsyncApiKeyInterceptor(_Guard[AsyncClient], grpc.aio.ServerInterceptor):
         return handlers.with_behavior(handler, checked)
 
     async def _decide(self, method: str, rule: Rule | None, request: Any, context: grpc.aio.ServicerContext) -> Decision:
-        check = self._policy.check(method, rule, request, context.invocation_metadata())
+        check = self._policy.check(method, rule, request, context.invocation_metadata(), context.peer())
         if isinstance(check, _Denial):
             await _abort_aio(context, check)
         try:
-            decision = await self._client.authorize(check.key, check.scopes, check.resource, check.project_id)
+            decision = await self._client.authorize(
+                check.key, check.scopes, check.resource, check.project_id, client_ip=check.client_ip
+            )
         except AuthorizeError as error:
             await _abort_aio(context, self._policy.failed(method, error))
         answer = self._policy.answer(decision)

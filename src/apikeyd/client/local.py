@@ -9,7 +9,8 @@
 * **The same decision.** An entry keeps what the server's answer said of the key (identity, scopes,
   expiry, state); a later check with other scopes, another project or at a later time is decided by the
   server's own rules (domain/decide.py), and a malformed string by the same parser, with no call at all.
-* **What is never cached**: keys with rate limits, credits or IP ranges (`has_limits`), keys outside the
+* **What is never cached**: keys with rate limits, credits or IP ranges (every check counts or depends on
+  the client's address, `has_limits`: they are asked of the server each time), keys outside the
   reach of the stream's watcher key (their changes are not sent to it), and answers that came with an
   error. NOT_FOUND is cached for `negative_ttl` and forgotten on any CREATED change, as on the server. REVOKED, DISABLED and EXPIRED are cached: the stream reports any change that would undo them.
 * **Trust.** Entries are trusted only for the lease past the change stream's last heartbeat (its receipt,
@@ -92,6 +93,7 @@ def decision_from_pb(response: pb.AuthorizeResponse) -> Decision:
         tuple(response.missing_scopes),
         expire_at=_time(response.expire_time),
         secret_expire_at=_time(response.secret_expire_time),
+        credits_remaining=response.credits_remaining if response.HasField("credits_remaining") else None,
     )
 
 
@@ -181,7 +183,8 @@ class LocalCache:
                 if miss.sent_at >= self._created_at + self.hold:  # else maybe a replica that has not seen it
                     self._cache.remember_bad(miss.digest, miss.lookup_id, miss.generation)
                 return decision
-            if key is None or response.has_limits:  # MALFORMED names no key; RATE_LIMITED only keys with limits
+            # MALFORMED names no key; RATE_LIMITED, CREDITS_EXHAUSTED and IP_NOT_ALLOWED only keys with limits.
+            if key is None or response.has_limits:
                 return decision
             if self.reach is None or not self.reach.sees(key.account_id, key.project_id):
                 return decision

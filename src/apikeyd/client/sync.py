@@ -10,7 +10,7 @@ import grpc
 
 from apikeyd.client.errors import AuthorizeError, from_rpc_error
 from apikeyd.client.local import Miss
-from apikeyd.client.parts import ClientParts, required_scopes
+from apikeyd.client.parts import ClientParts, authorize_request, required_scopes
 from apikeyd.domain.decision import Decision
 from apikeyd.v1 import api_keys_pb2 as pb
 
@@ -49,14 +49,24 @@ class Client(ClientParts):
         self._channel.close()
 
     def authorize(
-        self, key: str, scopes: str | Sequence[str] = (), resource: str = "", project_id: str = ""
+        self,
+        key: str,
+        scopes: str | Sequence[str] = (),
+        resource: str = "",
+        project_id: str = "",
+        *,
+        client_ip: str = "",
+        cost: int = 1,
     ) -> Decision:
         """The server's decision for a presented key, from the cache when it can be trusted; AuthorizeError
-        when the server cannot be asked (never an allow). `scopes`: the required ones, or one as a string."""
+        when the server cannot be asked (never an allow). `scopes`: the required ones, or one as a string;
+        `client_ip`: the address the key comes from, which a key with allowed_ip_ranges needs; `cost`: the
+        credits an allowed check spends from a key with credits."""
         scopes = required_scopes(scopes)
-        found = self._lookup(key, scopes, resource, project_id)
+        found = self._lookup(key, scopes, resource, project_id, client_ip, cost)
         if isinstance(found, Decision):
             return found
+        request = authorize_request(key, scopes, resource, project_id, client_ip, cost)
         with self._flights_lock:
             flight = self._flights.get(found.digest)
             joined = flight is not None and flight[0] == found.generation
@@ -69,10 +79,10 @@ class Client(ClientParts):
                 flight[1].result()
             except AuthorizeError:
                 pass  # its caller's failure; this check makes its own call
-            found = self._lookup(key, scopes, resource, project_id)
-            return found if isinstance(found, Decision) else self._ask(found, key, scopes, resource, project_id)
+            found = self._lookup(key, scopes, resource, project_id, client_ip, cost)
+            return found if isinstance(found, Decision) else self._ask(found, request)
         try:
-            return self._ask(found, key, scopes, resource, project_id)
+            return self._ask(found, request)
         except AuthorizeError as error:
             mine.set_exception(error)
             raise
@@ -83,8 +93,7 @@ class Client(ClientParts):
                 if self._flights.get(found.digest, (0, None))[1] is mine:
                     del self._flights[found.digest]
 
-    def _ask(self, miss: Miss, key: str, scopes: tuple[str, ...], resource: str, project_id: str) -> Decision:
-        request = pb.AuthorizeRequest(key=key, required_scopes=scopes, resource=resource, project_id=project_id)
+    def _ask(self, miss: Miss, request: pb.AuthorizeRequest) -> Decision:
         try:
             response = self._stub.Authorize(request, timeout=self.connection.timeout, metadata=self.connection.metadata)
         except grpc.RpcError as error:

@@ -7,6 +7,7 @@ IPv4 covers such a client; a scope id (`fe80::1%eth0`) is refused, as no range c
 """
 
 import ipaddress
+import urllib.parse
 
 from apikeyd.domain.echo import quote
 from apikeyd.domain.errors import InvalidArgument
@@ -69,16 +70,15 @@ def parse_address(value: str, field: str = "client_ip") -> tuple[int, int]:
     return address.version, int(address)
 
 
-def peer_ip(peer: str) -> str:
-    """The address in a grpc peer string (`ipv4:203.0.113.5:51234`, `ipv6:[2001:db8::1]:51234`), without a
-    link-local scope id (`%25eth0`, which no range can name); empty for a unix socket or anything else,
-    which no range contains."""
+def grpc_peer_host(peer: str) -> str:
+    """The host in a grpc peer string (`ipv4:192.0.2.1:5000`, `ipv6:%5B2001:db8::1%5D:5000`, percent-encoded
+    as grpc writes it), without a link-local scope id: it names an interface of this host, which no range
+    can. Empty for a unix socket or anything else, which no range contains."""
     kind, _, rest = peer.partition(":")
-    if kind == "ipv4":
-        return rest.rpartition(":")[0]
-    if kind == "ipv6" and rest.startswith("["):
-        return rest[1 : rest.find("]")].partition("%")[0]
-    return ""
+    if kind not in ("ipv4", "ipv6"):
+        return ""
+    host = urllib.parse.unquote(rest).rpartition(":")[0]
+    return host.removeprefix("[").removesuffix("]").partition("%")[0]
 
 
 def contains(ranges: Ranges, address: tuple[int, int]) -> bool:

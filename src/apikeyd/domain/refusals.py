@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from apikeyd.domain.decision import AuthCode, Decision
 
 
-@dataclass(frozen=True, slots=True)
+# Compared by identity: two refusals with the same statuses (a rate limit's, a key's credits') are still
+# answered apart.
+@dataclass(frozen=True, slots=True, eq=False)
 class Refusal:
     http_status: int
     grpc_code: str  # a grpc.StatusCode member's name
@@ -19,6 +21,9 @@ class Refusal:
 UNAUTHENTICATED = Refusal(401, "UNAUTHENTICATED")  # no usable key: present another
 PERMISSION_DENIED = Refusal(403, "PERMISSION_DENIED")  # a usable key that may not do this
 RESOURCE_EXHAUSTED = Refusal(429, "RESOURCE_EXHAUSTED")  # the key's rate limit: retry later
+# The key's credits: no retry-after, as waiting brings none back before the key's refill, if it has one.
+OUT_OF_CREDITS = Refusal(429, "RESOURCE_EXHAUSTED")
+CREDITS_HEADER = "x-apikeyd-credits-remaining"  # what a key with credits has left, for whoever presented it
 
 _REFUSALS = {
     AuthCode.MALFORMED: UNAUTHENTICATED,
@@ -26,9 +31,11 @@ _REFUSALS = {
     AuthCode.REVOKED: UNAUTHENTICATED,
     AuthCode.DISABLED: UNAUTHENTICATED,
     AuthCode.EXPIRED: UNAUTHENTICATED,
+    AuthCode.IP_NOT_ALLOWED: PERMISSION_DENIED,
     AuthCode.PROJECT_MISMATCH: PERMISSION_DENIED,
     AuthCode.INSUFFICIENT_SCOPE: PERMISSION_DENIED,
     AuthCode.RATE_LIMITED: RESOURCE_EXHAUSTED,
+    AuthCode.CREDITS_EXHAUSTED: OUT_OF_CREDITS,
 }
 
 

@@ -10,14 +10,22 @@ The client sends its key in `authorization: Bearer <key>` or `x-api-key: <key>`,
     resource          a fixed value for `{value}` qualifiers, e.g. `example.com`
     resource_header   or the request header that carries that value, e.g. `x-sender-domain`
     keep_credential   `true` passes the credential header on to the service; by default it is removed
+    cost              the credits an allowed request spends from a key with credits: 0 to 10^9, default 1
 
 Any other setting is a configuration error (a misspelt `required_scopes` must not let every key through):
 such a route answers 500 until it is fixed.
 
+The client's address, for keys with allowed_ip_ranges, is Envoy's downstream address: the peer of its
+connection (gRPC: the CheckRequest's source address; HTTP: the `x-apikeyd-downstream-address` header the
+http_service adds). With APIKEYD_XFF_TRUSTED_HOPS=N behind N proxies of your own, it is the N-th address
+from the right of x-forwarded-for, as Envoy's own xff_num_trusted_hops counts (`client_address`).
+
 Allowed: the service gets the key's identity in x-apikey-id, x-apikey-name, x-apikey-account and
 x-apikey-project (only for a project key), and every other x-apikey-* header the client sent is removed.
-Denied: 401 (no usable key), 403 (wrong project, missing scope) or 429 (rate limit), with a JSON body
-`{"code": ..., "message": ...}`. The key itself never goes into a header, a body or a log.
+Denied: 401 (no usable key), 403 (wrong project, missing scope, an address outside the key's ranges) or 429
+(rate limit, credits), with a JSON body `{"code": ..., "message": ...}`. A key with credits tells what is
+left in x-apikeyd-credits-remaining to the client (allowed and denied) and x-apikey-credits-remaining to
+the service. The key itself never goes into a header, a body or a log.
 """
 
 import json
@@ -30,17 +38,30 @@ from typing import Any
 from apikeyd.authorizer.authorizer import Authorizer
 from apikeyd.domain import limits
 from apikeyd.domain.access import Caller
+from apikeyd.domain.credits import validate_cost
 from apikeyd.domain.decision import AuthCode, Decision
 from apikeyd.domain.echo import quote, refuse_key
 from apikeyd.domain.errors import InvalidArgument, Unavailable
-from apikeyd.domain.refusals import RESOURCE_EXHAUSTED, UNAUTHENTICATED, bearer_key, refusal, retry_after
+from apikeyd.domain.refusals import (
+    CREDITS_HEADER,
+    OUT_OF_CREDITS,
+    RESOURCE_EXHAUSTED,
+    UNAUTHENTICATED,
+    bearer_key,
+    refusal,
+    retry_after,
+)
 from apikeyd.domain.scopes import parse_required_scopes
 from apikeyd.logs import Throttle
 
 log = logging.getLogger(__name__)
 
 IDENTITY_PREFIX = "x-apikey-"
-ROUTE_SETTINGS = ("required_scopes", "resource", "resource_header", "keep_credential")
+ROUTE_SETTINGS = ("required_scopes", "resource", "resource_header", "keep_credential", "cost")
+FORWARDED_FOR = "x-forwarded-for"
+_FROM_FORWARDED_FOR, _FROM_DOWNSTREAM = f"{FORWARDED_FOR} header", "the downstream address"  # for a 400's message
+CREDITS_TO_SERVICE = "x-apikey-credits-remaining"
+_MAX_COST_DIGITS = 10  # validate_cost bounds the value; this bounds what int() is given
 
 _ACCOUNT_KEY_IDENTITY = frozenset(("x-apikey-id", "x-apikey-name", "x-apikey-account"))
 _PROJECT_KEY_IDENTITY = _ACCOUNT_KEY_IDENTITY | {"x-apikey-project"}
@@ -54,6 +75,7 @@ class Route:
     resource: str = ""
     resource_header: str = ""
     keep_credential: bool = False
+    cost: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +101,7 @@ class Answer:
 
 # Keyed by what the proxy (or whoever asks) sends, so bounded in bytes: only settings within the size limits
 # reach it (the transports check them first), and only valid ones stay, since lru_cache keeps no call that
-# raised: at most the four known settings with values of MAX_CONTEXT_EXTENSION_VALUE_LENGTH, and a Route of
+# raised: at most the five known settings with values of MAX_CONTEXT_EXTENSION_VALUE_LENGTH, and a Route of
 # at most MAX_REQUIRED_SCOPES scopes, under 12 KB an entry and 3 MB for the 256 entries, more than any
 # proxy's routes.
 @lru_cache(maxsize=256)
@@ -101,7 +123,10 @@ def parse_route(settings: tuple[tuple[str, str], ...]) -> Route:
     keep = values.get("keep_credential", "false").strip().lower()
     if keep not in ("true", "false"):
         raise InvalidArgument("context_extensions", f"keep_credential must be true or false, not {quote(keep)}")
-    return Route(scopes, resource, header, keep == "true")
+    cost = values.get("cost", "1").strip()
+    if not (cost.isascii() and cost.isdigit() and len(cost) <= _MAX_COST_DIGITS):
+        raise InvalidArgument("context_extensions", f"cost must be a whole number of credits, not {quote(cost)}")
+    return Route(scopes, resource, header, keep == "true", validate_cost(int(cost)))
 
 
 class Refusal(Exception):
@@ -133,18 +158,23 @@ def denied(status: int, code: str, message: str, headers: Iterable[tuple[str, st
     return Answer(status, code, message, (("content-type", "application/json"), *headers))
 
 
-def _rate_headers(decision: Decision) -> tuple[tuple[str, str], ...]:
-    if decision.rate is None:
-        return ()
-    return (
-        ("x-ratelimit-limit", str(decision.rate.limit)),
-        ("x-ratelimit-remaining", str(decision.rate.remaining)),
-    )
+def _client_headers(decision: Decision) -> tuple[tuple[str, str], ...]:
+    """What is left of the key's rate limit and credits, for the client."""
+    headers: tuple[tuple[str, str], ...] = ()
+    if decision.rate is not None:
+        headers = (
+            ("x-ratelimit-limit", str(decision.rate.limit)),
+            ("x-ratelimit-remaining", str(decision.rate.remaining)),
+        )
+    if decision.credits_remaining is not None:
+        headers += ((CREDITS_HEADER, str(decision.credits_remaining)),)
+    return headers
 
 
 def refused(decision: Decision) -> Answer:
     """A denial as Envoy's HTTP answer: 401 for a key that is not usable, 403 for one that may not do
-    this, 429 with retry-after (whole seconds, rounded up, so waiting that long is always enough)."""
+    this, 429 with retry-after for a rate limit (whole seconds, rounded up, so waiting that long is always
+    enough), 429 with what is left for credits."""
     code, message, answer = decision.code.name, decision.message, refusal(decision.code)
     if answer is UNAUTHENTICATED:
         return denied(answer.http_status, code, message, [("www-authenticate", 'Bearer error="invalid_token"')])
@@ -152,7 +182,9 @@ def refused(decision: Decision) -> Answer:
         return denied(answer.http_status, code, message, [("www-authenticate", 'Bearer error="insufficient_scope"')])
     if answer is RESOURCE_EXHAUSTED:
         assert decision.rate is not None  # a rate-limited decision always says by how much
-        return denied(answer.http_status, code, message, [("retry-after", str(retry_after(decision))), *_rate_headers(decision)])
+        return denied(answer.http_status, code, message, [("retry-after", str(retry_after(decision))), *_client_headers(decision)])
+    if answer is OUT_OF_CREDITS:
+        return denied(answer.http_status, code, message, _client_headers(decision))
     return denied(answer.http_status, code, message)
 
 
@@ -166,9 +198,12 @@ def allowed(decision: Decision, headers: Mapping[str, str], credential_headers: 
     if key.project_id:
         identity += (("x-apikey-project", key.project_id),)
         names = _PROJECT_KEY_IDENTITY
+    if decision.credits_remaining is not None:
+        identity += ((CREDITS_TO_SERVICE, str(decision.credits_remaining)),)
+        names = names | {CREDITS_TO_SERVICE}
     # Envoy applies the removals after the additions, so a name set here must not be removed too.
     forged = tuple(name for name in headers if name.startswith(IDENTITY_PREFIX) and name not in names)
-    return Answer(200, headers=identity, remove=credential_headers + forged, client_headers=_rate_headers(decision))
+    return Answer(200, headers=identity, remove=credential_headers + forged, client_headers=_client_headers(decision))
 
 
 def _check_client_values(
@@ -183,10 +218,11 @@ def _check_client_values(
 
 
 class EnvoyChecks:
-    """One Envoy check: route settings and request headers in, an Answer out."""
+    """One Envoy check: route settings, request headers and the downstream address in, an Answer out."""
 
-    def __init__(self, authorizer: Authorizer) -> None:
+    def __init__(self, authorizer: Authorizer, xff_trusted_hops: int = 0) -> None:
         self._authorizer = authorizer
+        self._hops = xff_trusted_hops
         # A route's settings arrive with every check, and anyone may send one: one line a minute says enough.
         self._route_warnings = Throttle(log, 60.0)
 
@@ -195,11 +231,28 @@ class EnvoyChecks:
         self._route_warnings.warning("an Envoy route is misconfigured: %s", error, event="ext_authz.misconfigured_route")
         return denied(500, "MISCONFIGURED", f"the route's ext_authz settings are wrong: {error}")
 
+    def client_address(self, headers: Mapping[str, str], downstream: str) -> tuple[str, str]:
+        """The client's address and where it came from, for a key's allowed_ip_ranges: picked, not parsed
+        (only a key with ranges parses it). With N trusted hops, the N-th entry of x-forwarded-for from the
+        right, the downstream address being the 0th, as Envoy's xff_num_trusted_hops counts: each trusted
+        proxy appends the address of its own peer, so entries left of those N are whatever the client wrote
+        and never count. A header with fewer entries came through fewer proxies than configured (or
+        straight from the client), and every entry in it may be the client's own: the downstream address is
+        then the one that no client can write, so falling back to it can never let a forged entry in."""
+        if self._hops:
+            forwarded = headers.get(FORWARDED_FOR)
+            if forwarded:
+                entries = forwarded.rsplit(",", self._hops)
+                if len(entries) >= self._hops:
+                    return entries[-self._hops].strip(), _FROM_FORWARDED_FOR
+        return downstream, _FROM_DOWNSTREAM
+
     def answer(
-        self, settings: tuple[tuple[str, str], ...], headers: Mapping[str, str], caller: Caller | None
+        self, settings: tuple[tuple[str, str], ...], headers: Mapping[str, str], caller: Caller | None, downstream: str
     ) -> Answer | Coroutine[Any, Any, Answer]:
         """The Answer, or a coroutine that gives it when the decision needs an await (a cache miss, a shared
-        rate limit): a cached check is answered without one (Authorizer.check). `settings` sorted by name."""
+        rate limit, credits): a cached check is answered without one (Authorizer.check). `settings` sorted by
+        name; `downstream` the address of Envoy's peer, as Envoy reports it."""
         try:
             route = parse_route(settings)
         except InvalidArgument as error:
@@ -218,20 +271,33 @@ class EnvoyChecks:
         except InvalidArgument as error:
             return denied(400, "INVALID_ARGUMENT", str(error))
         removed = () if route.keep_credential else credential_headers
-        decision = self._authorizer.check(presented, route.required_scopes, resource, project_id, caller)
+        client_ip, source = self.client_address(headers, downstream)
+        try:
+            decision = self._authorizer.check(
+                presented, route.required_scopes, resource, project_id, caller, client_ip=client_ip, cost=route.cost
+            )
+        except InvalidArgument as error:  # the route's values were checked above: only the address is left
+            return _bad_address(error, source)
         if isinstance(decision, Decision):
             return _answer(decision, headers, removed)
-        return _awaited(decision, headers, removed)
+        return _awaited(decision, headers, removed, source)
 
 
 def _answer(decision: Decision, headers: Mapping[str, str], removed: tuple[str, ...]) -> Answer:
     return allowed(decision, headers, removed) if decision.allowed else refused(decision)
 
 
+def _bad_address(error: InvalidArgument, source: str) -> Answer:
+    """A key with ranges asked about an address that is none: the request's 400, naming where it was read."""
+    return denied(400, "INVALID_ARGUMENT", f"{source}: {str(error).removeprefix(f'{error.field}: ')}")
+
+
 async def _awaited(
-    decision: Coroutine[Any, Any, Decision], headers: Mapping[str, str], removed: tuple[str, ...]
+    decision: Coroutine[Any, Any, Decision], headers: Mapping[str, str], removed: tuple[str, ...], source: str
 ) -> Answer:
     try:
         return _answer(await decision, headers, removed)
+    except InvalidArgument as error:
+        return _bad_address(error, source)
     except Unavailable as error:
         return denied(503, "UNAVAILABLE", str(error))

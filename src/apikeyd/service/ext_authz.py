@@ -1,7 +1,9 @@
 """envoy.service.auth.v3.Authorization: Envoy's external authorization over gRPC, for configs that use a
 grpc_service (deploy/envoy/envoy-grpc.yaml). The example config asks over HTTP instead, which costs Envoy
 much less per check (service/ext_authz_http.py); both answer alike (service/envoy_checks.py), and a route's
-settings come here in the filter's per-route `context_extensions`."""
+settings come here in the filter's per-route `context_extensions`, and the downstream address in the
+request's source address: the peer of Envoy's connection, whatever x-forwarded-for says (Envoy 1.40 fills
+it from the connection even where its use_remote_address and xff_num_trusted_hops pick another address)."""
 
 from collections.abc import Mapping
 
@@ -13,7 +15,6 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
-from apikeyd.authorizer.authorizer import Authorizer
 from apikeyd.lifecycle import KeyManager
 from apikeyd.metrics import Metrics
 from apikeyd.service.api_keys import authorizing_caller
@@ -78,10 +79,10 @@ def check_response(answer: Answer) -> ext.CheckResponse:
 
 class ExtAuthzService(ext_grpc.AuthorizationServicer):
     def __init__(
-        self, manager: KeyManager, authorizer: Authorizer, metrics: Metrics, authorize_requires_key: bool = False
+        self, manager: KeyManager, checks: EnvoyChecks, metrics: Metrics, authorize_requires_key: bool = False
     ) -> None:
         self._manager = manager
-        self._checks = EnvoyChecks(authorizer)
+        self._checks = checks
         # grpc_errors counts every call and times Check (apikeyd.metrics).
         self.rpc_counts = metrics.rpc_counts
         self.rpc_timers = {"Check": metrics.ext_authz_check_seconds}
@@ -96,7 +97,8 @@ class ExtAuthzService(ext_grpc.AuthorizationServicer):
         caller = await authorizing_caller(self._manager, self._authorize_requires_key, context, "Check")
         attributes = request.attributes
         settings = tuple(sorted(attributes.context_extensions.items()))
-        answer = self._checks.answer(settings, request_headers(attributes.request.http), caller)
+        downstream = attributes.source.address.socket_address.address
+        answer = self._checks.answer(settings, request_headers(attributes.request.http), caller, downstream)
         return check_response(answer if isinstance(answer, Answer) else await answer)
 
 

@@ -12,7 +12,11 @@ http_service adds (`headers_to_add`), which replaces any the client sent:
     x-apikeyd-route: any                          (no settings: any usable key)
 
 A check without it is the config's mistake: 500, so that a route nobody configured is never open. With
-APIKEYD_AUTHORIZE_REQUIRES_KEY, Envoy adds `x-apikeyd-authorization: Bearer <key>` the same way.
+APIKEYD_AUTHORIZE_REQUIRES_KEY, Envoy adds `x-apikeyd-authorization: Bearer <key>` the same way. The
+client's address comes the same way too, as Envoy 1.40 fills headers_to_add from its substitution
+formatters: `x-apikeyd-downstream-address: %DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT%`, the peer of
+Envoy's connection (the formatter without DIRECT is taken from x-forwarded-for, which the client writes,
+unless the listener sets use_remote_address). Without it a key with allowed_ip_ranges is refused.
 
 Allowed: 200, the identity in x-apikey-* headers (the config's allowed_upstream_headers copies them onto
 the request), the credential and forged x-apikey-* headers in `x-envoy-auth-headers-to-remove`, and rate
@@ -54,6 +58,7 @@ log = logging.getLogger(__name__)
 
 ROUTE_HEADER = "x-apikeyd-route"
 PROXY_CREDENTIAL_HEADER = "x-apikeyd-authorization"
+DOWNSTREAM_HEADER = "x-apikeyd-downstream-address"
 UNIX_PREFIX = "unix:"
 
 MAX_REQUEST_BYTES = 16 * 1024  # a request head with its headers; Envoy's own default limit is 60 KiB
@@ -133,7 +138,7 @@ class HttpChecks:
             return self._checks.misconfigured(error)
         if self._requires_key:
             return self._answer_for_proxy(settings, headers, peer)
-        return self._checks.answer(settings, headers, None)
+        return self._checks.answer(settings, headers, None, headers.get(DOWNSTREAM_HEADER, ""))
 
     async def _answer_for_proxy(self, settings: tuple[tuple[str, str], ...], headers: Mapping[str, str], peer: str) -> Answer:
         """With APIKEYD_AUTHORIZE_REQUIRES_KEY: the proxy's own key first, as for Check over gRPC, whose
@@ -144,7 +149,7 @@ class HttpChecks:
             return denied(503, "PROXY_NOT_AUTHORIZED", f"the proxy may not ask for checks: {error}")
         except Unavailable as error:
             return denied(503, "UNAVAILABLE", str(error))
-        answer = self._checks.answer(settings, headers, caller)
+        answer = self._checks.answer(settings, headers, caller, headers.get(DOWNSTREAM_HEADER, ""))
         return answer if isinstance(answer, Answer) else await answer
 
     async def _proxy(self, headers: Mapping[str, str], peer: str) -> Caller:
