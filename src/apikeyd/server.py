@@ -39,8 +39,8 @@ T = TypeVar("T")
 
 SERVICE_NAME = api_keys_pb2.DESCRIPTOR.services_by_name["ApiKeyService"].full_name
 _PING_TIMEOUT = 5.0  # seconds a database ping may take before health turns NOT_SERVING
-# Seconds the last write of last-used times may take once the grace is over; a database that does not
-# answer must not hold the exit.
+# Seconds the last write of last-used times and usage may take once the grace is over; a database that does
+# not answer must not hold the exit.
 _FINAL_FLUSH_TIMEOUT = 3.0
 _STATUS = {True: health_pb2.HealthCheckResponse.SERVING, False: health_pb2.HealthCheckResponse.NOT_SERVING}
 
@@ -277,8 +277,13 @@ class Server:
 
     async def _flush_periodically(self) -> None:
         while True:
-            await asyncio.sleep(self.app.settings.last_used_flush_interval)
+            await self.app.usage.wait(self.app.settings.last_used_flush_interval)
             await self.app.authorizer.flush_last_used()
+            await self.app.usage.flush()
+            try:
+                await self.app.usage.clean_up()
+            except Unavailable:
+                log.warning("could not delete old usage buckets: the database is unavailable; will retry")
             try:
                 await self.app.manager.forget_old_request_ids()
             except Unavailable:
@@ -312,9 +317,14 @@ class Server:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
         try:
-            await asyncio.wait_for(self.app.authorizer.flush_last_used(), _FINAL_FLUSH_TIMEOUT)
+            await asyncio.wait_for(
+                asyncio.gather(self.app.authorizer.flush_last_used(), self.app.usage.close()), _FINAL_FLUSH_TIMEOUT
+            )
         except TimeoutError:
-            log.warning("the last write of last-used times did not finish in %.0f s; exiting without it", _FINAL_FLUSH_TIMEOUT)
+            log.warning(
+                "the last write of last-used times and usage did not finish in %.0f s; exiting without it",
+                _FINAL_FLUSH_TIMEOUT,
+            )
         if self.app.shared_limiter is not None:
             await self.app.shared_limiter.close()
         await asyncio.get_running_loop().run_in_executor(None, self._close_metrics)  # scraped until the end

@@ -1,0 +1,113 @@
+"""All of usage's SQL (table key_usage): the flush's additive upserts, retention's bounded deletes, and the
+keyset page ListApiKeyUsage reads.
+
+Every process and replica adds its own counts (`ok = ok + excluded.ok`), never a total it computed, so
+their flushes commute: two workers writing the same key and bucket end with the sum, in either order.
+"""
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Select, delete, select, tuple_
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from apikeyd.domain.usage import COUNTED, Granularity, KeyCounts, Usage
+from apikeyd.store.models import KeyUsageRow
+from apikeyd.store.repository import Repository
+
+_TABLE = KeyUsageRow.__table__
+_COLUMNS = tuple((code, code.name.lower()) for code in COUNTED)  # the count columns, named after the codes
+_PRIMARY_KEY = ("key_id", "granularity", "bucket")
+# Rows per statement: 14 values each stays far below SQLite's 32766 parameters, and a statement's rows are
+# sent in one round trip.
+_ROWS_PER_STATEMENT = 1000
+
+
+def _upsert(session: Session) -> Any:
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(_TABLE)
+    added = {name: _TABLE.c[name] + statement.excluded[name] for _, name in _COLUMNS}
+    return statement.on_conflict_do_update(index_elements=list(_PRIMARY_KEY), set_=added)
+
+
+def add(repository: Repository, minute_start: float, counted: Mapping[str, KeyCounts]) -> int:
+    """Add one minute's counts to the keys' minute, hour and day buckets, in one transaction; the number of
+    rows written."""
+    minute = datetime.fromtimestamp(minute_start, UTC)
+    rows = [
+        {
+            "key_id": key_id,
+            "granularity": granularity.value,
+            "bucket": granularity.start_of(minute),
+            "account_id": entry.account_id,
+            "project_id": entry.project_id,
+            **{name: entry.counts[code] for code, name in _COLUMNS},
+        }
+        for key_id, entry in counted.items()
+        for granularity in Granularity
+    ]
+    if not rows:
+        return 0
+    with repository.session(write=True) as session:
+        statement = _upsert(session)
+        for first in range(0, len(rows), _ROWS_PER_STATEMENT):
+            session.execute(statement, rows[first : first + _ROWS_PER_STATEMENT])
+    return len(rows)
+
+
+def delete_before(repository: Repository, granularity: Granularity, before: datetime, limit: int) -> int:
+    """Delete at most `limit` of the oldest rows of `granularity` whose bucket starts before `before`, in one
+    short transaction (ix_key_usage_retention walks them oldest first); the number deleted."""
+    with repository.session(write=True) as session:
+        oldest = (
+            select(KeyUsageRow.key_id, KeyUsageRow.granularity, KeyUsageRow.bucket)
+            .where(KeyUsageRow.granularity == granularity.value, KeyUsageRow.bucket < before)
+            .order_by(KeyUsageRow.bucket)
+            .limit(limit)
+        )
+        primary_key = tuple_(KeyUsageRow.key_id, KeyUsageRow.granularity, KeyUsageRow.bucket)
+        result = session.execute(
+            delete(KeyUsageRow).where(primary_key.in_(oldest)).execution_options(synchronize_session=False)
+        )
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def page(
+    repository: Repository,
+    account_id: str,
+    project_id: str,
+    key_ids: tuple[str, ...],
+    granularity: Granularity,
+    start: datetime,
+    end: datetime,
+    size: int,
+    after: tuple[str, datetime] | None,
+) -> tuple[list[Usage], tuple[str, datetime] | None]:
+    """One page of buckets in (key_id, bucket) order, keyset on ix_key_usage_account (ix_key_usage_project
+    with a project), never OFFSET; and the position the next page starts after, None on the last page.
+    `key_ids` empty: every key of the account (or project); `project_id` empty: any project."""
+    query: Select[KeyUsageRow] = select(KeyUsageRow).where(
+        KeyUsageRow.account_id == account_id,
+        KeyUsageRow.granularity == granularity.value,
+        KeyUsageRow.bucket >= start,
+        KeyUsageRow.bucket < end,
+    )
+    if project_id:
+        query = query.where(KeyUsageRow.project_id == project_id)
+    if key_ids:
+        query = query.where(KeyUsageRow.key_id.in_(key_ids))
+    if after is not None:
+        query = query.where(tuple_(KeyUsageRow.key_id, KeyUsageRow.bucket) > tuple_(*after))
+    query = query.order_by(KeyUsageRow.key_id, KeyUsageRow.bucket).limit(size + 1)
+    with repository.session(write=False) as session:
+        rows = session.scalars(query).all()
+    found = [_to_domain(row, granularity) for row in rows[:size]]
+    more = len(rows) > size
+    return found, (found[-1].key_id, found[-1].start) if more else None
+
+
+def _to_domain(row: KeyUsageRow, granularity: Granularity) -> Usage:
+    counts = {code: value for code, name in _COLUMNS if (value := getattr(row, name))}
+    return Usage(row.key_id, row.account_id, row.project_id, granularity, row.bucket, counts)
