@@ -32,6 +32,7 @@ from apikeyd.service.ext_authz_http import UNIX_PREFIX, HttpCheckEndpoint, HttpC
 from apikeyd.service.health import HealthServicer
 from apikeyd.service.wire import WireErrors
 from apikeyd.store import migrate
+from apikeyd.usage_queries import UsageQueries
 from apikeyd.v1 import api_keys_pb2, api_keys_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,8 @@ class Server:
         )
         self.health = HealthServicer()
         service = ApiKeyService(
-            app.manager, app.authorizer, app.metrics, app.streams, app.settings.authorize_requires_key
+            app.manager, app.authorizer, app.metrics, app.streams, app.settings.authorize_requires_key,
+            usage=UsageQueries(app.manager, app.repository, app.store_executor),
         )
         api_keys_pb2_grpc.add_ApiKeyServiceServicer_to_server(service, self.grpc)
         # Envoy's external authorization, on the same port and with the same Authorizer as Authorize.
