@@ -1,5 +1,7 @@
 """ListApiKeyUsage's messages <-> domain (the rest of the API's conversions: convert.py)."""
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from apikeyd.domain.errors import InvalidArgument
 from apikeyd.domain.model import key_name
 from apikeyd.domain.usage import (
@@ -11,7 +13,7 @@ from apikeyd.domain.usage import (
     validate_page_size,
     validate_range,
 )
-from apikeyd.service.convert import _datetime, _timestamp
+from apikeyd.service.convert import _datetime
 from apikeyd.v1 import api_keys_pb2 as pb
 
 _GRANULARITY_TO_PB = {Granularity.MINUTE: pb.MINUTE, Granularity.HOUR: pb.HOUR, Granularity.DAY: pb.DAY}
@@ -45,7 +47,7 @@ def usage_to_pb(usage: Usage) -> pb.ApiKeyUsage:
         key_id=usage.key_id,
         project_id=usage.project_id,
         granularity=_GRANULARITY_TO_PB[usage.granularity],
-        start_time=_timestamp(usage.start),
+        start_time=Timestamp(seconds=int(usage.start.timestamp())),  # whole minutes: FromDatetime's work is not needed
         total=usage.total,
         counts={code.name: count for code, count in usage.counts.items()},
     )

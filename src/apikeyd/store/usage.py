@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Select, delete, select, tuple_
+from sqlalchemy import delete, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -19,6 +19,7 @@ from apikeyd.store.repository import Repository
 
 _TABLE = KeyUsageRow.__table__
 _COLUMNS = tuple((code, code.name.lower()) for code in COUNTED)  # the count columns, named after the codes
+_COUNT_COLUMNS = tuple(getattr(KeyUsageRow, name) for _, name in _COLUMNS)
 _PRIMARY_KEY = ("key_id", "granularity", "bucket")
 # Rows per statement: 14 values each stays far below SQLite's 32766 parameters, and a statement's rows are
 # sent in one round trip.
@@ -88,7 +89,10 @@ def page(
     """One page of buckets in (key_id, bucket) order, keyset on ix_key_usage_account (ix_key_usage_project
     with a project), never OFFSET; and the position the next page starts after, None on the last page.
     `key_ids` empty: every key of the account (or project); `project_id` empty: any project."""
-    query: Select[KeyUsageRow] = select(KeyUsageRow).where(
+    # Columns, not ORM entities: a dashboard's 3,000 buckets would spend most of the call building objects.
+    query = select(
+        KeyUsageRow.key_id, KeyUsageRow.account_id, KeyUsageRow.project_id, KeyUsageRow.bucket, *_COUNT_COLUMNS
+    ).where(
         KeyUsageRow.account_id == account_id,
         KeyUsageRow.granularity == granularity.value,
         KeyUsageRow.bucket >= start,
@@ -102,12 +106,11 @@ def page(
         query = query.where(tuple_(KeyUsageRow.key_id, KeyUsageRow.bucket) > tuple_(*after))
     query = query.order_by(KeyUsageRow.key_id, KeyUsageRow.bucket).limit(size + 1)
     with repository.session(write=False) as session:
-        rows = session.scalars(query).all()
-    found = [_to_domain(row, granularity) for row in rows[:size]]
+        rows = session.execute(query).all()
+    codes = [code for code, _ in _COLUMNS]
+    found = [
+        Usage(key_id, account, project, granularity, bucket, {code: n for code, n in zip(codes, counts) if n})
+        for key_id, account, project, bucket, *counts in rows[:size]
+    ]
     more = len(rows) > size
     return found, (found[-1].key_id, found[-1].start) if more else None
-
-
-def _to_domain(row: KeyUsageRow, granularity: Granularity) -> Usage:
-    counts = {code: value for code, name in _COLUMNS if (value := getattr(row, name))}
-    return Usage(row.key_id, row.account_id, row.project_id, granularity, row.bucket, counts)
