@@ -2,12 +2,14 @@
 buckets, kept for their retention, and read back with ListApiKeyUsage and `apikeyd keys usage`, on SQLite
 and PostgreSQL. Counts are compared with the codes the test itself was answered, never with a guess."""
 
+import asyncio
 import os
 import sqlite3
 import subprocess
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,8 +17,10 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from apikeyd.authorizer.usage import MAX_HELD, UsageCounter, UsageFlusher
 from apikeyd.domain import keys
 from apikeyd.domain.decision import AuthCode
+from apikeyd.domain.model import KeyState, VerifiedKey
 from apikeyd.domain.usage import Granularity, KeyCounts
 from apikeyd.store import usage as store_usage
 from apikeyd.store.repository import Repository
@@ -247,6 +251,56 @@ def test_retention_deletes_old_buckets_per_granularity_a_bounded_number_at_a_tim
     assert kept(pb.MINUTE) == 8  # 2 minutes ago
     assert kept(pb.HOUR) == 16  # 3 hours and 2 minutes ago
     assert kept(pb.DAY) == days_before - 8  # not 20 days ago
+
+
+def test_a_counter_past_max_keys_asks_for_a_flush_at_once(tmp_path, account):
+    """The early flush: with an hour to the next one, a counter that reaches its bound of keys wakes the
+    flush loop, which writes them."""
+    url = f"sqlite:///{tmp_path / 'own.db'}"
+    _migrate(url)
+    repository = Repository.from_url(url)
+    counter = UsageCounter(max_keys=10)
+    ids = new_ids(10)
+    keys_ = [VerifiedKey(key_id, account, "", "k", (), {}, KeyState.ACTIVE, (), None) for key_id in ids]
+
+    async def run() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            flusher = UsageFlusher(counter, repository, pool, {}, 1)
+            waiting = asyncio.create_task(flusher.wait(3600))
+            for key in keys_[:9]:
+                counter.count(key, AuthCode.OK)
+            await asyncio.sleep(0)  # the loop turns; the wait goes on
+            assert not waiting.done()
+            counter.count(keys_[9], AuthCode.OK)
+            await asyncio.wait_for(waiting, 10)
+            await flusher.flush()
+
+    try:
+        asyncio.run(run())
+        found, _ = store_usage.page(
+            repository, account, "", (), Granularity.MINUTE, datetime.now(UTC) - timedelta(hours=1),
+            datetime.now(UTC) + timedelta(hours=1), 100, None,
+        )
+        assert sorted(usage.key_id for usage in found) == ids
+    finally:
+        repository.close()
+
+
+def test_while_writes_fail_the_oldest_minutes_go_first_past_max_held():
+    now = [1_000_000.0 * 60]
+    counter = UsageCounter(clock=lambda: now[0])
+    per_minute = MAX_HELD // 4
+    keys_ = [VerifiedKey(f"k{i}", "a", "", "k", (), {}, KeyState.ACTIVE, (), None) for i in range(per_minute)]
+    held: list[tuple[float, Any]] = []
+    for minute in range(6):  # six minutes of failed flushes: two more than fit
+        for key in keys_:
+            counter.count(key, AuthCode.OK)
+        held = counter.take()
+        assert counter.put_back(held) == (per_minute if minute >= 4 else 0)
+        now[0] += 60
+    kept = counter.take()
+    assert [start for start, _ in kept] == [now[0] - 60 * n for n in (4, 3, 2, 1)]
+    assert sum(len(minute) for _, minute in kept) == MAX_HELD
 
 
 # --- reading --------------------------------------------------------------------------------------------

@@ -28,6 +28,9 @@ from apikeyd.store.repository import Repository
 log = logging.getLogger(__name__)
 
 MAX_KEYS = 100_000  # about 250 B a key (its id, a slotted entry, a list of 11 ints): 25 MB at most
+# Key-minutes kept while the database refuses writes (50 MB): past it the oldest minutes are dropped, and
+# said so, rather than an outage growing the process without bound. 1,000 busy keys last 200 minutes.
+MAX_HELD = 2 * MAX_KEYS
 
 # Keys per write transaction: a flush after a busy interval (up to MAX_KEYS keys, three rows each) holds
 # SQLite's write lock for a few milliseconds at a time, not for the whole batch.
@@ -39,14 +42,15 @@ Minute = dict[str, KeyCounts]  # by key id
 
 
 class UsageCounter:
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time, max_keys: int = MAX_KEYS) -> None:
         self._clock = clock
+        self._max_keys = max_keys
         self._minute_start = 0.0
         self._minute_end = 0.0  # the current minute ends here (Unix time); count() rolls over past it
         self._current: Minute = {}
         self._closed: list[tuple[float, Minute]] = []  # minutes that ended, not yet flushed
         self.keys = 0  # keys counted since the last take: the bound's measure
-        self.full: Callable[[], None] = lambda: None  # told once when `keys` passes MAX_KEYS
+        self.full: Callable[[], None] = lambda: None  # told once when `keys` reaches max_keys
 
     def count(self, key: VerifiedKey, code: AuthCode) -> None:
         if self._clock() >= self._minute_end:
@@ -55,7 +59,7 @@ class UsageCounter:
         if entry is None:
             entry = self._current[key.key_id] = KeyCounts(key.account_id, key.project_id)
             self.keys += 1
-            if self.keys == MAX_KEYS:
+            if self.keys == self._max_keys:
                 self.full()
         entry.counts[code] += 1
 
@@ -75,8 +79,9 @@ class UsageCounter:
         self._closed, self._current, self.keys = [], {}, 0
         return taken
 
-    def put_back(self, minutes: list[tuple[float, Minute]]) -> None:
-        """Counts a failed flush could not write, added back for the next one."""
+    def put_back(self, minutes: list[tuple[float, Minute]]) -> int:
+        """Counts a failed flush could not write, added back for the next one; returns how many checks were
+        dropped to stay within MAX_HELD key-minutes, the oldest minutes first."""
         for start, minute in minutes:
             target = self._current if start == self._minute_start else None
             if target is None:
@@ -88,6 +93,15 @@ class UsageCounter:
                     target[key_id] = entry
                 else:
                     mine.counts = [a + b for a, b in zip(mine.counts, entry.counts)]
+        held = len(self._current) + sum(len(minute) for _, minute in self._closed)
+        dropped = 0
+        if held > MAX_HELD:
+            self._closed.sort(key=lambda closed: closed[0])
+            while held > MAX_HELD and self._closed:
+                _, oldest = self._closed.pop(0)
+                held -= len(oldest)
+                dropped += sum(sum(entry.counts) for entry in oldest.values())
+        return dropped
 
 
 class UsageFlusher:
@@ -165,8 +179,11 @@ class UsageFlusher:
             unwritten = taken
         else:
             unwritten = write.result()
-        if unwritten:
-            self._counter.put_back(unwritten)
+        if unwritten and (dropped := self._counter.put_back(unwritten)):
+            log.warning(
+                "dropped the usage of %d checks: the database has refused writes for longer than %d key-minutes "
+                "can be kept", dropped, MAX_HELD, extra=fields(event="usage.dropped", checks=dropped),
+            )
 
     async def clean_up(self) -> int:
         """Delete the buckets past their retention, at most `cleanup_rows` per granularity per call."""

@@ -37,17 +37,18 @@ def add(repository: Repository, minute_start: float, counted: Mapping[str, KeyCo
     """Add one minute's counts to the keys' minute, hour and day buckets, in one transaction; the number of
     rows written."""
     minute = datetime.fromtimestamp(minute_start, UTC)
+    buckets = [(granularity.value, granularity.start_of(minute)) for granularity in Granularity]
     rows = [
         {
             "key_id": key_id,
-            "granularity": granularity.value,
-            "bucket": granularity.start_of(minute),
+            "granularity": granularity,
+            "bucket": bucket,
             "account_id": entry.account_id,
             "project_id": entry.project_id,
             **{name: entry.counts[code] for code, name in _COLUMNS},
         }
         for key_id, entry in counted.items()
-        for granularity in Granularity
+        for granularity, bucket in buckets
     ]
     if not rows:
         return 0
