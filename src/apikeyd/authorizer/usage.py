@@ -106,8 +106,8 @@ class UsageCounter:
 
 class UsageFlusher:
     """Writes what a UsageCounter holds, on the store's pool, and deletes buckets past their retention.
-    A write is shielded: a flush cancelled at drain still commits, and `close` waits for it, so no count is
-    written twice or dropped. Used on the event loop only."""
+    A flush cancelled at drain leaves its write running and `close` waits for it, so no count is written
+    twice or dropped. Used on the event loop only."""
 
     def __init__(
         self,
@@ -129,7 +129,7 @@ class UsageFlusher:
         counter.full = self._full.set
 
     async def wait(self, interval: float) -> None:
-        """Until the next flush is due: `interval` seconds, or sooner when the counter holds MAX_KEYS keys."""
+        """Until the next flush is due: `interval` seconds, or sooner when the counter reaches its max_keys."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._full.wait(), interval)
         self._full.clear()

@@ -21,9 +21,6 @@ _TABLE = KeyUsageRow.__table__
 _COLUMNS = tuple((code, code.name.lower()) for code in COUNTED)  # the count columns, named after the codes
 _COUNT_COLUMNS = tuple(getattr(KeyUsageRow, name) for _, name in _COLUMNS)
 _PRIMARY_KEY = ("key_id", "granularity", "bucket")
-# Rows per statement: 14 values each stays far below SQLite's 32766 parameters, and a statement's rows are
-# sent in one round trip.
-_ROWS_PER_STATEMENT = 1000
 
 
 def _upsert(session: Session) -> Any:
@@ -34,8 +31,8 @@ def _upsert(session: Session) -> Any:
 
 
 def add(repository: Repository, minute_start: float, counted: Mapping[str, KeyCounts]) -> int:
-    """Add one minute's counts to the keys' minute, hour and day buckets, in one transaction; the number of
-    rows written."""
+    """Add one minute's counts to the keys' minute, hour and day buckets, in one transaction (the flusher
+    keeps it to KEYS_PER_TRANSACTION keys); the number of rows written."""
     minute = datetime.fromtimestamp(minute_start, UTC)
     buckets = [(granularity.value, granularity.start_of(minute)) for granularity in Granularity]
     rows = [
@@ -53,9 +50,7 @@ def add(repository: Repository, minute_start: float, counted: Mapping[str, KeyCo
     if not rows:
         return 0
     with repository.session(write=True) as session:
-        statement = _upsert(session)
-        for first in range(0, len(rows), _ROWS_PER_STATEMENT):
-            session.execute(statement, rows[first : first + _ROWS_PER_STATEMENT])
+        session.execute(_upsert(session), rows)  # executemany: psycopg pipelines it, SQLite steps it in C
     return len(rows)
 
 
