@@ -66,7 +66,12 @@ What it measures, in this order:
    streams: cached Authorize with and without them, their heartbeats' CPU and the server's RSS per stream,
    beside a bare grpc.aio floor. About 2 to 2.5 minutes.
 
-16. Credits (bench.credits): a cached Authorize of a key with credits, which spends in the database (one
+16. Usage analytics (bench.usage): what counting adds to a check (UsageCounter.count against a no-op in
+   the same loop) as a share of a cached Authorize's server CPU (target <= 3%), and cached checks/s in
+   process with and without counting; then one ListApiKeyUsage call reading a month of daily buckets for
+   100 keys (3,000 buckets) through `apikeyd serve`, p50/p99 and the ratio to a ListApiKeys page of the
+   same 100 keys, on SQLite and (when it answers) PostgreSQL. About 1 minute.
+17. Credits (bench.credits): a cached Authorize of a key with credits, which spends in the database (one
    conditional write per check, batched per key while a write is in flight), against a cached Authorize of
    a key without credits (the anchor) on the same server, SQLite and PostgreSQL: sequential p50/p99 and
    calls/s with 8 in flight, interleaved rounds. About 30 s.
@@ -83,7 +88,20 @@ from pathlib import Path
 
 import grpc
 
-from bench import cache_memory, client, credits, envoy, flood, grpc_cpu, inprocess, limits, listing, load, scaleout
+from bench import (
+    cache_memory,
+    client,
+    credits,
+    envoy,
+    flood,
+    grpc_cpu,
+    inprocess,
+    limits,
+    listing,
+    load,
+    scaleout,
+    usage,
+)
 from bench.server_process import ServerProcess, create_keys, running_server
 
 COLD_KEYS = 80
@@ -171,7 +189,7 @@ def _section(title: str) -> None:
 
 
 def _report_scaleout(workdir: Path) -> None:
-    """Sections 7-16: each starts its own servers and stops them before the next."""
+    """Sections 7-17: each starts its own servers and stops them before the next."""
     for title, section in (
         ("revocation propagation: two replicas on PostgreSQL", scaleout.revocation_propagation),
         ("worker processes: `apikeyd serve --workers W` on SQLite", scaleout.worker_throughput),
@@ -182,6 +200,7 @@ def _report_scaleout(workdir: Path) -> None:
         ("envoy: no auth, its api_key_auth filter, and apikeyd, under wrk", envoy.envoy_comparison),
         ("gRPC CPU per cached Authorize: apikeyd against a bare grpc.aio floor", grpc_cpu.cpu_per_call),
         ("client library: cached checks in process, revocation, faults, idle streams", client.client_library),
+        ("usage analytics: counting on the hot path, a month of 100 keys' daily usage", usage.usage_costs),
         ("credits: a check that spends, against a cached check", credits.credit_cost),
     ):
         _section(title)

@@ -1,5 +1,5 @@
-"""Durations and times as they arrive (service/convert, domain/model): any seconds and nanos a Duration or
-Timestamp can carry convert and validate, or raise InvalidArgument naming the field."""
+"""Durations and times as they arrive (service/convert, convert_usage, domain/model): any seconds and nanos a
+Duration or Timestamp can carry convert and validate, or raise InvalidArgument naming the field."""
 
 from datetime import UTC, datetime
 
@@ -10,7 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 with atheris.instrument_imports(include=["apikeyd"]):
     from apikeyd.domain import model
     from apikeyd.domain.errors import InvalidArgument
-    from apikeyd.service import convert
+    from apikeyd.service import convert, convert_usage
     from apikeyd.v1 import api_keys_pb2 as pb
 
 from fuzz.harness import main
@@ -42,6 +42,17 @@ def check(data: bytes) -> None:
         model.validate_rate_limits(list(new.rate_limits))
     except InvalidArgument as error:
         assert error.field in ("expire_time", "rate_limits"), error
+    try:  # a usage range: any two timestamps, any granularity number
+        convert_usage.usage_query_from_pb(
+            pb.ListApiKeyUsageRequest(
+                parent="accounts/a/apiKeys/-",
+                granularity=provider.ConsumeIntInRange(-(2**31), 2**31 - 1),
+                start_time=Timestamp(seconds=_int64(provider), nanos=nanos),
+                end_time=Timestamp(seconds=_int64(provider), nanos=provider.ConsumeIntInRange(-(2**31), 2**31 - 1)),
+            )
+        )
+    except InvalidArgument as error:
+        assert error.field in ("granularity", "start_time", "end_time"), error
 
 
 if __name__ == "__main__":

@@ -28,10 +28,10 @@ def _refused(decode: Callable[..., object], *args: object) -> None:
 def check(data: bytes) -> None:
     provider = atheris.FuzzedDataProvider(data)
     account, filter_text = provider.ConsumeUnicodeNoSurrogates(8), provider.ConsumeUnicodeNoSurrogates(16)
-    choice = provider.ConsumeIntInRange(0, 2)
+    choice = provider.ConsumeIntInRange(0, 3)
     if choice == 0:  # anything at all
         text = provider.ConsumeUnicodeNoSurrogates(120)
-        for decode in (listing.decode_page_token, listing.decode_event_page_token):
+        for decode in (listing.decode_page_token, listing.decode_event_page_token, listing.decode_usage_page_token):
             try:
                 decode(_KEY, text, account, filter_text)
             except InvalidArgument as error:
@@ -42,12 +42,19 @@ def check(data: bytes) -> None:
         token = listing.encode_event_page_token(_KEY, account, filter_text, event_id)
         assert listing.decode_event_page_token(_KEY, token, account, filter_text) == event_id
         decode: Callable[..., object] = listing.decode_event_page_token
-    else:
+    elif choice == 2:
         when = datetime(2000, 1, 1, tzinfo=UTC) + timedelta(microseconds=provider.ConsumeIntInRange(0, 10**16))
         position = (when, provider.ConsumeUnicodeNoSurrogates(36))
         token = listing.encode_page_token(_KEY, account, filter_text, position)
         assert listing.decode_page_token(_KEY, token, account, filter_text) == position
         decode = listing.decode_page_token
+    else:
+        bucket = datetime(2000, 1, 1, tzinfo=UTC) + timedelta(minutes=provider.ConsumeIntInRange(0, 10**7))
+        end = bucket + timedelta(minutes=provider.ConsumeIntInRange(1, 10**7))
+        after = (provider.ConsumeUnicodeNoSurrogates(36), bucket)
+        token = listing.encode_usage_page_token(_KEY, account, filter_text, after, end)
+        assert listing.decode_usage_page_token(_KEY, token, account, filter_text) == (after, end)
+        decode = listing.decode_usage_page_token
     raw = bytearray(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
     raw[provider.ConsumeIntInRange(0, len(raw) - 1)] ^= provider.ConsumeIntInRange(1, 255)
     _refused(decode, base64.urlsafe_b64encode(bytes(raw)).decode().rstrip("="), account, filter_text)

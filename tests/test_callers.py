@@ -67,6 +67,9 @@ def _account_calls(account):
         ),
         "ListApiKeys": lambda s: s.ListApiKeys(pb.ListApiKeysRequest(parent=parent)),
         "ListAuditEvents": lambda s: s.ListAuditEvents(pb.ListAuditEventsRequest(parent=parent)),
+        "ListApiKeyUsage": lambda s: s.ListApiKeyUsage(
+            pb.ListApiKeyUsageRequest(parent=f"{parent}/apiKeys/-", granularity=pb.DAY, start_time=Timestamp(seconds=0))
+        ),
     }
 
 
@@ -163,7 +166,7 @@ def test_a_usable_key_without_the_scope_is_permission_denied_naming_the_scope(se
     for method, call in _all_calls(account, target.name).items():
         error = _refusal(call, caller)
         assert error.code() == C.PERMISSION_DENIED, method
-        needed = "apikeys:read" if method in ("GetApiKey", "ListApiKeys", "ListAuditEvents") else "apikeys:write"
+        needed = "apikeys:read" if method in ("GetApiKey", "ListApiKeys", "ListAuditEvents", "ListApiKeyUsage") else "apikeys:write"
         assert needed in error.details(), (method, error.details())
     assert _get(stub, target.name) == target
 

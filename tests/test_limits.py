@@ -19,6 +19,7 @@ from envoy.service.auth.v3 import external_auth_pb2 as ext
 from envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.field_mask_pb2 import FieldMask
+from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from apikeyd.config import Settings
@@ -61,6 +62,13 @@ def _key(**fields: Any) -> pb.ApiKey:
     fields.setdefault("display_name", "limits")
     fields.setdefault("scopes", ["messages:send"])
     return pb.ApiKey(**fields)
+
+
+def _usage(target: Target | None = None, **fields: Any) -> pb.ListApiKeyUsageRequest:
+    """A day of an account's usage; `parent` or the target's account."""
+    if target is not None:
+        fields.setdefault("parent", f"accounts/{target.account}/apiKeys/-")
+    return pb.ListApiKeyUsageRequest(granularity=pb.DAY, start_time=Timestamp(seconds=int(time.time()) - 86400), **fields)
 
 
 def _labels(count: int) -> dict[str, str]:
@@ -174,6 +182,13 @@ ROWS: list[Row] = [
      L.MAX_FILTER_VALUE_LENGTH, "filter", {OK}),
     ("audit.page_token", "ListAuditEvents",
      lambda t, n: pb.ListAuditEventsRequest(parent=f"accounts/{t.account}", page_token="t" * n),
+     L.MAX_PAGE_TOKEN_LENGTH, "page_token", {INVALID}),
+    ("usage.parent", "ListApiKeyUsage", lambda t, n: _usage(parent=_name(n)), L.MAX_NAME_LENGTH, "parent", {OK}),
+    ("usage.key_ids", "ListApiKeyUsage", lambda t, n: _usage(t, key_ids=[str(uuid.uuid4()) for _ in range(n)]),
+     L.MAX_USAGE_KEY_IDS, "key_ids", {OK}),
+    ("usage.key_id_length", "ListApiKeyUsage", lambda t, n: _usage(t, key_ids=["k" * n]),
+     L.MAX_KEY_ID_LENGTH, "key_ids", {INVALID}),  # 36 characters that are no UUID: refused by shape
+    ("usage.page_token", "ListApiKeyUsage", lambda t, n: _usage(t, page_token="t" * n),
      L.MAX_PAGE_TOKEN_LENGTH, "page_token", {INVALID}),
     ("authorize.key", "Authorize", lambda t, n: pb.AuthorizeRequest(key="k" * n), L.MAX_KEY_LENGTH, "key", {OK}),
     ("authorize.required_scopes", "Authorize",

@@ -21,7 +21,7 @@ import grpc
 import psycopg
 import pytest
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
-from google.protobuf import field_mask_pb2, text_format
+from google.protobuf import field_mask_pb2, text_format, timestamp_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from hypothesis import given, settings
@@ -213,6 +213,10 @@ class Calls:
             "DeleteApiKey": lambda: pb.DeleteApiKeyRequest(name=self.target()),
             "RotateApiKey": lambda: pb.RotateApiKeyRequest(name=self.target(), request_id=request_id),
             "ListAuditEvents": lambda: pb.ListAuditEventsRequest(parent=parent, filter="kind = CREATED"),
+            "ListApiKeyUsage": lambda: pb.ListApiKeyUsageRequest(
+                parent=f"{parent}/apiKeys/-", granularity=pb.DAY, start_time=timestamp_pb2.Timestamp(seconds=0),
+                key_ids=[str(uuid.uuid4())],
+            ),
             "WatchApiKeyChanges": lambda: pb.WatchApiKeyChangesRequest(),
             "Authorize": lambda: pb.AuthorizeRequest(
                 key=self.checked, required_scopes=["messages:send"], resource="example.com", project_id="p1"

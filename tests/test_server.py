@@ -58,6 +58,7 @@ def test_reflection_lists_every_service_and_resolves_every_method(server):
         "RotateApiKey": "apikeyd.v1.RotateApiKeyRequest",
         "Authorize": "apikeyd.v1.AuthorizeRequest",
         "ListAuditEvents": "apikeyd.v1.ListAuditEventsRequest",
+        "ListApiKeyUsage": "apikeyd.v1.ListApiKeyUsageRequest",
         "WatchApiKeyChanges": "apikeyd.v1.WatchApiKeyChangesRequest",
     }
     assert pool.FindMessageTypeByName("apikeyd.v1.ApiKey").fields_by_name["create_time"].message_type.full_name == (

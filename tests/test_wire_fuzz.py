@@ -86,7 +86,7 @@ class Targets:
     def __init__(self, account: str, key_names: list[str]) -> None:
         self.account = account
         self.now = int(time.time())  # fixed for the run: hypothesis replays must draw the same
-        self.parents = [f"accounts/{account}"]
+        self.parents = [f"accounts/{account}", f"accounts/{account}/apiKeys/-"]
         self.names = key_names
         self.tokens = [
             forged_page_token([INT64], "events", account),
@@ -94,6 +94,7 @@ class Targets:
             forged_page_token([-INT64 - 1], "events", account),
             forged_page_token(["9999-12-31T23:59:59+00:00", "x"], "keys", account),
             forged_page_token(["0001-01-01T00:00:00+01:00", "x"], "keys", account),
+            forged_page_token(["x", "9999-12-31T23:59:59+00:00", "0001-01-01T00:00:00+00:00"], "usage", account),
         ]
 
 

@@ -15,9 +15,11 @@ from apikeyd.authorizer.fairqueue import FairQueue
 from apikeyd.authorizer.feed import ChangeFeed, effective_poll_interval
 from apikeyd.authorizer.hashing import Argon2Parameters, SecretHasher
 from apikeyd.authorizer.redis_ratelimits import FAILURE_POLICIES, RedisRateLimiter
+from apikeyd.authorizer.usage import UsageFlusher
 from apikeyd.change_stream import ChangeStreams
 from apikeyd.config import Settings
 from apikeyd.domain import keys, limits
+from apikeyd.domain.usage import Granularity
 from apikeyd.lifecycle import KeyManager, KeyPrefixes
 from apikeyd.logs import fields
 from apikeyd.metrics import Metrics
@@ -75,6 +77,7 @@ class App:
         check_key_prefixes(settings)
         check_feed_timing(settings)
         check_request_size(settings)
+        retention = _usage_retention(settings)
         self.settings = settings
         self.shared_limiter = _shared_limiter(settings)  # before anything that needs closing
         self.repository = Repository.from_url(settings.database_url, settings.db_pool_size)
@@ -106,6 +109,14 @@ class App:
             budget=self.failure_budget,
             queue=self.verify_queue,
             credit_executor=self.store_executor,
+        )
+        # Usage counted by the Authorizer, written by the server's flush loop (server.py).
+        self.usage = UsageFlusher(
+            self.authorizer.usage,
+            self.repository,
+            self.store_executor,
+            retention,
+            settings.usage_cleanup_rows,
         )
         self.manager = KeyManager(
             self.repository,
@@ -176,3 +187,14 @@ def _shared_limiter(settings: Settings) -> RedisRateLimiter | None:
         return RedisRateLimiter(settings.rate_limit_url, settings.rate_limit_prefix, settings.rate_limit_failure)
     except ValueError as error:
         raise StartupError(f"{Settings.env_name('rate_limit_url')}: {error}") from None
+
+
+def _usage_retention(settings: Settings) -> dict[Granularity, float]:
+    retention = {granularity: getattr(settings, f"usage_retention_{granularity.value}") for granularity in Granularity}
+    for granularity, seconds in retention.items():
+        if seconds < 0:
+            name = Settings.env_name(f"usage_retention_{granularity.value}")
+            raise StartupError(f"{name}={seconds:g}: give the seconds to keep {granularity.value} buckets, or 0 to keep them")
+    if settings.usage_cleanup_rows < 1:
+        raise StartupError(f"{Settings.env_name('usage_cleanup_rows')}={settings.usage_cleanup_rows}: give 1 or more")
+    return retention

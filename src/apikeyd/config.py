@@ -56,7 +56,16 @@ class Settings:
     )
     account_key_prefix: str = _setting("AK_", "prefix of new account-wide keys")
     project_key_prefix: str = _setting("AKP_", "prefix of new project keys")
-    last_used_flush_interval: float = _setting(30.0, "seconds between batched writes of last-used times")
+    last_used_flush_interval: float = _setting(
+        30.0, "seconds between batched writes of last-used times and usage counts (at most this much usage is lost "
+        "if the process is killed without SIGTERM)"
+    )
+    usage_retention_minute: float = _setting(172_800.0, "seconds minute buckets of usage are kept (2 days); 0 keeps them")
+    usage_retention_hour: float = _setting(7_776_000.0, "seconds hour buckets of usage are kept (90 days); 0 keeps them")
+    usage_retention_day: float = _setting(63_072_000.0, "seconds day buckets of usage are kept (2 years); 0 keeps them")
+    usage_cleanup_rows: int = _setting(
+        50_000, "most usage buckets past their retention deleted per granularity per flush, 1000 per transaction"
+    )
     drain_delay: float = _setting(
         0.0, "seconds to keep serving after SIGTERM with health NOT_SERVING, so load balancers stop routing here"
     )

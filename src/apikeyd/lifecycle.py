@@ -262,6 +262,13 @@ class KeyManager:
                         log.warning("could not write the audit event of a denial: the database is unavailable")
             raise
 
+    async def require_read(self, caller: Caller, account_id: str, target: str, key_id: str = "") -> None:
+        """The rights every read checks, with a refusal audited as here: for reads served elsewhere
+        (usage_queries.py)."""
+        async with self._denials(caller, target, key_id):
+            caller.require(READ)
+            caller.check_account(account_id)
+
     def _reached(self, caller: Caller, key: ApiKey) -> ApiKey:
         if not caller.reaches(key):
             raise key_not_found(key.account_id, key.key_id)

@@ -34,6 +34,7 @@ from apikeyd.service.ext_authz_http import UNIX_PREFIX, HttpCheckEndpoint, HttpC
 from apikeyd.service.health import HealthServicer
 from apikeyd.service.wire import WireErrors
 from apikeyd.store import migrate
+from apikeyd.usage_queries import UsageQueries
 from apikeyd.v1 import api_keys_pb2, api_keys_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,8 @@ T = TypeVar("T")
 
 SERVICE_NAME = api_keys_pb2.DESCRIPTOR.services_by_name["ApiKeyService"].full_name
 _PING_TIMEOUT = 5.0  # seconds a database ping may take before health turns NOT_SERVING
-# Seconds the last write of last-used times may take once the grace is over; a database that does not
-# answer must not hold the exit.
+# Seconds the last write of last-used times and usage may take once the grace is over; a database that does
+# not answer must not hold the exit.
 _FINAL_FLUSH_TIMEOUT = 3.0
 _STATUS = {True: health_pb2.HealthCheckResponse.SERVING, False: health_pb2.HealthCheckResponse.NOT_SERVING}
 
@@ -110,7 +111,8 @@ class Server:
         )
         self.health = HealthServicer()
         service = ApiKeyService(
-            app.manager, app.authorizer, app.metrics, app.streams, app.settings.authorize_requires_key
+            app.manager, app.authorizer, app.metrics, app.streams, app.settings.authorize_requires_key,
+            usage=UsageQueries(app.manager, app.repository, app.store_executor),
         )
         api_keys_pb2_grpc.add_ApiKeyServiceServicer_to_server(service, self.grpc)
         # Envoy's external authorization, on the same port and with the same Authorizer as Authorize.
@@ -279,8 +281,13 @@ class Server:
 
     async def _flush_periodically(self) -> None:
         while True:
-            await asyncio.sleep(self.app.settings.last_used_flush_interval)
+            await self.app.usage.wait(self.app.settings.last_used_flush_interval)
             await self.app.authorizer.flush_last_used()
+            await self.app.usage.flush()
+            try:
+                await self.app.usage.clean_up()
+            except Unavailable:
+                log.warning("could not delete old usage buckets: the database is unavailable; will retry")
             # After the flush, so this process's own last uses of previous secrets are in the database.
             margin = timedelta(seconds=2 * self.app.settings.last_used_flush_interval)
             try:
@@ -320,9 +327,14 @@ class Server:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
         try:
-            await asyncio.wait_for(self.app.authorizer.flush_last_used(), _FINAL_FLUSH_TIMEOUT)
+            await asyncio.wait_for(
+                asyncio.gather(self.app.authorizer.flush_last_used(), self.app.usage.close()), _FINAL_FLUSH_TIMEOUT
+            )
         except TimeoutError:
-            log.warning("the last write of last-used times did not finish in %.0f s; exiting without it", _FINAL_FLUSH_TIMEOUT)
+            log.warning(
+                "the last write of last-used times and usage did not finish in %.0f s; exiting without it",
+                _FINAL_FLUSH_TIMEOUT,
+            )
         if self.app.shared_limiter is not None:
             await self.app.shared_limiter.close()
         await asyncio.get_running_loop().run_in_executor(None, self._close_metrics)  # scraped until the end

@@ -10,6 +10,7 @@ from apikeyd.cli.connection import EXIT_AUTHORIZE_ERROR, EXIT_DENIED, EXIT_ERROR
 from apikeyd.cli.keys import keys
 from apikeyd.cli.options import account_option, account_parent, json_option, paging_options
 from apikeyd.cli.output import format_time, print_json, render_fields, show_list
+from apikeyd.cli.usage import keys_usage
 from apikeyd.v1 import api_keys_pb2 as pb
 
 
@@ -120,6 +121,7 @@ COMMANDS = (keys, authorize, audit, health)
 
 def register(group: click.Group) -> None:
     """Add the client commands to the `apikeyd` group."""
+    keys.add_command(keys_usage)  # in a module of its own: keys.py holds the commands that change keys
     for command in COMMANDS:
         group.add_command(command)
 

@@ -88,6 +88,13 @@ MAX_FILTER_LENGTH = 2048
 MAX_FILTER_TERMS = 20
 MAX_FILTER_VALUE_LENGTH = 256
 
+# --- ListApiKeyUsage ------------------------------------------------------------------------------
+
+# A dashboard's page of keys in one call; 1000 ids keep the statement's IN list far below both databases'
+# parameter limits and the request far below APIKEYD_MAX_REQUEST_BYTES (38 KB). A key id is a UUID.
+MAX_USAGE_KEY_IDS = 1000
+MAX_KEY_ID_LENGTH = 36
+
 # --- UpdateApiKey ---------------------------------------------------------------------------------
 
 MAX_UPDATE_MASK_PATHS = 16  # nine fields are updatable, and two parts of credits (domain/updates.py)

@@ -226,3 +226,21 @@ def decode_event_page_token(key: bytes, token: str, account_id: str, filter_text
     if not 0 < position[0] <= _MAX_EVENT_ID:
         raise InvalidArgument("page_token", _NOT_ISSUED)
     return position[0]
+
+
+def encode_usage_page_token(key: bytes, account_id: str, bound: str, after: tuple[str, datetime], end: datetime) -> str:
+    """The token of the ListApiKeyUsage page after the bucket `after` (key_id, bucket start), the last one the
+    caller was shown, bound to the request's other fields (UsageQuery.bound_to). It carries the range's end,
+    fixed by the first page, so that an unset end_time ("now") means the same range on every page."""
+    return _encode(key, "usage", account_id, bound, [after[0], after[1].isoformat(), end.isoformat()])
+
+
+def decode_usage_page_token(key: bytes, token: str, account_id: str, bound: str) -> tuple[tuple[str, datetime], datetime]:
+    position = _decode(key, "usage", token, account_id, bound)
+    try:
+        key_id, bucket, end = str(position[0]), datetime.fromisoformat(position[1]), datetime.fromisoformat(position[2])
+    except (ValueError, TypeError, IndexError):
+        raise InvalidArgument("page_token", _NOT_ISSUED) from None
+    if len(position) != 3 or bucket.tzinfo is None or end.tzinfo is None:
+        raise InvalidArgument("page_token", _NOT_ISSUED)
+    return (key_id, bucket), end

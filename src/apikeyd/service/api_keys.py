@@ -24,9 +24,11 @@ from apikeyd.service.convert import (
     new_key_from_pb,
     update_from_pb,
 )
+from apikeyd.service.convert_usage import usage_query_from_pb, usage_to_pb
 from apikeyd.service.errors import grpc_errors
 from apikeyd.service.key_changes import stream_changes
 from apikeyd.service.request_limits import check_request
+from apikeyd.usage_queries import UsageQueries
 from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
 
@@ -63,8 +65,11 @@ class ApiKeyService(pb_grpc.ApiKeyServiceServicer):
         metrics: Metrics,
         streams: ChangeStreams,
         authorize_requires_key: bool = False,
+        *,
+        usage: UsageQueries,
     ) -> None:
         self._manager = manager
+        self._usage = usage
         self._streams = streams
         self._authorizer = authorizer
         self._authorize_requires_key = authorize_requires_key
@@ -158,6 +163,13 @@ class ApiKeyService(pb_grpc.ApiKeyServiceServicer):
         return pb.ListAuditEventsResponse(
             audit_events=[audit_event_to_pb(event) for event in events], next_page_token=token
         )
+
+    @grpc_errors
+    async def ListApiKeyUsage(self, request: pb.ListApiKeyUsageRequest, context: Context) -> pb.ListApiKeyUsageResponse:
+        check_request(request, context)
+        caller = await self._caller(context, "ListApiKeyUsage")
+        usage, token = await self._usage.list_usage(caller, usage_query_from_pb(request), request.page_token)
+        return pb.ListApiKeyUsageResponse(usage=[usage_to_pb(bucket) for bucket in usage], next_page_token=token)
 
     @grpc_errors
     async def WatchApiKeyChanges(self, request: pb.WatchApiKeyChangesRequest, context: Context) -> None:

@@ -68,6 +68,13 @@ def _list(request: pb.ListApiKeysRequest | pb.ListAuditEventsRequest) -> None:
     L.check_length("page_token", request.page_token, L.MAX_PAGE_TOKEN_LENGTH)
 
 
+def _usage(request: pb.ListApiKeyUsageRequest) -> None:
+    _name(request.parent, "parent")
+    L.check_count("key_ids", request.key_ids, L.MAX_USAGE_KEY_IDS)
+    L.check_each_length("key_ids", request.key_ids, L.MAX_KEY_ID_LENGTH)
+    L.check_length("page_token", request.page_token, L.MAX_PAGE_TOKEN_LENGTH)
+
+
 def _update(request: pb.UpdateApiKeyRequest) -> None:
     _name(request.api_key.name, "api_key.name")
     _etag(request.api_key.etag, "api_key.etag")
@@ -118,6 +125,7 @@ _CHECKS: dict[type, Callable[[Any], None]] = {
     pb.DeleteApiKeyRequest: _revoke_or_delete,
     pb.RotateApiKeyRequest: _rotate,
     pb.ListAuditEventsRequest: _list,
+    pb.ListApiKeyUsageRequest: _usage,
     pb.AuthorizeRequest: _authorize,
     pb.WatchApiKeyChangesRequest: lambda _: None,  # one number, checked by the handler
     ext.CheckRequest: _check,

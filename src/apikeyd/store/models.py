@@ -190,6 +190,8 @@ class KeyUsageRow(Base):
     __table_args__ = (
         # An account's page: keyset on (key_id, bucket) within a granularity.
         Index("ix_key_usage_account", "account_id", "granularity", "key_id", "bucket"),
+        # A project key's page: the same order within its project, so other projects' rows are never walked.
+        Index("ix_key_usage_project", "account_id", "project_id", "granularity", "key_id", "bucket"),
         # Retention: the oldest buckets of a granularity first.
         Index("ix_key_usage_retention", "granularity", "bucket"),
     )

@@ -47,9 +47,11 @@ def upgrade() -> None:
     )
     op.create_index("ix_key_usage_account", "key_usage", ["account_id", "granularity", "key_id", "bucket"])
     op.create_index("ix_key_usage_retention", "key_usage", ["granularity", "bucket"])
+    op.create_index("ix_key_usage_project", "key_usage", ["account_id", "project_id", "granularity", "key_id", "bucket"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_key_usage_project", table_name="key_usage")
     op.drop_index("ix_key_usage_retention", table_name="key_usage")
     op.drop_index("ix_key_usage_account", table_name="key_usage")
     op.drop_table("key_usage")
