@@ -33,7 +33,7 @@ from apikeyd.lifecycle import NewKey
 from apikeyd.logs import JsonFormatter
 from apikeyd.server import Server
 from apikeyd.store import migrate
-from apikeyd.store.repository import create_db_engine
+from apikeyd.store.engine import create_db_engine
 from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
 

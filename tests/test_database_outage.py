@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from apikeyd.config import Settings
 from apikeyd.store import migrate
-from apikeyd.store.repository import create_db_engine
+from apikeyd.store.engine import create_db_engine
 from apikeyd.v1 import api_keys_pb2 as pb
 from tests.conftest import RunningServer, authorize, create_key, free_port
 

@@ -22,8 +22,9 @@ from sqlalchemy.orm import Session
 from apikeyd.domain.listing import EventFilter, Filter, max_rows_examined
 from apikeyd.domain.model import ApiKey, KeyState
 from apikeyd.store import migrate
+from apikeyd.store.engine import create_db_engine
 from apikeyd.store.models import ApiKeyRow, KeyEventRow
-from apikeyd.store.repository import Repository, create_db_engine
+from apikeyd.store.repository import Repository
 from tests.conftest import scratch_postgres_database
 
 T = TypeVar("T")

@@ -23,8 +23,8 @@ from apikeyd.domain.listing import (
     max_rows_examined,
 )
 from apikeyd.domain.model import KeyState
+from apikeyd.store.engine import create_db_engine
 from apikeyd.store.models import ApiKeyRow, KeyEventRow
-from apikeyd.store.repository import create_db_engine
 from apikeyd.v1 import api_keys_pb2 as pb
 from tests.conftest import count_keys, create_key
 from tests.test_cli import as_json, cli, ok

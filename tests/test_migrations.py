@@ -13,8 +13,8 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
 from apikeyd.store import migrate
+from apikeyd.store.engine import create_db_engine
 from apikeyd.store.models import Base
-from apikeyd.store.repository import create_db_engine
 from tests.conftest import scratch_postgres_database
 
 LISTING_INDEXES = {"ix_api_keys_project_page", "ix_api_keys_state_page", "ix_api_keys_project_state_page"}

@@ -33,7 +33,7 @@ from apikeyd.config import Settings
 from apikeyd.domain import keys
 from apikeyd.exception_text import format_exception
 from apikeyd.logs import FORMATS, JsonFormatter, formatter
-from apikeyd.store.repository import create_db_engine
+from apikeyd.store.engine import create_db_engine
 from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
 from tests.conftest import (

@@ -27,7 +27,7 @@ from apikeyd.config import Settings
 from apikeyd.domain import keys
 from apikeyd.server import StartupError
 from apikeyd.store import migrate
-from apikeyd.store.repository import create_db_engine
+from apikeyd.store.engine import create_db_engine
 from apikeyd.v1 import api_keys_pb2 as pb
 from tests.conftest import (
     ISSUED_SECRETS,

@@ -25,7 +25,8 @@ from apikeyd.domain.decision import Decision
 from apikeyd.domain.model import KeyState
 from apikeyd.lifecycle import KeyManager, NewKey
 from apikeyd.store import migrate
-from apikeyd.store.repository import Repository, create_db_engine
+from apikeyd.store.engine import create_db_engine
+from apikeyd.store.repository import Repository
 
 FAST = Argon2Parameters(time_cost=1, memory_cost_kib=8, parallelism=1)
 

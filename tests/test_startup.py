@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from apikeyd.config import Settings
 from apikeyd.store import migrate
-from apikeyd.store.repository import create_db_engine
+from apikeyd.store.engine import create_db_engine
 from tests.conftest import (
     POSTGRES_ADMIN_URL,
     RunningServer,

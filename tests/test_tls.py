@@ -25,7 +25,7 @@ from apikeyd.cli import main
 from apikeyd.config import Settings
 from apikeyd.server import StartupError
 from apikeyd.store import migrate
-from apikeyd.store.repository import create_db_engine
+from apikeyd.store.engine import create_db_engine
 from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
 from tests.conftest import ISSUED_SECRETS, BearerCredentials, RunningServer, create_key, free_port

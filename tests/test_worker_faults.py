@@ -27,7 +27,7 @@ import grpc
 import pytest
 from sqlalchemy import text
 
-from apikeyd.store.repository import create_db_engine
+from apikeyd.store.engine import create_db_engine
 from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
 from tests.conftest import ISSUED_SECRETS, leaked_secrets, scratch_postgres_database

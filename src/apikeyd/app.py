@@ -23,7 +23,8 @@ from apikeyd.domain.usage import Granularity
 from apikeyd.lifecycle import KeyManager, KeyPrefixes
 from apikeyd.logs import fields
 from apikeyd.metrics import Metrics
-from apikeyd.store.repository import Repository, normalize_url
+from apikeyd.store.engine import normalize_url
+from apikeyd.store.repository import Repository
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

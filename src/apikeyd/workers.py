@@ -139,7 +139,7 @@ def _check_before_start(settings: Settings) -> None:
     """What would stop every worker alike is found once, here, with a clear message (exit 2)."""
     from apikeyd.app import StartupError, check_key_prefixes
     from apikeyd.server import prepare_database
-    from apikeyd.store.repository import create_db_engine
+    from apikeyd.store.engine import create_db_engine
 
     _check_shared_port(
         settings.listen, f"cannot listen on {settings.listen}", "; --workers shares a port only among its own workers"

@@ -23,23 +23,21 @@ from typing import Literal
 
 from apikeyd.authorizer.budget import FailureBudget
 from apikeyd.authorizer.cache import CachedKey, VerifiedKeyCache
-from apikeyd.authorizer.credits import CreditSpender
 from apikeyd.authorizer.fairqueue import FairQueue, QueueFull
 from apikeyd.authorizer.hashing import SecretHasher
+from apikeyd.authorizer.metering import Meter
 from apikeyd.authorizer.ratelimits import LocalRateLimiter
-from apikeyd.authorizer.redis_ratelimits import RateLimitUnavailable, RedisRateLimiter
+from apikeyd.authorizer.redis_ratelimits import RedisRateLimiter
 from apikeyd.authorizer.usage import UsageCounter
 from apikeyd.domain import decide, keys
 from apikeyd.domain.access import Caller
 from apikeyd.domain.credits import validate_cost
-from apikeyd.domain.decision import MALFORMED, NOT_FOUND, AuthCode, Decision
+from apikeyd.domain.decision import MALFORMED, NOT_FOUND, Decision
 from apikeyd.domain.errors import Unavailable
-from apikeyd.domain.model import ApiKey, VerifiedKey
-from apikeyd.domain.ratelimit import RateOutcome
+from apikeyd.domain.model import ApiKey
 from apikeyd.domain.scopes import ScopeSet, parse_required_scopes
 from apikeyd.logs import fields
 from apikeyd.metrics import Metrics
-from apikeyd.store.credits import Spent
 from apikeyd.store.repository import Repository
 
 log = logging.getLogger(__name__)
@@ -70,17 +68,6 @@ def _log_decision(decision: Decision, required_scopes: Sequence[str], project_id
             missing_scopes=list(decision.missing_scopes),
         ),
     )
-
-
-def _rate_decision(key: VerifiedKey, rate: RateOutcome) -> Decision:
-    if not rate.allowed:
-        return Decision(
-            AuthCode.RATE_LIMITED,
-            f"rate limit of {rate.limit} exceeded; retry after {rate.retry_after:.3f} s",
-            key,
-            rate,
-        )
-    return Decision(AuthCode.OK, "", key, rate)
 
 
 def _usable(entry: CachedKey) -> CachedKey | Decision:
@@ -140,15 +127,8 @@ class Authorizer:
         self._budget = budget if budget is not None else FailureBudget(budget=0)
         # The verification pool's turns, by lookup id (fairqueue.py).
         self._queue = queue if queue is not None else FairQueue(verify_executor)
-        # A shared limiter is awaited in `authorize`; the local one is called in `_decide`, without an await.
-        self._shared_limiter: RedisRateLimiter | None = None
-        self._local_limiter = LocalRateLimiter()
-        if isinstance(limiter, RedisRateLimiter):
-            self._shared_limiter = limiter
-        elif limiter is not None:
-            self._local_limiter = limiter
-        # Spends of credits, batched per key: on the store's pool, not behind argon2 verifications.
-        self._credits = CreditSpender(repository, credit_executor if credit_executor is not None else verify_executor)
+        # Rate limits and credits (metering.py); credits are spent on the store's pool, not behind argon2.
+        self._meter = Meter(repository, credit_executor if credit_executor is not None else verify_executor, limiter)
         self._inflight: dict[bytes, _Flight] = {}
         self._database_failed_at = float("-inf")  # monotonic time of the last verification read that failed
         self._database_answered_at = float("-inf")  # start of the last health ping that succeeded
@@ -224,7 +204,7 @@ class Authorizer:
             return self._counted(found, request)
         decision = self._decide(found, request)
         if decision is None:  # shared rate limits or credits: the one await of a cached check
-            return self._counted_later(self._limited(found, request.cost), request)
+            return self._counted_later(self._metered(found, request.cost), request)
         return self._counted(decision, request)
 
     async def _counted_later(self, decision: Coroutine[None, None, Decision], request: "_Request") -> Decision:
@@ -298,7 +278,7 @@ class Authorizer:
 
     def _decide(self, entry: CachedKey, request: "_Request") -> Decision | None:
         """After identify: the client's address, project, scopes, then what counts. None: all passed but the
-        shared rate limits or the credits, which `_limited` awaits."""
+        shared rate limits or the credits, which `_metered` awaits."""
         key = entry.key
         if key.ip_ranges:
             denial = decide.outside_ranges(entry, request.client_ip)
@@ -316,76 +296,19 @@ class Authorizer:
             return denial
         if not key.rate_limits and not key.has_credits:
             return entry.allowed
-        if self._shared_limiter is not None or key.has_credits:
+        if self._meter.awaits(key):
             return None
-        return _rate_decision(key, self._local_limiter.hit(key.key_id, key.rate_limits))
+        return self._meter.hit_local(key)
 
-    async def _limited(self, entry: CachedKey, cost: int) -> Decision:
-        """Rate limits, then credits, as one decision: the rate limits' budget is taken first and given back
-        if the credits refuse (or cannot be asked), so a denied request consumes neither. Credits are spent
-        by one conditional write in the database, the record, so no process or replica can over-spend."""
-        key = entry.key
-        rate: RateOutcome | None = None
-        if key.rate_limits:
-            if self._shared_limiter is None:
-                rate = self._local_limiter.hit(key.key_id, key.rate_limits)
-            else:
-                try:
-                    rate = await self._shared_limiter.hit(key.key_id, key.rate_limits)
-                except RateLimitUnavailable as error:  # counted and logged by the limiter
-                    if not error.allow:
-                        return Decision(
-                            AuthCode.RATE_LIMITED,
-                            f"rate limits cannot be checked right now; retry after {error.retry_after:.3f} s",
-                            key,
-                            RateOutcome(False, min(limit.limit for limit in key.rate_limits), 0, error.retry_after),
-                        )
-            if rate is not None and not rate.allowed:
-                return _rate_decision(key, rate)
-        if not key.has_credits:
-            return entry.allowed if rate is None else _rate_decision(key, rate)
+    async def _metered(self, entry: CachedKey, cost: int) -> Decision:
+        if entry.key.has_credits and self._database_down():  # fail at once, not after a connect timeout each
+            raise Unavailable("the database is unavailable and the key's credits are kept there; retry later")
         try:
-            if self._database_down():  # fail at once, not after a connect timeout each
-                raise Unavailable("the database is unavailable and the key's credits are kept there; retry later")
-            try:
-                spent = await self._credits.spend(key.key_id, cost)
-            except Unavailable:
-                self._database_failed_at = time.monotonic()  # only a real attempt: recovery is a later success
-                raise
-        except Exception:
-            if rate is not None:
-                await self._refund(key)
+            return await self._meter.decide(entry, cost)
+        except Unavailable:
+            self._database_failed_at = time.monotonic()  # a real attempt: recovery is a later success
             raise
-        # A caller cancelled while the spend is written gets no refund: the write goes on and may commit it,
-        # and an allowed request consumes both.
-        return await self._credit_decision(entry, rate, spent, cost)
 
-    async def _credit_decision(self, entry: CachedKey, rate: RateOutcome | None, spent: Spent, cost: int) -> Decision:
-        key = entry.key
-        if spent.allowed:
-            return dataclasses.replace(entry.allowed, rate=rate, credits_remaining=spent.remaining)
-        if rate is not None:
-            await self._refund(key)
-        if spent.remaining is None:  # deleted since it was verified; the feed drops it within its lease
-            return NOT_FOUND
-        return Decision(
-            AuthCode.CREDITS_EXHAUSTED,
-            f"the key has {spent.remaining} credits left and the request costs {cost}",
-            key,
-            expire_at=entry.expire_at,
-            secret_expire_at=entry.secret_expire_at,
-            credits_remaining=spent.remaining,
-        )
-
-    async def _refund(self, key: VerifiedKey) -> None:
-        """Give back the rate-limit budget a request took before another check refused it."""
-        if self._shared_limiter is None:
-            self._local_limiter.refund(key.key_id, key.rate_limits)
-            return
-        try:
-            await self._shared_limiter.refund(key.key_id, key.rate_limits)
-        except RateLimitUnavailable:
-            pass  # counted and logged by the limiter; the budget comes back within the period anyway
 
     # --- misses -----------------------------------------------------------------------------------
 
@@ -515,5 +438,5 @@ class Authorizer:
                         kept[key_id] = t
             log.warning("could not write %d last-used times; will retry", len(batch), exc_info=True)
             return 0
-        self._local_limiter.prune()
+        self._meter.local.prune()
         return len(batch)

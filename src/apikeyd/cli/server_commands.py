@@ -42,7 +42,7 @@ def _load(**overrides: Any) -> Settings:
     from sqlalchemy import make_url
     from sqlalchemy.exc import SQLAlchemyError
 
-    from apikeyd.store.repository import normalize_url
+    from apikeyd.store.engine import normalize_url
 
     try:
         settings = Settings.load(**overrides)
@@ -89,7 +89,7 @@ def _one_line_errors(settings: Settings) -> Iterator[None]:
 
     from apikeyd.exception_text import describe
     from apikeyd.server import StartupError
-    from apikeyd.store.repository import normalize_url
+    from apikeyd.store.engine import normalize_url
 
     try:
         yield
@@ -133,7 +133,7 @@ def serve_command(**overrides: Any) -> None:
 def migrate(database_url: str | None) -> None:
     """Bring the database schema up to date."""
     from apikeyd.store import migrate as migrations
-    from apikeyd.store.repository import create_db_engine
+    from apikeyd.store.engine import create_db_engine
 
     settings = _load(database_url=database_url)
     engine = create_db_engine(settings.database_url)

@@ -9,8 +9,8 @@ from sqlalchemy import Engine, func, or_, select, text
 from sqlalchemy.orm import Session
 
 from apikeyd.domain.model import EventKind, KeyChange
+from apikeyd.store.engine import database_errors
 from apikeyd.store.models import KeyEventRow
-from apikeyd.store.repository import database_errors
 
 _COLUMNS = (KeyEventRow.id, KeyEventRow.key_id, KeyEventRow.account_id, KeyEventRow.project_id, KeyEventRow.kind)
 
