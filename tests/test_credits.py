@@ -512,3 +512,13 @@ def test_an_update_with_an_empty_mask_never_gives_back_spent_credits(server, acc
     read.display_name = "renamed"  # read-modify-write (AIP-134), the etag still good: spends keep it
     updated = server.stub.UpdateApiKey(pb.UpdateApiKeyRequest(api_key=read))
     assert updated.display_name == "renamed" and updated.credits.remaining == 5
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["in-process", "redis"])
+def test_the_rate_limit_message_names_the_period_that_was_exceeded(make_server, account, shared, request):
+    settings = {"rate_limit_url": "redis://127.0.0.1:6379/0", "rate_limit_prefix": request.getfixturevalue("redis_prefix")} if shared else {}
+    server = make_server(**settings)
+    secret = create_key(server.stub, account, rate_limits=_limits((100, 3600), (1, 60))).secret
+    assert authorize(server.stub, secret).code == R.OK
+    denied = authorize(server.stub, secret)
+    assert denied.code == R.RATE_LIMITED and denied.message.startswith("rate limit of 1 per minute exceeded; retry after")

@@ -319,9 +319,11 @@ def test_the_script_decides_as_the_in_process_gcra(redis_prefix):
                 expected, new_tats = ratelimit.check(limits, tats, now_us * 1000)
                 if new_tats is not None:
                     tats = new_tats
-                allowed, limit, remaining, wait_us = client.eval(script_at, len(names), *names, *args, now_us)
+                allowed, limit, remaining, wait_us, period = client.eval(script_at, len(names), *names, *args, now_us)
                 wait_ns = round(expected.retry_after * ratelimit.NANOS)
-                assert (bool(allowed), limit, remaining) == (expected.allowed, expected.limit, expected.remaining)
+                assert (bool(allowed), limit, remaining, period) == (
+                    expected.allowed, expected.limit, expected.remaining, expected.period_seconds
+                )
                 assert wait_us == -(-wait_ns // 1000)
     finally:
         client.close()

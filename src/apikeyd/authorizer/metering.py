@@ -21,11 +21,18 @@ from apikeyd.domain.ratelimit import RateOutcome
 from apikeyd.store.repository import Repository
 
 
+def format_period(seconds: int) -> str:
+    """A limit's period as people write it: `minute`, `10 s`, `hour`, `day`."""
+    names = {1: "second", 60: "minute", 3600: "hour", 86400: "day"}
+    return names.get(seconds) or f"{seconds} s"
+
+
 def rate_decision(key: VerifiedKey, rate: RateOutcome) -> Decision:
     if not rate.allowed:
         return Decision(
             AuthCode.RATE_LIMITED,
-            f"rate limit of {rate.limit} exceeded; retry after {rate.retry_after:.3f} s",
+            f"rate limit of {rate.limit} per {format_period(rate.period_seconds)} exceeded; "
+            f"retry after {rate.retry_after:.3f} s",
             key,
             rate,
         )

@@ -50,12 +50,12 @@ RATE_LIMIT_ERRORS = "apikeyd_rate_limit_errors_total"
 FAILURE_POLICIES = ("allow", "deny")
 
 # KEYS: one per limit. ARGV: limit, period in seconds, for each key in order.
-# Returns {allowed 0/1, the tightest limit, remaining, retry_after in microseconds}.
+# Returns {allowed 0/1, the tightest limit, remaining, retry_after in microseconds, the tightest's period}.
 GCRA_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local allowed = 1
-local best_limit, best_remaining, best_wait = 0, -1, 0
+local best_limit, best_remaining, best_wait, best_period = 0, -1, 0, 0
 local debts = {}
 for i = 1, #KEYS do
   local limit = tonumber(ARGV[2 * i - 1])
@@ -75,7 +75,7 @@ for i = 1, #KEYS do
     local wait = math.floor(excess / limit)
     if wait * limit < excess then wait = wait + 1 end
     if allowed == 1 or wait > best_wait then
-      best_limit, best_wait = limit, wait
+      best_limit, best_wait, best_period = limit, wait, tonumber(ARGV[2 * i])
     end
     allowed = 0
   else
@@ -83,18 +83,18 @@ for i = 1, #KEYS do
     if remaining * period > -excess then remaining = remaining - 1 end
     if (remaining + 1) * period <= -excess then remaining = remaining + 1 end
     if allowed == 1 and (best_remaining < 0 or remaining < best_remaining) then
-      best_limit, best_remaining = limit, remaining
+      best_limit, best_remaining, best_period = limit, remaining, tonumber(ARGV[2 * i])
     end
     debts[i] = new_debt
   end
 end
 if allowed == 0 then
-  return {0, best_limit, 0, best_wait}
+  return {0, best_limit, 0, best_wait, best_period}
 end
 for i = 1, #KEYS do
   redis.call('SET', KEYS[i], string.format('%.0f:%.0f', now, debts[i]), 'PX', tonumber(ARGV[2 * i]) * 1000)
 end
-return {1, best_limit, best_remaining, 0}
+return {1, best_limit, best_remaining, 0, best_period}
 """
 
 
@@ -191,7 +191,9 @@ class RedisRateLimiter(Collector):
         if self._failing and time.monotonic() < self._skip_until:
             self._failed(None)
         try:
-            allowed, limit, remaining, wait_us = await self._script(keys=self._keys(key_id, limits), args=self._args(limits))
+            allowed, limit, remaining, wait_us, period = await self._script(
+                keys=self._keys(key_id, limits), args=self._args(limits)
+            )
         except (RedisError, OSError, TimeoutError) as error:
             self._failed(error)
         if self._failing:
@@ -202,7 +204,7 @@ class RedisRateLimiter(Collector):
                 extra=fields(event="rate_limit.recovered", suppressed_warnings=self._suppressed),
             )
             self._last_warning, self._suppressed = -float("inf"), 0
-        return RateOutcome(bool(allowed), int(limit), int(remaining), int(wait_us) / 1_000_000)
+        return RateOutcome(bool(allowed), int(limit), int(remaining), int(wait_us) / 1_000_000, int(period))
 
     def _failed(self, error: BaseException | None) -> NoReturn:
         self.errors += 1

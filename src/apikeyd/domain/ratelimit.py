@@ -9,7 +9,7 @@ The arithmetic is exact: times are integer nanoseconds and each TAT is kept mult
 P/L never has to be rounded. (Floats drift once the clock counts days of uptime.)
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from apikeyd.domain.model import RateLimit
 
@@ -22,6 +22,8 @@ class RateOutcome:
     limit: int
     remaining: int
     retry_after: float  # seconds; 0 when allowed
+    # The tightest limit's period, for the message that names it (0 when unknown); not part of the outcome.
+    period_seconds: int = field(default=0, compare=False)
 
 
 def check(limits: tuple[RateLimit, ...], tats: list[int], now_ns: int) -> tuple[RateOutcome, list[int] | None]:
@@ -35,13 +37,13 @@ def check(limits: tuple[RateLimit, ...], tats: list[int], now_ns: int) -> tuple[
         excess = new_tat - now - period * rate.limit
         if excess > 0:
             wait_ns = -(-excess // rate.limit)  # rounded up: waiting retry_after is always enough
-            outcome = RateOutcome(False, rate.limit, 0, wait_ns / NANOS)
+            outcome = RateOutcome(False, rate.limit, 0, wait_ns / NANOS, rate.period_seconds)
             if tightest is None or tightest.allowed or outcome.retry_after > tightest.retry_after:
                 tightest = outcome
             continue
         remaining = -excess // period
         if tightest is None or (tightest.allowed and remaining < tightest.remaining):
-            tightest = RateOutcome(True, rate.limit, remaining, 0.0)
+            tightest = RateOutcome(True, rate.limit, remaining, 0.0, rate.period_seconds)
         new_tats.append(new_tat)
     assert tightest is not None, "check needs at least one limit"
     return tightest, new_tats if tightest.allowed else None
