@@ -182,6 +182,7 @@ USAGE_MISTAKES = [
     (["keys", "revoke", "accounts/a/keys/k1"], "KEY"),
     (["keys", "delete", "--yes"], "KEY"),
     (["keys", "rotate", "--account", "a", "k1", "--grace", "soon"], "--grace"),
+    (["keys", "rotate", "--account", "a", "k1", "--grace", "8d"], "--grace"),
     (["keys", "rotate", "--account", "a", "k1", "--request-id", "x"], "--request-id"),
     (["authorize"], "KEY"),
     (["health", "--timeout", "0"], "--timeout"),

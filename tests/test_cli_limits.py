@@ -71,3 +71,10 @@ def test_the_servers_refusals_name_the_field(server, account):
     name = _key(server, account)["api_key"]["name"]
     result = cli(server, "keys", "rotate", name, "--grace", "1h", "--end-grace-after-unused", "2h")
     assert "end_grace_after_unused" in error_line(result, "INVALID_ARGUMENT")
+
+
+def test_version():
+    from importlib.metadata import version
+
+    result = ok(cli(None, "--version"))
+    assert result.stdout == f"apikeyd {version('apikeyd')}\n"

@@ -26,6 +26,7 @@ from apikeyd.cli.server_commands import SERVER_COMMANDS
 
 
 @click.group()
+@click.version_option(package_name="apikeyd", prog_name="apikeyd", message="%(prog)s %(version)s")
 def main() -> None:
     """apikeyd: API keys with scopes, rate limits and a fast Authorize, over gRPC."""
 

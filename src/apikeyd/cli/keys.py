@@ -11,6 +11,7 @@ from apikeyd.cli.connection import EXIT_ERROR, Client, CommandError, connection_
 from apikeyd.cli.options import (
     DURATION,
     EXPIRES,
+    GRACE,
     LABEL,
     RATE_LIMIT,
     REFILL,
@@ -399,7 +400,7 @@ def keys_delete(
 @keys.command("rotate")
 @key_argument
 @click.option(
-    "--grace", type=DURATION, help="how long the old secret keeps working: 0 to 7d, e.g. 24h [default 0]"
+    "--grace", type=GRACE, help="how long the old secret keeps working: 0 to 7d, e.g. 24h [default 0]"
 )
 @click.option(
     "--end-grace-after-unused", "end_after", type=DURATION,

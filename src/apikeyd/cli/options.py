@@ -223,7 +223,18 @@ def format_refill(refill: pb.CreditRefill) -> str:
     return f"{refill.amount}/{interval} {mode}" + (f" up to {refill.cap}" if refill.cap else "")
 
 
+MAX_GRACE = timedelta(days=7)  # the server's bound (domain/model.py), known here so a typo is a usage error
+
+
+def parse_grace(text: str) -> timedelta:
+    grace = parse_duration(text)
+    if grace > MAX_GRACE:
+        raise ValueError(f"{quote(text)} is longer than 7 days, the longest grace a rotation may have")
+    return grace
+
+
 DURATION = _Parsed("duration", parse_duration)
+GRACE = _Parsed("duration", parse_grace)
 REFILL = _Parsed("amount/interval", parse_refill)
 EXPIRES = _Parsed("duration|time", parse_expires)
 RATE_LIMIT = _Parsed("limit/period", parse_rate_limit)
