@@ -78,3 +78,51 @@ def test_version():
 
     result = ok(cli(None, "--version"))
     assert result.stdout == f"apikeyd {version('apikeyd')}\n"
+
+
+def _stderr_at_a_terminal(*args: str, **env_extra: str) -> tuple[int, str]:
+    """`apikeyd ARGS` with stderr on a pseudo-terminal, as a person at a shell sees it; stdout is a pipe."""
+    import os
+    import pty
+    import subprocess
+
+    from tests.conftest import APIKEYD
+
+    master, slave = pty.openpty()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("APIKEYD_")}, **env_extra}
+    process = subprocess.Popen([APIKEYD, *args], stdout=subprocess.PIPE, stderr=slave, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    assert process.stdout is not None
+    process.stdout.read()
+    return process.wait(timeout=60), b"".join(chunks).decode()
+
+
+def test_admin_commands_at_a_terminal_print_their_outcome_not_log_lines(tmp_path):
+    url = f"sqlite:///{tmp_path}/apikeyd.db"
+    code, seen = _stderr_at_a_terminal("migrate", "--database-url", url)
+    assert code == 0 and seen.strip().splitlines() == [f"database at {url} is up to date"], seen
+    code, seen = _stderr_at_a_terminal("admin-key", "create", "--display-name", "ops", "--database-url", url)
+    lines = seen.strip().splitlines()
+    assert code == 0 and len(lines) == 1 and lines[0].startswith("created accounts/system/apiKeys/"), seen
+
+
+def test_logs_are_text_at_a_terminal_and_json_otherwise(tmp_path):
+    import subprocess
+
+    from tests.conftest import APIKEYD
+
+    url = f"sqlite:///{tmp_path}/apikeyd.db"
+    code, seen = _stderr_at_a_terminal("migrate", "--database-url", url, APIKEYD_LOG_LEVEL="INFO")
+    assert code == 0 and "{" not in seen and "INFO" in seen, seen
+    piped = subprocess.run([APIKEYD, "migrate", "--database-url", url], capture_output=True, text=True, timeout=60)
+    assert piped.returncode == 0 and piped.stderr.splitlines()[0].startswith("{"), piped.stderr

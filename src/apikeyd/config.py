@@ -87,7 +87,9 @@ class Settings:
     )
     db_pool_size: int = _setting(5, "database connections kept open (PostgreSQL)")
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
-    log_format: str = _setting("json", "json (one object per line) or text")
+    log_format: str = _setting(
+        "auto", "json (one object per line), text, or auto: text when stderr is a terminal, json otherwise"
+    )
     metrics_listen: str = _setting(
         "127.0.0.1:9464", "host:port to serve Prometheus metrics on over HTTP (/metrics); empty disables",
         empty_is_off=True,

@@ -24,7 +24,7 @@ from typing import Any, TextIO
 from apikeyd.domain import keys
 from apikeyd.exception_text import format_exception
 
-FORMATS = ("json", "text")
+FORMATS = ("auto", "json", "text")  # auto: text for a person at a terminal, JSON for a log collector
 REQUEST_ID_METADATA = "x-request-id"
 _USABLE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 _FIELDS = "fields"  # the LogRecord attribute that `fields()` sets
@@ -137,6 +137,8 @@ def formatter(log_format: str) -> logging.Formatter:
 
 
 def stream_handler(log_format: str, stream: TextIO) -> logging.Handler:
+    if log_format == "auto":
+        log_format = "text" if stream.isatty() else "json"
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter(log_format))
     return handler

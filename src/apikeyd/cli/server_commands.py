@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -37,8 +38,10 @@ def _settings_options(command: Any) -> Any:
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 
 
-def _load(**overrides: Any) -> Settings:
-    """The settings, checked as far as a mistake in them is a usage error (exit 2) naming the setting."""
+def _load(admin: bool = False, **overrides: Any) -> Settings:
+    """The settings, checked as far as a mistake in them is a usage error (exit 2) naming the setting. An
+    `admin` command (migrate, admin-key) at a terminal logs only warnings unless a level is set: its one
+    line of outcome is what a person there needs, not the INFO lines a log collector keeps."""
     from sqlalchemy import make_url
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -49,8 +52,11 @@ def _load(**overrides: Any) -> Settings:
         handler = logs.stream_handler(settings.log_format, sys.stderr)
     except ValueError as error:
         raise click.UsageError(str(error)) from None
+    level = settings.log_level.upper()
+    if admin and sys.stderr.isatty() and overrides.get("log_level") is None and Settings.env_name("log_level") not in os.environ:
+        level = "WARNING"
     try:
-        logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
+        logging.basicConfig(level=level, handlers=[handler])
     except ValueError:
         raise click.UsageError(
             f"--log-level ({Settings.env_name('log_level')}) must be DEBUG, INFO, WARNING or ERROR"
@@ -135,7 +141,7 @@ def migrate(database_url: str | None) -> None:
     from apikeyd.store import migrate as migrations
     from apikeyd.store.engine import create_db_engine
 
-    settings = _load(database_url=database_url)
+    settings = _load(admin=True, database_url=database_url)
     engine = create_db_engine(settings.database_url)
     try:
         with _one_line_errors(settings):
@@ -162,7 +168,7 @@ def admin_key_create(display_name: str, scopes: tuple[str, ...], database_url: s
     `export APIKEYD_TOKEN=$(apikeyd admin-key create --display-name ops)` works."""
     from apikeyd.domain.errors import ApiKeyError
 
-    settings = _load(database_url=database_url)
+    settings = _load(admin=True, database_url=database_url)
     with _one_line_errors(settings):
         try:
             issued = asyncio.run(_create_operator_key(settings, display_name, scopes))
