@@ -126,3 +126,15 @@ def test_logs_are_text_at_a_terminal_and_json_otherwise(tmp_path):
     assert code == 0 and "{" not in seen and "INFO" in seen, seen
     piped = subprocess.run([APIKEYD, "migrate", "--database-url", url], capture_output=True, text=True, timeout=60)
     assert piped.returncode == 0 and piped.stderr.splitlines()[0].startswith("{"), piped.stderr
+
+
+def test_authorize_takes_a_cost_and_a_client_ip_and_shows_the_credits_left(server, account):
+    created = _key(server, account, "--credits", "5", "--allowed-ip", "192.0.2.0/24")
+    secret = created["secret"]
+    allowed = cli(server, "authorize", secret, "--cost", "3", "--client-ip", "192.0.2.9")
+    assert allowed.exit_code == 0 and "credits" in allowed.stdout and "2 left" in allowed.stdout, allowed.stdout
+    outside = cli(server, "authorize", secret, "--client-ip", "198.51.100.1")
+    assert outside.exit_code == 1 and "IP_NOT_ALLOWED" in outside.stdout
+    too_dear = cli(server, "authorize", secret, "--cost", "3", "--client-ip", "192.0.2.9")
+    assert too_dear.exit_code == 1 and "CREDITS_EXHAUSTED" in too_dear.stdout and "2 left" in too_dear.stdout
+    assert cli(server, "authorize", secret, "--cost", "-1").exit_code == 2

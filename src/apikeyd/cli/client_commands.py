@@ -19,10 +19,19 @@ from apikeyd.v1 import api_keys_pb2 as pb
 @click.option("--scope", "scopes", multiple=True, help="a required scope, resource:action; repeatable")
 @click.option("--resource", default="", help="the value a {value} scope must name, e.g. example.com")
 @click.option("--project", default="", help="the project the request is for")
+@click.option("--client-ip", default="", help="the client's address, for a key with allowed IP ranges")
+@click.option("--cost", type=click.IntRange(0), help="credits an allowed check spends from a key with credits [default 1]")
 @json_option
 @connection_options
 def authorize(
-    client: Client, key: str, scopes: tuple[str, ...], resource: str, project: str, as_json: bool
+    client: Client,
+    key: str,
+    scopes: tuple[str, ...],
+    resource: str,
+    project: str,
+    client_ip: str,
+    cost: int | None,
+    as_json: bool,
 ) -> None:
     """Ask whether KEY may make a request: exit 0 when allowed, 1 when denied, 3 when the check failed.
 
@@ -32,8 +41,10 @@ def authorize(
     if key == "-":
         key = sys.stdin.read().strip()
     request = pb.AuthorizeRequest(
-        key=key, required_scopes=list(scopes), resource=resource, project_id=project
+        key=key, required_scopes=list(scopes), resource=resource, project_id=project, client_ip=client_ip
     )
+    if cost is not None:
+        request.cost = cost
     answer = client.call("Authorize", request)
     code = pb.AuthorizeResponse.Code.Name(answer.code)
     if as_json:
@@ -53,6 +64,8 @@ def authorize(
             fields.append(("scopes", ", ".join(answer.scopes)))
         if answer.limit:
             fields.append(("rate limit", f"{answer.remaining} of {answer.limit} left"))
+        if answer.HasField("credits_remaining"):
+            fields.append(("credits", f"{answer.credits_remaining} left"))
         if answer.HasField("retry_after"):
             fields.append(("retry after", f"{answer.retry_after.ToTimedelta().total_seconds():g} s"))
         click.echo(render_fields(fields))
