@@ -31,10 +31,11 @@ lint: $(STAMP)
 	$(BIN)/buf lint $(VENV)/apikeyd.binpb --path apikeyd/v1/api_keys.proto --config buf.yaml
 
 # wrk drives the Envoy section; Debian's package, installed here when missing (as root), else that section is skipped.
+# All of it takes 10 to 12 minutes; SECTION="core credits" runs only those (an unknown name lists them all).
 bench: $(STAMP)
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		apt-get install -y -q wrk >/dev/null; } || echo "no wrk, and it cannot be installed here: the Envoy section is skipped"
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.run $(SECTION)
 
 # Coverage-guided fuzzing (atheris) of the pure parsers, fuzz/fuzz_*.py, sharing FUZZ_SECONDS between them.
 FUZZ_SECONDS ?= 60

@@ -84,6 +84,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -188,21 +189,26 @@ def _section(title: str) -> None:
     print(f"\n--- {title} ---", flush=True)
 
 
-def _report_scaleout(workdir: Path) -> None:
-    """Sections 7-17: each starts its own servers and stops them before the next."""
-    for title, section in (
-        ("revocation propagation: two replicas on PostgreSQL", scaleout.revocation_propagation),
-        ("worker processes: `apikeyd serve --workers W` on SQLite", scaleout.worker_throughput),
-        ("rate-limit check cost: Redis vs in-process", scaleout.rate_limit_cost),
-        ("listing: a page at 1,000 and at 1,000,000 keys in one account", listing.listing_at_scale),
-        ("limits: health latency under the largest allowed requests", limits.health_under_largest_requests),
-        ("flood: wrong secrets for one key, and unknown lookup ids", flood.flood_costs),
-        ("envoy: no auth, its api_key_auth filter, and apikeyd, under wrk", envoy.envoy_comparison),
-        ("gRPC CPU per cached Authorize: apikeyd against a bare grpc.aio floor", grpc_cpu.cpu_per_call),
-        ("client library: cached checks in process, revocation, faults, idle streams", client.client_library),
-        ("usage analytics: counting on the hot path, a month of 100 keys' daily usage", usage.usage_costs),
-        ("credits: a check that spends, against a cached check", credits.credit_cost),
-    ):
+# Sections 7 on, by the name `make bench SECTION=...` (or `python -m bench.run NAME ...`) runs them by.
+SECTIONS: dict[str, tuple[str, Callable[[Path], list[tuple[str, str]]]]] = {
+    "propagation": ("revocation propagation: two replicas on PostgreSQL", scaleout.revocation_propagation),
+    "workers": ("worker processes: `apikeyd serve --workers W` on SQLite", scaleout.worker_throughput),
+    "ratelimit": ("rate-limit check cost: Redis vs in-process", scaleout.rate_limit_cost),
+    "listing": ("listing: a page at 1,000 and at 1,000,000 keys in one account", listing.listing_at_scale),
+    "limits": ("limits: health latency under the largest allowed requests", limits.health_under_largest_requests),
+    "flood": ("flood: wrong secrets for one key, and unknown lookup ids", flood.flood_costs),
+    "envoy": ("envoy: no auth, its api_key_auth filter, and apikeyd, under wrk", envoy.envoy_comparison),
+    "grpc_cpu": ("gRPC CPU per cached Authorize: apikeyd against a bare grpc.aio floor", grpc_cpu.cpu_per_call),
+    "client": ("client library: cached checks in process, revocation, faults, idle streams", client.client_library),
+    "usage": ("usage analytics: counting on the hot path, a month of 100 keys' daily usage", usage.usage_costs),
+    "credits": ("credits: a check that spends, against a cached check", credits.credit_cost),
+}
+
+
+def _report_scaleout(workdir: Path, names: list[str]) -> None:
+    """Sections 7-17 (those named, or all): each starts its own servers and stops them before the next."""
+    for name in names:
+        title, section = SECTIONS[name]
         _section(title)
         started = time.monotonic()
         for label, text in section(workdir):
@@ -210,19 +216,27 @@ def _report_scaleout(workdir: Path) -> None:
         _line("", f"({time.monotonic() - started:.1f} s)")
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    """Everything, or with names (`core` for sections 1-6, then any of SECTIONS) only those, in that order."""
+    unknown = [name for name in argv if name != "core" and name not in SECTIONS]
+    if unknown:
+        print(f"unknown section {', '.join(unknown)}; the sections are: core {' '.join(SECTIONS)}", file=sys.stderr)
+        return 2
+    exit_code = 0
     with tempfile.TemporaryDirectory(prefix="apikeyd-bench-") as tmp:
         workdir = Path(tmp)
-        with running_server(workdir) as server:
-            _header(server)
-            warm_key, *cold_keys = create_keys(server, 1 + COLD_KEYS)
-            target = load.Target(server.address, server.pid, warm_key, cold_keys)
-            _report_load(load.measure_in_own_process(target, CLIENT_TIMEOUT))
-        _line("server stop", f"SIGTERM -> exit code {server.exit_code}")
-        _report_in_process(workdir)
-        _report_scaleout(workdir)
-    return 0 if server.exit_code == 0 else 1
+        if not argv or "core" in argv:
+            with running_server(workdir) as server:
+                _header(server)
+                warm_key, *cold_keys = create_keys(server, 1 + COLD_KEYS)
+                target = load.Target(server.address, server.pid, warm_key, cold_keys)
+                _report_load(load.measure_in_own_process(target, CLIENT_TIMEOUT))
+            _line("server stop", f"SIGTERM -> exit code {server.exit_code}")
+            exit_code = 0 if server.exit_code == 0 else 1
+            _report_in_process(workdir)
+        _report_scaleout(workdir, [name for name in SECTIONS if not argv or name in argv])
+    return exit_code
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
