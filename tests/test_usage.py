@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
+import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -438,3 +439,54 @@ def test_keys_usage_prints_a_table_and_json(make_server, account):
     refused = cli(server, "keys", "usage", "-", "--account", account, "--since", "soon")
     assert refused.exit_code == 2 and "--since" in refused.stderr
     assert cli(server, "keys", "usage", created.api_key.name, "--key-id", key_id).exit_code == 2
+
+
+def test_two_replicas_flushing_the_same_keys_take_their_row_locks_in_one_order():
+    """Every flush adds to the same hour and day rows of its keys; two replicas that lock them in the order
+    each first saw its keys deadlock on PostgreSQL (50 of 60 transactions did before the rows were sorted)."""
+    import threading
+    import time as clock
+    import uuid as uuids
+
+    from apikeyd.domain.decision import AuthCode
+    from apikeyd.domain.usage import KeyCounts
+    from apikeyd.store import usage as store_usage
+    from apikeyd.store.repository import Repository
+    from tests.conftest import _migrate, scratch_postgres_database
+
+    with scratch_postgres_database("apikeyd_usage_locks") as (_, url):
+        _migrate(url)
+        repository = Repository.from_url(url, 8)
+        account = f"acct-{uuids.uuid4().hex[:8]}"
+        ids = [str(uuids.uuid4()) for _ in range(300)]
+        failures: list[BaseException] = []
+        minute = clock.time() // 60 * 60
+
+        def flush(order: list[str]) -> None:
+            for _ in range(10):
+                counted = {key_id: KeyCounts(account, "") for key_id in order}
+                for entry in counted.values():
+                    entry.counts[AuthCode.OK] = 1
+                try:
+                    store_usage.add(repository, minute, counted)
+                except Exception as error:  # reported below
+                    failures.append(error)
+
+        threads = [threading.Thread(target=flush, args=(order,)) for order in (ids, ids[::-1], ids, ids[::-1])]
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=300)
+        finally:
+            repository.close()
+        assert not failures, f"{len(failures)} of 40 flushes failed: {failures[0]!r}"
+
+
+@pytest.mark.parametrize("seconds", [1e11, float("inf"), float("nan")])
+def test_a_retention_past_100_years_is_refused_at_start(seconds):
+    from apikeyd.app import App, StartupError
+    from apikeyd.config import Settings
+
+    with pytest.raises(StartupError, match="APIKEYD_USAGE_RETENTION_DAY"):
+        App(Settings.load(environ={}, database_url="sqlite://", usage_retention_day=seconds)).close()

@@ -190,12 +190,18 @@ def _shared_limiter(settings: Settings) -> RedisRateLimiter | None:
         raise StartupError(f"{Settings.env_name('rate_limit_url')}: {error}") from None
 
 
+MAX_RETENTION = 100 * 365.25 * 86400  # past it a cut-off falls before year 1, which datetime cannot hold
+
+
 def _usage_retention(settings: Settings) -> dict[Granularity, float]:
     retention = {granularity: getattr(settings, f"usage_retention_{granularity.value}") for granularity in Granularity}
     for granularity, seconds in retention.items():
-        if seconds < 0:
+        if not 0 <= seconds <= MAX_RETENTION:  # NaN fails this too
             name = Settings.env_name(f"usage_retention_{granularity.value}")
-            raise StartupError(f"{name}={seconds:g}: give the seconds to keep {granularity.value} buckets, or 0 to keep them")
+            raise StartupError(
+                f"{name}={seconds:g}: give the seconds to keep {granularity.value} buckets, at most "
+                f"{MAX_RETENTION:.0f} (100 years), or 0 to keep them"
+            )
     if settings.usage_cleanup_rows < 1:
         raise StartupError(f"{Settings.env_name('usage_cleanup_rows')}={settings.usage_cleanup_rows}: give 1 or more")
     return retention

@@ -44,7 +44,7 @@ SERVICE_NAME = api_keys_pb2.DESCRIPTOR.services_by_name["ApiKeyService"].full_na
 _PING_TIMEOUT = 5.0  # seconds a database ping may take before health turns NOT_SERVING
 # Seconds the last write of last-used times and usage may take once the grace is over; a database that does
 # not answer must not hold the exit.
-_FINAL_FLUSH_TIMEOUT = 3.0
+_FINAL_FLUSH_TIMEOUT = 10.0  # the last writes at drain: usage of up to MAX_KEYS keys takes about 3 s on SQLite
 _STATUS = {True: health_pb2.HealthCheckResponse.SERVING, False: health_pb2.HealthCheckResponse.NOT_SERVING}
 
 
@@ -288,6 +288,8 @@ class Server:
                 await self.app.usage.clean_up()
             except Unavailable:
                 log.warning("could not delete old usage buckets: the database is unavailable; will retry")
+            except Exception:  # a bug must not stop the flushes with it
+                log.warning("could not delete old usage buckets; will retry", exc_info=True)
             # After the flush, so this process's own last uses of previous secrets are in the database.
             margin = timedelta(seconds=2 * self.app.settings.last_used_flush_interval)
             try:
@@ -324,8 +326,12 @@ class Server:
         await self.app.feed.stop()
         if self._flusher is not None:
             self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await self._flusher
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # it died earlier: the final flush below still writes what is held
+                log.warning("the periodic flush had stopped; writing what is held now", exc_info=True)
         try:
             await asyncio.wait_for(
                 asyncio.gather(self.app.authorizer.flush_last_used(), self.app.usage.close()), _FINAL_FLUSH_TIMEOUT

@@ -27,10 +27,12 @@ from apikeyd.store.repository import Repository
 
 log = logging.getLogger(__name__)
 
-MAX_KEYS = 100_000  # about 250 B a key (its id, a slotted entry, a list of 11 ints): 25 MB at most
+# About 250 B a key (its id, a slotted entry, a list of 11 ints): 5 MB at most. Also what one flush writes
+# at most, about 3 s on SQLite (150 ms per 1,000 keys), so that the last one at drain fits its time.
+MAX_KEYS = 20_000
 # Key-minutes kept while the database refuses writes (50 MB): past it the oldest minutes are dropped, and
 # said so, rather than an outage growing the process without bound. 1,000 busy keys last 200 minutes.
-MAX_HELD = 2 * MAX_KEYS
+MAX_HELD = 200_000
 
 # Keys per write transaction: a flush after a busy interval (up to MAX_KEYS keys, three rows each) holds
 # SQLite's write lock for a few milliseconds at a time, not for the whole batch.
