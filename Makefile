@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PROTO_INCLUDES = -I$$($(BIN)/python -c 'import grpc_tools, os; print(os.path.join(os.path.dirname(grpc_tools.__file__), "_proto"))') \
 	-I$$($(BIN)/python -c 'import google.api, os; print(os.path.dirname(os.path.dirname(google.api.__path__[0])))')
 
-.PHONY: run test lint bench fuzz protos migrate clean
+.PHONY: run test lint bench fuzz protos migrate docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,7 @@ run: $(STAMP)
 	$(BIN)/apikeyd serve
 
 test: $(STAMP)
+	@echo "make test: the whole suite on SQLite, and on PostgreSQL when it answers; about 13 minutes on 2 cores"
 	$(BIN)/pytest
 
 # buf cannot fetch googleapis here, so it lints an image that protoc builds with the imports included.
@@ -41,6 +42,10 @@ bench: $(STAMP)
 FUZZ_SECONDS ?= 60
 fuzz: $(STAMP)
 	$(BIN)/python -m fuzz.run $(FUZZ_SECONDS)
+
+# docs/ as a site in .venv/site (mkdocs-material, strict: a broken link or a page left out fails).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 migrate: $(STAMP)
 	$(BIN)/apikeyd migrate
