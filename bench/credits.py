@@ -17,7 +17,7 @@ import grpc
 
 from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
-from bench import load
+from bench import load, plots
 from bench.scaleout import CALL_TIMEOUT, _create, postgres_database, postgres_problem
 from bench.server_process import ServerProcess, run_apikeyd, running_server
 
@@ -70,11 +70,15 @@ def _measure(server: ServerProcess, backend: str) -> Lines:
         for call in calls.values():
             load._sequential(call, 50)  # fills the cache
         latencies: dict[str, list[load.Latency]] = {name: [] for name in calls}
+        samples: dict[str, list[float]] = {name: [] for name in calls}
         rates: dict[str, list[float]] = {name: [] for name in calls}
         for round_number in range(ROUNDS):  # interleaved, so machine noise hits both alike
             for name in calls if round_number % 2 == 0 else list(calls)[::-1]:
-                latencies[name].append(load.latency(load._sequential(calls[name], CALLS)))
+                taken = load._sequential(calls[name], CALLS)
+                samples[name] += [s * 1e3 for s in taken]
+                latencies[name].append(load.latency(taken))
                 rates[name].append(_throughput(calls[name]))
+    plots.distribution(f"Authorize latency on {backend}: a check that spends credits, and a cached one", samples)
     p50 = {name: statistics.median(r.p50_ms for r in latencies[name]) for name in calls}
     p99 = {name: statistics.median(r.p99_ms for r in latencies[name]) for name in calls}
     rate = {name: statistics.median(rates[name]) for name in calls}

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from bench import plots
 from bench.server_process import create_keys, free_port, running_server
 
 Lines = Iterator[tuple[str, str]]
@@ -307,6 +308,11 @@ def envoy_comparison(workdir: Path) -> Lines:
             f"p50 {added:+.3f} ms over no auth"
             + (f"; {refused:,} of {total:,} answers not 200" if refused else "")
         )
+    plots.bars(
+        "Envoy: requests per second by authorizer",
+        {variant.label: statistics.median(r.req_s for r in rounds[variant.label]) for variant in variants},
+        "req/s over 16 connections (median of the rounds)",
+    )
     shipped_rounds = rounds["apikeyd (envoy.yaml)"]
     ratio = statistics.median(m.req_s / b.req_s for m, b in zip(shipped_rounds, built_in, strict=True))
     ceiling = statistics.median(

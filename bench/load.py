@@ -71,6 +71,8 @@ class Results:
     latency_ratio: Spread
     cold: Latency
     cold_calls: int
+    # Every sequential call's seconds, by RPC, over the rounds: the distributions bench/plots.py draws.
+    samples: dict[str, list[float]]
 
 
 @dataclass(frozen=True)
@@ -201,7 +203,7 @@ def _median_figures(rounds: list[Round]) -> Figures:
     )
 
 
-async def _warm_rounds(target: Target) -> dict[str, list[Round]]:
+async def _warm_rounds(target: Target, samples: dict[str, list[float]]) -> dict[str, list[Round]]:
     """Health and cached Authorize, interleaved so that machine noise hits both alike."""
     with grpc.insecure_channel(target.address) as channel:
         async with grpc.aio.insecure_channel(target.address) as aio_channel:
@@ -214,7 +216,10 @@ async def _warm_rounds(target: Target) -> dict[str, list[Round]]:
             for round_number in range(ROUNDS):
                 # Alternate which RPC goes first, so neither always runs on a just-disturbed machine.
                 order = rpcs if round_number % 2 == 0 else rpcs[::-1]
-                latencies = {rpc.name: latency(_sequential(rpc.blocking, SEQUENTIAL_CALLS)) for rpc in order}
+                taken = {rpc.name: _sequential(rpc.blocking, SEQUENTIAL_CALLS) for rpc in order}
+                for name, seconds in taken.items():
+                    samples.setdefault(name, []).extend(seconds)
+                latencies = {name: latency(seconds) for name, seconds in taken.items()}
                 for rpc in order:
                     throughput = await _throughput(rpc.aio, THROUGHPUT_SECONDS, target.server_pid)
                     rounds[rpc.name].append(Round(latencies[rpc.name], throughput))
@@ -236,7 +241,8 @@ def _cold(target: Target) -> Latency:
 
 
 def measure(target: Target) -> Results:
-    rounds = asyncio.run(_warm_rounds(target))
+    samples: dict[str, list[float]] = {}
+    rounds = asyncio.run(_warm_rounds(target, samples))
     pairs = list(zip(rounds["health"], rounds["authorize"], strict=True))
     return Results(
         health=_median_figures(rounds["health"]),
@@ -245,6 +251,7 @@ def measure(target: Target) -> Results:
         latency_ratio=Spread.of([a.latency.p50_ms / h.latency.p50_ms for h, a in pairs]),
         cold=_cold(target),
         cold_calls=len(target.cold_keys),
+        samples=samples,
     )
 
 

@@ -100,11 +100,13 @@ from bench import (
     limits,
     listing,
     load,
+    plots,
     scaleout,
     usage,
 )
 from bench.server_process import ServerProcess, create_keys, running_server
 
+RESULTS = Path(__file__).resolve().parent.parent / "bench-results"  # the PNG plots (bench/plots.py)
 COLD_KEYS = 80
 CLIENT_TIMEOUT = 180.0  # seconds for the whole load client; it needs about 40
 THROUGHPUT_TARGET = 0.9  # cached Authorize calls/s over health calls/s, at least
@@ -153,6 +155,10 @@ def _ratio(label: str, name: str, ratio: load.Spread, target: float, at_least: b
 
 
 def _report_load(results: load.Results) -> None:
+    plots.distribution(
+        "cached Authorize and the empty health Check, sequential calls",
+        {name: [s * 1e3 for s in seconds] for name, seconds in results.samples.items()},
+    )
     _figures("health Check", results.health)
     _figures("Authorize (cached)", results.authorize)
     _ratio(
@@ -235,6 +241,8 @@ def main(argv: list[str]) -> int:
             exit_code = 0 if server.exit_code == 0 else 1
             _report_in_process(workdir)
         _report_scaleout(workdir, [name for name in SECTIONS if not argv or name in argv])
+    for path in plots.write(RESULTS):
+        _line("plot", str(path))
     return exit_code
 
 
