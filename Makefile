@@ -50,9 +50,11 @@ docs: $(STAMP)
 migrate: $(STAMP)
 	$(BIN)/apikeyd migrate
 
-# The stubs are committed; regenerate them after editing protos/.
+# The stubs are committed; regenerate them after editing protos/. So is the descriptor set that Envoy's
+# gRPC-JSON transcoder reads at run time (deploy/envoy/rest.yaml): with its imports, as Envoy has no others.
 protos: $(STAMP)
-	$(BIN)/python -m grpc_tools.protoc -Iprotos $(PROTO_INCLUDES) --python_out=src --pyi_out=src --grpc_python_out=src protos/apikeyd/v1/api_keys.proto
+	$(BIN)/python -m grpc_tools.protoc -Iprotos $(PROTO_INCLUDES) --python_out=src --pyi_out=src --grpc_python_out=src \
+		--include_imports --descriptor_set_out=deploy/envoy/apikeyd.pb protos/apikeyd/v1/api_keys.proto
 	touch src/apikeyd/v1/__init__.py
 
 clean:

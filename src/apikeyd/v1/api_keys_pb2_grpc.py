@@ -32,6 +32,9 @@ class ApiKeyServiceStub:
     Every method but Authorize needs metadata `authorization: Bearer <key>`, a key of this service with
     scope `apikeys:read` (Get, List, ListAuditEvents) or `apikeys:write` (the rest). A key acts within its
     own account (a project key within its own project); keys of the operator account act on every account.
+
+    Each method's google.api.http annotation is its REST/JSON form (AIP-127), served by Envoy's gRPC-JSON
+    transcoder (deploy/envoy/rest.yaml, docs/rest.md); the key goes in the HTTP header of the same name.
     """
 
     def __init__(self, channel):
@@ -103,6 +106,9 @@ class ApiKeyServiceServicer:
     Every method but Authorize needs metadata `authorization: Bearer <key>`, a key of this service with
     scope `apikeys:read` (Get, List, ListAuditEvents) or `apikeys:write` (the rest). A key acts within its
     own account (a project key within its own project); keys of the operator account act on every account.
+
+    Each method's google.api.http annotation is its REST/JSON form (AIP-127), served by Envoy's gRPC-JSON
+    transcoder (deploy/envoy/rest.yaml, docs/rest.md); the key goes in the HTTP header of the same name.
     """
 
     def CreateApiKey(self, request, context):
@@ -259,6 +265,9 @@ class ApiKeyService:
     Every method but Authorize needs metadata `authorization: Bearer <key>`, a key of this service with
     scope `apikeys:read` (Get, List, ListAuditEvents) or `apikeys:write` (the rest). A key acts within its
     own account (a project key within its own project); keys of the operator account act on every account.
+
+    Each method's google.api.http annotation is its REST/JSON form (AIP-127), served by Envoy's gRPC-JSON
+    transcoder (deploy/envoy/rest.yaml, docs/rest.md); the key goes in the HTTP header of the same name.
     """
 
     @staticmethod
