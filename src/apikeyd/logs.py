@@ -24,7 +24,9 @@ from typing import Any, TextIO
 from apikeyd.domain import keys
 from apikeyd.exception_text import format_exception
 
-FORMATS = ("auto", "json", "text")  # auto: text for a person at a terminal, JSON for a log collector
+FORMATS = ("json", "text")
+# What APIKEYD_LOG_FORMAT takes: a format, or auto: text for a person at a terminal, JSON for a log collector.
+SETTINGS = ("auto", *FORMATS)
 REQUEST_ID_METADATA = "x-request-id"
 _USABLE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 _FIELDS = "fields"  # the LogRecord attribute that `fields()` sets
@@ -133,7 +135,7 @@ def formatter(log_format: str) -> logging.Formatter:
         return JsonFormatter()
     if log_format == "text":
         return TextFormatter()
-    raise ValueError(f"APIKEYD_LOG_FORMAT={log_format!r} must be one of {', '.join(FORMATS)}")
+    raise ValueError(f"APIKEYD_LOG_FORMAT={log_format!r} must be one of {', '.join(SETTINGS)}")
 
 
 def stream_handler(log_format: str, stream: TextIO) -> logging.Handler:
