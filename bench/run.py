@@ -75,6 +75,11 @@ What it measures, in this order:
    conditional write per check, batched per key while a write is in flight), against a cached Authorize of
    a key without credits (the anchor) on the same server, SQLite and PostgreSQL: sequential p50/p99 and
    calls/s with 8 in flight, interleaved rounds. About 30 s.
+18. Tracing (bench.tracing): a cached Authorize with APIKEYD_TRACING=otlp, exporting batched over OTLP/gRPC
+   to a counting collector in this process, against the same server with tracing off (the anchor):
+   sequential p50/p99, calls/s with 48 in flight and server CPU per call, interleaved rounds, as ratios to
+   the anchor; `python -m bench.tracing --baseline SRC` adds the build at SRC (the one before tracing, say).
+   About 1 minute.
 
 Every loop is bounded in count and in time; everything listens on and connects to 127.0.0.1 only.
 """
@@ -102,6 +107,7 @@ from bench import (
     load,
     plots,
     scaleout,
+    tracing,
     usage,
 )
 from bench.server_process import ServerProcess, create_keys, running_server
@@ -208,11 +214,12 @@ SECTIONS: dict[str, tuple[str, Callable[[Path], list[tuple[str, str]]]]] = {
     "client": ("client library: cached checks in process, revocation, faults, idle streams", client.client_library),
     "usage": ("usage analytics: counting on the hot path, a month of 100 keys' daily usage", usage.usage_costs),
     "credits": ("credits: a check that spends, against a cached check", credits.credit_cost),
+    "tracing": ("tracing: a cached Authorize traced over OTLP, against tracing off", tracing.tracing_cost),
 }
 
 
 def _report_scaleout(workdir: Path, names: list[str]) -> None:
-    """Sections 7-17 (those named, or all): each starts its own servers and stops them before the next."""
+    """Sections 7-18 (those named, or all): each starts its own servers and stops them before the next."""
     for name in names:
         title, section = SECTIONS[name]
         _section(title)

@@ -2,11 +2,12 @@
 
 import contextlib
 import multiprocessing
+import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,10 +118,12 @@ def running_server(
     extra_args: Sequence[str] = (),
     name: str = "apikeyd",
     address: str = "",
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[ServerProcess]:
     """`apikeyd serve` on a free loopback port, or on `address` (a server started again where one was killed),
     by default with a fresh SQLite file in workdir (the same file again for the same workdir), or on
-    `database_url`, already migrated; `extra_args` added; SIGTERM on the way out."""
+    `database_url`, already migrated; `extra_args` added, and `env` to this environment; SIGTERM on the way
+    out."""
     workdir.mkdir(parents=True, exist_ok=True)
     address = address or f"127.0.0.1:{free_port()}"
     ext_authz_address = f"127.0.0.1:{free_port()}"  # never the fixed default, which `make run` may hold
@@ -140,7 +143,9 @@ def running_server(
         *extra_args,
     ]
     with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
     server = ServerProcess(process, address, log_path, ext_authz_address)
     try:
         _wait_until_serving(server)

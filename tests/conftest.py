@@ -164,7 +164,10 @@ def no_secret_in_any_log() -> Iterator[None]:
 class RunningServer:
     """A server on its own loop thread, with a channel and stub to it."""
 
-    def __init__(self, settings: Settings, listen: str = "127.0.0.1:0", operator: bool = True) -> None:
+    def __init__(
+        self, settings: Settings, listen: str = "127.0.0.1:0", operator: bool = True, span_processor: Any = None
+    ) -> None:
+        """`span_processor` traces the server into it (tests/test_tracing.py)."""
         defaults = Settings()
         # Metrics and HTTP ext_authz on ephemeral ports, not the fixed defaults: servers here run side by side.
         if settings.metrics_listen == defaults.metrics_listen:
@@ -176,6 +179,7 @@ class RunningServer:
         self._thread.start()
         self.app = App(settings)
         self._note_hashes()
+        self._span_processor = span_processor
         self.server: Server = self.run(self._make_server())
         try:
             self.port = self.run(self.server.start(listen))
@@ -215,7 +219,7 @@ class RunningServer:
         return pb_grpc.ApiKeyServiceStub(grpc.intercept_channel(channel, BearerCredentials(token)))
 
     async def _make_server(self) -> Server:
-        return Server(self.app)  # grpc.aio objects must be made on the loop that runs them
+        return Server(self.app, self._span_processor)  # grpc.aio objects must be made on the loop that runs them
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=60)

@@ -103,6 +103,10 @@ class Settings:
         "many entries from the right of x-forwarded-for (as Envoy's xff_num_trusted_hops); 0 takes Envoy's "
         "downstream address and ignores x-forwarded-for"
     )
+    tracing: str = _setting(
+        "off", "off, or otlp: a span per RPC and per HTTP ext_authz check to an OTLP collector over gRPC, "
+        "configured by the standard OTEL_* variables (docs/tracing.md); needs the tracing extra"
+    )
     feed_poll_interval: float = _setting(
         0.0, "seconds between reads of the key_events change feed; 0 picks 0.25 on SQLite, 0.5 on PostgreSQL "
         "(where LISTEN/NOTIFY wakes it at once and the read is a fallback); must be less than feed_lease"

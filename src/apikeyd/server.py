@@ -8,7 +8,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from google.protobuf import descriptor_pool
@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from apikeyd import tls
+from apikeyd import tls, tracing
 from apikeyd.app import App, StartupError
 from apikeyd.config import Settings
 from apikeyd.domain import limits
@@ -36,6 +36,9 @@ from apikeyd.service.wire import WireErrors
 from apikeyd.store import migrate
 from apikeyd.usage_queries import UsageQueries
 from apikeyd.v1 import api_keys_pb2, api_keys_pb2_grpc
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import SpanProcessor
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -91,8 +94,12 @@ def _keepalive(settings: Settings) -> list[tuple[str, int]]:
 
 
 class Server:
-    def __init__(self, app: App) -> None:
+    def __init__(self, app: App, span_processor: "SpanProcessor | None" = None) -> None:
+        """`span_processor` (an OpenTelemetry SpanProcessor) turns tracing on with it in place of
+        APIKEYD_TRACING's exporter: the tests' in-memory one (apikeyd.tracing)."""
         self.app = app
+        # None with tracing off; then no interceptor either, so grpc finds each handler as before.
+        self.tracing = tracing.from_settings(app.settings, span_processor)
         # One listener per port: grpcio sets SO_REUSEPORT by default, which would let a second server
         # share a taken port silently. `--workers N` (N > 1) shares it on purpose: its supervisor has
         # checked the port is free first (src/apikeyd/workers.py).
@@ -107,23 +114,27 @@ class Server:
             grpc.aio.server(
                 options=[("grpc.so_reuseport", reuse_port), *grpc_limits(app.settings), *_keepalive(app.settings)],
                 maximum_concurrent_rpcs=app.settings.max_concurrent_rpcs + app.settings.max_change_streams,
+                interceptors=None if self.tracing is None else [self.tracing.interceptor],
             )
         )
         self.health = HealthServicer()
         service = ApiKeyService(
             app.manager, app.authorizer, app.metrics, app.streams, app.settings.authorize_requires_key,
-            usage=UsageQueries(app.manager, app.repository, app.store_executor),
+            usage=UsageQueries(app.manager, app.repository, app.store_executor), tracing=self.tracing,
         )
         api_keys_pb2_grpc.add_ApiKeyServiceServicer_to_server(service, self.grpc)
         # Envoy's external authorization, on the same port and with the same Authorizer as Authorize.
         checks = EnvoyChecks(app.authorizer, app.settings.xff_trusted_hops)
         ext_authz.add_to_server(
-            ext_authz.ExtAuthzService(app.manager, checks, app.metrics, app.settings.authorize_requires_key), self.grpc
+            ext_authz.ExtAuthzService(
+                app.manager, checks, app.metrics, app.settings.authorize_requires_key, self.tracing
+            ),
+            self.grpc,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         # The same checks over HTTP, Envoy's cheaper way to ask (service/ext_authz_http.py), on the same loop.
         self.http_checks = HttpCheckEndpoint(
-            HttpChecks(app.manager, checks, app.metrics, app.settings.authorize_requires_key)
+            HttpChecks(app.manager, checks, app.metrics, app.settings.authorize_requires_key, self.tracing)
         )
         reflection.enable_server_reflection(
             (
@@ -343,6 +354,8 @@ class Server:
             )
         if self.app.shared_limiter is not None:
             await self.app.shared_limiter.close()
+        if self.tracing is not None:  # the spans of the last calls, exported within the same bound
+            await asyncio.get_running_loop().run_in_executor(None, self.tracing.shutdown, _FINAL_FLUSH_TIMEOUT)
         await asyncio.get_running_loop().run_in_executor(None, self._close_metrics)  # scraped until the end
         return self.app.close()
 

@@ -28,6 +28,7 @@ from apikeyd.service.convert_usage import usage_query_from_pb, usage_to_pb
 from apikeyd.service.errors import grpc_errors
 from apikeyd.service.key_changes import stream_changes
 from apikeyd.service.request_limits import check_request
+from apikeyd.tracing import Tracing
 from apikeyd.usage_queries import UsageQueries
 from apikeyd.v1 import api_keys_pb2 as pb
 from apikeyd.v1 import api_keys_pb2_grpc as pb_grpc
@@ -67,8 +68,10 @@ class ApiKeyService(pb_grpc.ApiKeyServiceServicer):
         authorize_requires_key: bool = False,
         *,
         usage: UsageQueries,
+        tracing: Tracing | None = None,
     ) -> None:
         self._manager = manager
+        self._tracing = tracing  # None with tracing off: Authorize's whole cost of it is one check
         self._usage = usage
         self._streams = streams
         self._authorizer = authorizer
@@ -197,6 +200,8 @@ class ApiKeyService(pb_grpc.ApiKeyServiceServicer):
             client_ip=request.client_ip,
             cost=request.cost if request.HasField("cost") else 1,
         )
+        if self._tracing is not None:
+            self._tracing.decided(decision)
         if decision.rate is not None or decision.credits_remaining is not None or not decision.allowed:
             return decision_to_pb(decision)
         rendered = self._rendered.get(id(decision))

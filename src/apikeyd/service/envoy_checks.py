@@ -90,6 +90,7 @@ class Answer:
     headers: tuple[tuple[str, str], ...] = ()
     remove: tuple[str, ...] = ()
     client_headers: tuple[tuple[str, str], ...] = ()
+    key_name: str = ""  # the key's resource name when one was found, for a trace's span (apikeyd.tracing)
 
     @property
     def allowed(self) -> bool:
@@ -154,8 +155,10 @@ def credential(headers: Mapping[str, str]) -> tuple[str, tuple[str, ...]]:
     return bearer or api_key, (("authorization",) if bearer else ()) + (("x-api-key",) if api_key else ())
 
 
-def denied(status: int, code: str, message: str, headers: Iterable[tuple[str, str]] = ()) -> Answer:
-    return Answer(status, code, message, (("content-type", "application/json"), *headers))
+def denied(
+    status: int, code: str, message: str, headers: Iterable[tuple[str, str]] = (), key_name: str = ""
+) -> Answer:
+    return Answer(status, code, message, (("content-type", "application/json"), *headers), key_name=key_name)
 
 
 def _client_headers(decision: Decision) -> tuple[tuple[str, str], ...]:
@@ -176,23 +179,25 @@ def refused(decision: Decision) -> Answer:
     this, 429 with retry-after for a rate limit (whole seconds, rounded up, so waiting that long is always
     enough), 429 with what is left for credits."""
     code, message, answer = decision.code.name, decision.message, refusal(decision.code)
+    name = "" if decision.key is None else decision.key.name
     if answer is UNAUTHENTICATED:
-        return denied(answer.http_status, code, message, [("www-authenticate", 'Bearer error="invalid_token"')])
+        return denied(answer.http_status, code, message, [("www-authenticate", 'Bearer error="invalid_token"')], name)
     if decision.code is AuthCode.INSUFFICIENT_SCOPE:
-        return denied(answer.http_status, code, message, [("www-authenticate", 'Bearer error="insufficient_scope"')])
+        return denied(answer.http_status, code, message, [("www-authenticate", 'Bearer error="insufficient_scope"')], name)
     if answer is RESOURCE_EXHAUSTED:
         assert decision.rate is not None  # a rate-limited decision always says by how much
-        return denied(answer.http_status, code, message, [("retry-after", str(retry_after(decision))), *_client_headers(decision)])
+        return denied(answer.http_status, code, message, [("retry-after", str(retry_after(decision))), *_client_headers(decision)], name)
     if answer is OUT_OF_CREDITS:
-        return denied(answer.http_status, code, message, _client_headers(decision))
-    return denied(answer.http_status, code, message)
+        return denied(answer.http_status, code, message, _client_headers(decision), name)
+    return denied(answer.http_status, code, message, key_name=name)
 
 
 def allowed(decision: Decision, headers: Mapping[str, str], credential_headers: tuple[str, ...]) -> Answer:
     key = decision.key
     assert key is not None  # an allowed decision always names its key
+    key_name = key.name
     identity: tuple[tuple[str, str], ...] = (
-        ("x-apikey-id", key.key_id), ("x-apikey-name", key.name), ("x-apikey-account", key.account_id)
+        ("x-apikey-id", key.key_id), ("x-apikey-name", key_name), ("x-apikey-account", key.account_id)
     )
     names = _ACCOUNT_KEY_IDENTITY
     if key.project_id:
@@ -203,7 +208,10 @@ def allowed(decision: Decision, headers: Mapping[str, str], credential_headers: 
         names = names | {CREDITS_TO_SERVICE}
     # Envoy applies the removals after the additions, so a name set here must not be removed too.
     forged = tuple(name for name in headers if name.startswith(IDENTITY_PREFIX) and name not in names)
-    return Answer(200, headers=identity, remove=credential_headers + forged, client_headers=_client_headers(decision))
+    return Answer(
+        200, headers=identity, remove=credential_headers + forged, client_headers=_client_headers(decision),
+        key_name=key_name,
+    )
 
 
 def _check_client_values(

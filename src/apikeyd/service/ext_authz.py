@@ -21,6 +21,7 @@ from apikeyd.service.api_keys import authorizing_caller
 from apikeyd.service.envoy_checks import Answer, EnvoyChecks
 from apikeyd.service.errors import grpc_errors
 from apikeyd.service.request_limits import check_request
+from apikeyd.tracing import Tracing
 
 SERVICE_NAME = ext.DESCRIPTOR.services_by_name["Authorization"].full_name
 
@@ -79,9 +80,15 @@ def check_response(answer: Answer) -> ext.CheckResponse:
 
 class ExtAuthzService(ext_grpc.AuthorizationServicer):
     def __init__(
-        self, manager: KeyManager, checks: EnvoyChecks, metrics: Metrics, authorize_requires_key: bool = False
+        self,
+        manager: KeyManager,
+        checks: EnvoyChecks,
+        metrics: Metrics,
+        authorize_requires_key: bool = False,
+        tracing: Tracing | None = None,
     ) -> None:
         self._manager = manager
+        self._tracing = tracing
         self._checks = checks
         # grpc_errors counts every call and times Check (apikeyd.metrics).
         self.rpc_counts = metrics.rpc_counts
@@ -98,8 +105,13 @@ class ExtAuthzService(ext_grpc.AuthorizationServicer):
         attributes = request.attributes
         settings = tuple(sorted(attributes.context_extensions.items()))
         downstream = attributes.source.address.socket_address.address
-        answer = self._checks.answer(settings, request_headers(attributes.request.http), caller, downstream)
-        return check_response(answer if isinstance(answer, Answer) else await answer)
+        headers = request_headers(attributes.request.http)
+        answer = self._checks.answer(settings, headers, caller, downstream)
+        if not isinstance(answer, Answer):
+            answer = await answer
+        if self._tracing is not None:
+            self._tracing.checked(answer, headers)
+        return check_response(answer)
 
 
 def add_to_server(service: ExtAuthzService, server: grpc.aio.Server) -> None:

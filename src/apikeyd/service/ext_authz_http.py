@@ -53,6 +53,7 @@ from apikeyd.lifecycle import KeyManager
 from apikeyd.logs import Throttle
 from apikeyd.metrics import Metrics, split_listen
 from apikeyd.service.envoy_checks import ROUTE_SETTINGS, Answer, EnvoyChecks, denied
+from apikeyd.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +124,12 @@ def render(answer: Answer, keep_alive: bool) -> bytes:
 class HttpChecks:
     """What the connections share: the checks, the proxy's credential rule, the counters."""
 
-    def __init__(self, manager: KeyManager, checks: EnvoyChecks, metrics: Metrics, requires_key: bool) -> None:
+    def __init__(
+        self, manager: KeyManager, checks: EnvoyChecks, metrics: Metrics, requires_key: bool,
+        tracing: Tracing | None = None,
+    ) -> None:
         self._manager = manager
+        self.tracing = tracing  # None with tracing off: a check's whole cost of it is one check
         self._checks = checks
         self._requires_key = requires_key
         self._counts = metrics.ext_authz_http_answers
@@ -258,14 +263,18 @@ class _Connection(asyncio.Protocol):
             except Exception as error:
                 answer = self._checks.failed(error)
             if isinstance(answer, Answer):
-                self._send(answer, keep_alive, started)
+                self._send(answer, headers, keep_alive, started)
                 continue
             self._busy = True
             self._transport.pause_reading()
             task = asyncio.get_running_loop().create_task(answer)
-            task.add_done_callback(functools.partial(self._answered, keep_alive=keep_alive, started=started))
+            task.add_done_callback(
+                functools.partial(self._answered, headers=headers, keep_alive=keep_alive, started=started)
+            )
 
-    def _answered(self, task: "asyncio.Task[Answer]", *, keep_alive: bool, started: float) -> None:
+    def _answered(
+        self, task: "asyncio.Task[Answer]", *, headers: dict[str, str], keep_alive: bool, started: float
+    ) -> None:
         self._busy = False
         if task.cancelled():
             answer = self._checks.failed(asyncio.CancelledError())
@@ -275,15 +284,17 @@ class _Connection(asyncio.Protocol):
             answer = task.result()
         if self._transport is None:  # the connection went away meanwhile: nobody to answer
             return
-        self._send(answer, keep_alive, started)
+        self._send(answer, headers, keep_alive, started)
         if self._transport is not None:
             self._transport.resume_reading()
             self._serve()
 
-    def _send(self, answer: Answer, keep_alive: bool, started: float) -> None:
+    def _send(self, answer: Answer, headers: dict[str, str], keep_alive: bool, started: float) -> None:
         assert self._transport is not None
         keep_alive = keep_alive and not self.closing
         self._checks.count(answer.status, started)  # first: whoever reads the answer may read the counts next
+        if self._checks.tracing is not None:
+            self._checks.tracing.http_check(answer, headers, started)
         self._transport.write(render(answer, keep_alive))
         if not keep_alive:
             self._transport.close()
