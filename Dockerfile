@@ -6,7 +6,7 @@
 # Builder: the wheel and every dependency installed into a virtualenv, copied whole into the final stage.
 FROM python:3.11-slim AS builder
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python -m venv /opt/apikeyd
+RUN python3 -m venv /opt/apikeyd
 WORKDIR /build
 COPY pyproject.toml README.md ./
 COPY src ./src
