@@ -10,9 +10,10 @@ RUN python3 -m venv /opt/apikeyd
 WORKDIR /build
 COPY pyproject.toml README.md ./
 COPY src ./src
-# The `server` extra: a plain install of the wheel is the client library only.
+# The `server` extra (a plain install of the wheel is the client library only), and `tracing`, so that
+# APIKEYD_TRACING=otlp works in the image without a rebuild; with tracing off none of it is imported.
 RUN /opt/apikeyd/bin/pip wheel --no-deps --wheel-dir /build/dist . \
-    && /opt/apikeyd/bin/pip install "$(ls /build/dist/apikeyd-*.whl)[server]"
+    && /opt/apikeyd/bin/pip install "$(ls /build/dist/apikeyd-*.whl)[server,tracing]"
 
 # Final: the same Python, the virtualenv, no build tools, a user without rights.
 FROM python:3.11-slim
