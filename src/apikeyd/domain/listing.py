@@ -148,12 +148,13 @@ def parse_event_filter(text: str) -> EventFilter:
     return EventFilter(times=tuple(times), **values)
 
 
-def validate_page_size(size: int) -> int:
+def validate_page_size(size: int, default: int = DEFAULT_PAGE_SIZE, maximum: int = MAX_PAGE_SIZE) -> int:
+    """AIP-158: 0 is the default, and a size past the maximum is the maximum."""
     if size < 0:
         raise InvalidArgument("page_size", f"must not be negative, got {size}")
     if size == 0:
-        return DEFAULT_PAGE_SIZE
-    return min(size, MAX_PAGE_SIZE)
+        return default
+    return min(size, maximum)
 
 
 # Page tokens carry their position in the clear and an HMAC-SHA256 (cut to 128 bits) of the position and the

@@ -233,6 +233,7 @@ _ID_RE = re.compile(_ID)
 _UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 _PARENT_RE = re.compile(rf"accounts/({_ID})")
 _NAME_RE = re.compile(rf"accounts/({_ID})/apiKeys/({_UUID})")
+KEY_ID_RE = re.compile(_UUID)  # a key id alone: the server-chosen lower-case UUID
 ID_RULE = "1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
 
 

@@ -7,14 +7,14 @@ key (APIKEYD_USAGE_RETENTION_*), so a year of minutes simply reads as the minute
 """
 
 import enum
-import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from apikeyd.domain import listing
 from apikeyd.domain.decision import AuthCode
 from apikeyd.domain.echo import quote
 from apikeyd.domain.errors import InvalidArgument
-from apikeyd.domain.model import parse_key_name, parse_parent
+from apikeyd.domain.model import KEY_ID_RE, parse_key_name, parse_parent
 
 # The codes a key's usage is counted under; the others (MALFORMED, NOT_FOUND) name no key.
 COUNTED = (
@@ -33,7 +33,6 @@ _SLOTS = max(AuthCode) + 1
 DEFAULT_PAGE_SIZE = 1000
 MAX_PAGE_SIZE = 10_000
 ALL_KEYS = "-"  # the parent `accounts/{a}/apiKeys/-` (AIP-159)
-_KEY_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 class Granularity(enum.Enum):
@@ -121,7 +120,7 @@ def validate_key_ids(key_ids: list[str], single_key: bool) -> tuple[str, ...]:
     if single_key:
         raise InvalidArgument("key_ids", "is only for the parent `accounts/{account_id}/apiKeys/-`; this parent names one key")
     for index, key_id in enumerate(key_ids):
-        if _KEY_ID.fullmatch(key_id) is None:
+        if KEY_ID_RE.fullmatch(key_id) is None:
             raise InvalidArgument("key_ids", f"entry {index} ({quote(key_id)}) is not a key id (a lower-case UUID)")
     return tuple(sorted(set(key_ids)))
 
@@ -136,6 +135,4 @@ def validate_range(granularity: Granularity, start: datetime | None, end: dateti
 
 
 def validate_page_size(size: int) -> int:
-    if size < 0:
-        raise InvalidArgument("page_size", f"must not be negative, got {size}")
-    return min(size, MAX_PAGE_SIZE) if size else DEFAULT_PAGE_SIZE
+    return listing.validate_page_size(size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
