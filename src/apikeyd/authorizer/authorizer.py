@@ -185,10 +185,8 @@ class Authorizer:
         return self._conclude(found, request)
 
     async def _authorize_miss(self, miss: _Miss, request: "_Request") -> Decision:
+        # A stale entry of a key with credits still has to spend them in the database: `_metered` refuses.
         found, stale = await self._verified_or_stale(miss)
-        if stale and not isinstance(found, Decision) and found.key.has_credits:
-            # Credits are spent in the database, which is not answering: no stale answer can spend them.
-            raise Unavailable("the database is unavailable and the key's credits are kept there; retry later")
         decision = self._conclude(found, request)
         if not isinstance(decision, Decision):
             decision = await decision
@@ -308,7 +306,6 @@ class Authorizer:
         except Unavailable:
             self._database_failed_at = time.monotonic()  # a real attempt: recovery is a later success
             raise
-
 
     # --- misses -----------------------------------------------------------------------------------
 
