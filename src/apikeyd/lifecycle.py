@@ -263,8 +263,7 @@ class KeyManager:
             raise
 
     async def require_read(self, caller: Caller, account_id: str, target: str, key_id: str = "") -> None:
-        """The rights every read checks, with a refusal audited as here: for reads served elsewhere
-        (usage_queries.py)."""
+        """The rights every read checks (apikeys:read, the caller's account), a refusal audited."""
         async with self._denials(caller, target, key_id):
             caller.require(READ)
             caller.check_account(account_id)
@@ -281,17 +280,13 @@ class KeyManager:
     # --- reads ------------------------------------------------------------------------------------
 
     async def get(self, caller: Caller, account_id: str, key_id: str) -> ApiKey:
-        async with self._denials(caller, key_name(account_id, key_id), key_id):
-            caller.require(READ)
-            caller.check_account(account_id)
+        await self.require_read(caller, account_id, key_name(account_id, key_id), key_id)
         return self._reached(caller, await self.run(lambda: self._repository.get(account_id, key_id)))
 
     async def list_keys(
         self, caller: Caller, account_id: str, filter_text: str, page_size: int, page_token: str
     ) -> tuple[list[ApiKey], str]:
-        async with self._denials(caller, f"accounts/{account_id}"):
-            caller.require(READ)
-            caller.check_account(account_id)
+        await self.require_read(caller, account_id, f"accounts/{account_id}")
         flt = listing.parse_filter(filter_text)
         size = listing.validate_page_size(page_size)
         after = listing.decode_page_token(await self.page_token_key(), page_token, account_id, filter_text) if page_token else None
@@ -309,9 +304,7 @@ class KeyManager:
     async def list_events(
         self, caller: Caller, account_id: str, filter_text: str, page_size: int, page_token: str
     ) -> tuple[list[AuditEvent], str]:
-        async with self._denials(caller, f"accounts/{account_id}"):
-            caller.require(READ)
-            caller.check_account(account_id)
+        await self.require_read(caller, account_id, f"accounts/{account_id}")
         flt = listing.parse_event_filter(filter_text)
         size = listing.validate_page_size(page_size)
         before = listing.decode_event_page_token(await self.page_token_key(), page_token, account_id, filter_text) if page_token else None

@@ -120,7 +120,7 @@ class Server:
         self.health = HealthServicer()
         service = ApiKeyService(
             app.manager, app.authorizer, app.metrics, app.streams, app.settings.authorize_requires_key,
-            usage=UsageQueries(app.manager, app.repository, app.store_executor), tracing=self.tracing,
+            usage=UsageQueries(app.manager, app.repository), tracing=self.tracing,
         )
         api_keys_pb2_grpc.add_ApiKeyServiceServicer_to_server(service, self.grpc)
         # Envoy's external authorization, on the same port and with the same Authorizer as Authorize.

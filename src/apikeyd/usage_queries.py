@@ -4,8 +4,6 @@ a project key sees its project's buckets only, and a key outside its reach reads
 same answer whether or not it exists, since usage outlives a key's deletion. Pages are keyset pages on
 (key_id, bucket) with signed page tokens (domain/listing.py)."""
 
-import asyncio
-from concurrent.futures import Executor
 from datetime import UTC, datetime
 
 from apikeyd.domain import listing
@@ -18,10 +16,9 @@ from apikeyd.store.repository import Repository
 
 
 class UsageQueries:
-    def __init__(self, manager: KeyManager, repository: Repository, store_executor: Executor) -> None:
+    def __init__(self, manager: KeyManager, repository: Repository) -> None:
         self._manager = manager
         self._repository = repository
-        self._executor = store_executor
 
     async def list_usage(self, caller: Caller, query: UsageQuery, page_token: str) -> tuple[list[Usage], str]:
         account_id = query.account_id
@@ -35,8 +32,7 @@ class UsageQueries:
             after, end = listing.decode_usage_page_token(token_key, page_token, account_id, bound)
         else:
             after, end = None, query.end or datetime.now(UTC)
-        found, resume = await asyncio.get_running_loop().run_in_executor(
-            self._executor,
+        found, resume = await self._manager.run(
             lambda: store_usage.page(
                 self._repository,
                 account_id,
