@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from apikeyd.domain.errors import Aborted, FailedPrecondition, NotFound, Unavailable
 from apikeyd.domain.model import ApiKey, Credentials, EventKind
 from apikeyd.lifecycle import KeyManager
-from apikeyd.store.graces import idle_graces
+from apikeyd.store.graces import BATCH, idle_grace_candidates
 from apikeyd.store.repository import Change, Repository
 
 log = logging.getLogger(__name__)
@@ -24,13 +24,18 @@ class _Nothing(FailedPrecondition):
     """The row no longer needs its grace ended: another sweep or a rotation came first."""
 
 
+def _due(last_seen: datetime, idle: timedelta, margin: timedelta, now: datetime) -> bool:
+    return last_seen + idle + margin <= now
+
+
 async def end_idle_graces(manager: KeyManager, repository: Repository, margin: timedelta) -> int:
     """End the graces that are due; how many were ended."""
     now = datetime.now(UTC)
     try:
-        due = await manager.run(lambda: idle_graces(repository, now, margin))
+        candidates = await manager.run(lambda: idle_grace_candidates(repository, now))
     except Unavailable:
         return 0
+    due = [(account, key) for account, key, last_seen, idle in candidates if _due(last_seen, idle, margin, now)][:BATCH]
     ended = 0
     for account_id, key_id in due:
 
@@ -40,7 +45,7 @@ async def end_idle_graces(manager: KeyManager, repository: Repository, margin: t
             if credentials.previous_secret_hash is None or idle is None or expire is None or expire <= now:
                 raise _Nothing("nothing to end")
             last = current.previous_secret_last_used_time or current.update_time
-            if last + idle + margin > now:
+            if not _due(last, idle, margin, now):
                 raise _Nothing("used meanwhile")
             unused = (now - last).total_seconds()
             # The option goes with the grace it ended: a sweep on a replica whose clock is behind, or that

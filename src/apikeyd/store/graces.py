@@ -11,11 +11,12 @@ from apikeyd.store.repository import Repository
 BATCH = 100  # keys ended per sweep: a sweep is short, and the next one takes the rest
 
 
-def idle_graces(repository: Repository, now: datetime, margin: timedelta) -> list[tuple[str, str]]:
-    """(account_id, key_id) of keys in a grace whose previous secret was last used (or, unused since, the key
-    last changed: a rotation is a change) at least end_grace_after_unused plus `margin` before `now`. The
-    partial index ix_api_keys_idle_graces holds only keys with the option, and a grace lasts at most 7 days,
-    so the rows read are few; the per-row arithmetic is done here, the same on both backends."""
+def idle_grace_candidates(repository: Repository, now: datetime) -> list[tuple[str, str, datetime, timedelta]]:
+    """(account_id, key_id, last seen, end_grace_after_unused) of keys whose grace still runs and asked to
+    end when unused, the longest unused first: last seen is the previous secret's last use or, unused since,
+    the key's last change (a rotation is a change). The partial index ix_api_keys_idle_graces holds only keys
+    with the option, and a grace lasts at most 7 days, so the rows read are few; graces.py decides which are
+    due, in Python, the same on both backends."""
     with repository.session(write=False) as session:
         rows = session.execute(
             select(
@@ -33,8 +34,5 @@ def idle_graces(repository: Repository, now: datetime, margin: timedelta) -> lis
             .order_by(func.coalesce(ApiKeyRow.previous_secret_last_used_time, ApiKeyRow.update_time))
             .limit(BATCH * 10)
         ).all()
-    due = []
-    for account_id, key_id, last_seen, seconds in rows:  # coalesce keeps the column type: aware UTC times
-        if last_seen + timedelta(seconds=seconds or 0) + margin <= now:
-            due.append((account_id, key_id))
-    return due[:BATCH]
+    # coalesce keeps the column type: aware UTC times
+    return [(account_id, key_id, last_seen, timedelta(seconds=seconds or 0)) for account_id, key_id, last_seen, seconds in rows]
