@@ -20,7 +20,7 @@ from apikeyd.authorizer.hashing import SecretHasher
 from apikeyd.denials import DenialKey, DenialThrottle
 from apikeyd.domain import decide, keys, listing, updates
 from apikeyd.domain.access import AUTHORIZE, READ, WRITE, Actor, Caller
-from apikeyd.domain.credits import Credits, validate_credits
+from apikeyd.domain.credits import Credits, set_at, validate_credits
 from apikeyd.domain.decision import Decision
 from apikeyd.domain.errors import (
     Aborted,
@@ -92,12 +92,6 @@ class IssuedKey:
     key: ApiKey
     secret: str
     replayed: bool = False
-
-
-def _with_first_refill(credits: Credits | None, now: datetime) -> Credits | None:
-    if credits is None or credits.refill is None:
-        return credits
-    return dataclasses.replace(credits, next_refill=credits.refill.first_due(now))
 
 
 def _now() -> datetime:
@@ -342,7 +336,7 @@ class KeyManager:
             masked_key=keys.mask(secret),
             expire_time=validate_expire_time(new.expire_time, now),
             rate_limits=validate_rate_limits(list(new.rate_limits)),
-            credits=_with_first_refill(validate_credits(new.credits), now),
+            credits=set_at(validate_credits(new.credits), now),
             allowed_ip_ranges=validate_ranges(new.allowed_ip_ranges),
             create_time=now,
             update_time=now,

@@ -85,6 +85,13 @@ class Credits:
         return Credits(remaining, self.refill, following)
 
 
+def set_at(credits: Credits | None, now: datetime) -> Credits | None:
+    """Credits as set (created or replaced) at `now`: the refill's first interval starts then."""
+    if credits is None or credits.refill is None:
+        return credits
+    return Credits(credits.remaining, credits.refill, credits.refill.first_due(now))
+
+
 def validate_credits(credits: Credits | None, field: str = "credits") -> Credits | None:
     if credits is None:
         return None

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, cast
 
-from apikeyd.domain.credits import Credits, Refill, validate_credits
+from apikeyd.domain.credits import Credits, Refill, set_at, validate_credits
 from apikeyd.domain.echo import quote
 from apikeyd.domain.errors import FailedPrecondition, InvalidArgument
 from apikeyd.domain.ip_ranges import validate_ranges
@@ -84,10 +84,7 @@ def _new_credits(current: Credits | None, changed: dict[str, Any], now: datetime
     spends left, none lost; refills that came due before the change are applied first, under the refill they
     were due by, so a balance set now is not undone by a refill that was already due, nor one lost."""
     if "credits" in changed:
-        new: Credits | None = changed["credits"]
-        if new is None or new.refill is None:
-            return new
-        return Credits(new.remaining, new.refill, new.refill.first_due(now))
+        return set_at(changed["credits"], now)
     assert current is not None, "_current_value refuses parts of credits a key does not have"
     base = current.refilled(now)
     remaining = changed.get("credits.remaining", base.remaining)
