@@ -32,7 +32,8 @@ def _timestamp(value: datetime | None) -> Timestamp | None:
     return stamp
 
 
-def _datetime(message: Any, field: str) -> datetime | None:
+def timestamp_value(message: Any, field: str) -> datetime | None:
+    """The Timestamp `field` of `message` as an aware UTC datetime; None when unset."""
     if not message.HasField(field):
         return None
     try:
@@ -146,7 +147,7 @@ def new_key_from_pb(message: pb.ApiKey) -> NewKey:
         project_id=message.project_id,
         description=message.description,
         labels=dict(message.labels),
-        expire_time=_datetime(message, "expire_time"),
+        expire_time=timestamp_value(message, "expire_time"),
         rate_limits=_rate_limits(message),
         credits=_credits(message),
         allowed_ip_ranges=tuple(message.allowed_ip_ranges),
@@ -168,7 +169,7 @@ def update_from_pb(message: pb.ApiKey, mask: FieldMask) -> dict[str, Any]:
         elif path == "labels":
             values[path] = dict(message.labels)
         elif path == "expire_time":
-            values[path] = _datetime(message, "expire_time")
+            values[path] = timestamp_value(message, "expire_time")
         elif path == "rate_limits":
             values[path] = _rate_limits(message)
         elif path == "credits":

@@ -13,7 +13,7 @@ from apikeyd.domain.usage import (
     validate_page_size,
     validate_range,
 )
-from apikeyd.service.convert import _datetime
+from apikeyd.service.convert import timestamp_value
 from apikeyd.v1 import api_keys_pb2 as pb
 
 _GRANULARITY_TO_PB = {Granularity.MINUTE: pb.MINUTE, Granularity.HOUR: pb.HOUR, Granularity.DAY: pb.DAY}
@@ -28,8 +28,8 @@ def usage_query_from_pb(request: pb.ListApiKeyUsageRequest) -> UsageQuery:
             raise InvalidArgument("granularity", "is required: MINUTE, HOUR or DAY")
         raise InvalidArgument("granularity", f"{request.granularity} is not MINUTE, HOUR or DAY")
     key_ids = validate_key_ids(list(request.key_ids), single_key=key_id is not None)
-    end = _datetime(request, "end_time")
-    start = validate_range(granularity, _datetime(request, "start_time"), end)
+    end = timestamp_value(request, "end_time")
+    start = validate_range(granularity, timestamp_value(request, "start_time"), end)
     return UsageQuery(
         account_id=account_id,
         key_ids=(key_id,) if key_id is not None else key_ids,
